@@ -1,0 +1,121 @@
+"""Where every prompt is: the data cursor, prompts handed out, requeued, trained on, filtered.
+
+Prompts come from a dataset in a seeded, per-epoch shuffled order (``cursor`` = rows consumed so far).
+Requeued prompts (a stale group, a lost worker, a checkpoint resume) are handed out before new rows, so
+none is lost. ``state_dict`` / ``load_state_dict`` save the cursor and the requeue list with the
+outstanding prompts folded in: after a resume they are sampled again, none skipped, none trained twice.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from async_vapo.protocol.messages import Prompt
+
+
+class PromptLedger:
+    def __init__(
+        self,
+        rows: Sequence[Prompt] | Callable[[int], Prompt],
+        n_rows: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if callable(rows):
+            if n_rows is None:
+                raise ValueError("n_rows is required with a row factory")
+            self._row = rows
+            self.n_rows = n_rows
+        else:
+            seq = rows
+            self._row = lambda i: seq[i]
+            self.n_rows = len(seq)
+        if self.n_rows == 0:
+            raise ValueError("the prompt dataset is empty")
+        self.seed = seed
+        self.shuffle = shuffle
+        self.cursor = 0
+        self.requeued: deque[Prompt] = deque()
+        self.outstanding: dict[str, tuple[str, Prompt]] = {}  # uid -> (worker id, prompt), not back yet
+        self.in_buffer: dict[str, Prompt] = {}  # came back, waiting to be trained on
+        self.counts: Counter[str] = Counter()
+        self.trained_uids: list[str] = []
+        self._order_epoch = -1
+        self._order: list[int] = []
+
+    def _row_at(self, position: int) -> Prompt:
+        epoch, i = divmod(position, self.n_rows)
+        if epoch != self._order_epoch:
+            self._order = list(range(self.n_rows))
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+            self._order_epoch = epoch
+        row = self._row(self._order[i])
+        return Prompt(uid=f"{row.uid}@{epoch}", token_ids=row.token_ids, answer=row.answer, task=row.task)
+
+    def take(self, n: int, worker_id: str) -> list[Prompt]:
+        out: list[Prompt] = []
+        while len(out) < n:
+            if self.requeued:
+                p = self.requeued.popleft()
+            else:
+                p = self._row_at(self.cursor)
+                self.cursor += 1
+            self.outstanding[p.uid] = (worker_id, p)
+            out.append(p)
+        self.counts["issued"] += len(out)
+        return out
+
+    def requeue(self, uid: str, reason: str) -> None:
+        """Put an outstanding or returned prompt back at the head of the line (attempt + 1)."""
+        entry = self.outstanding.pop(uid, None)
+        p = entry[1] if entry is not None else self.in_buffer.pop(uid, None)
+        if p is None:
+            return
+        self.requeued.append(Prompt(p.uid, p.token_ids, p.answer, p.task, p.attempt + 1))
+        self.counts[f"requeued_{reason}"] += 1
+
+    def requeue_worker(self, worker_id: str, reason: str = "worker_lost") -> int:
+        uids = [u for u, (w, _) in self.outstanding.items() if w == worker_id]
+        for u in uids:
+            self.requeue(u, reason)
+        return len(uids)
+
+    def returned(self, uid: str) -> bool:
+        """A group for ``uid`` came back. False for a duplicate or an unknown prompt (then drop it)."""
+        entry = self.outstanding.pop(uid, None)
+        if entry is None:
+            return False
+        self.in_buffer[uid] = entry[1]
+        return True
+
+    def finish(self, uid: str, outcome: str) -> None:
+        """``outcome``: "trained" or "filtered"."""
+        if self.in_buffer.pop(uid, None) is not None:
+            self.counts[outcome] += 1
+            if outcome == "trained":
+                self.trained_uids.append(uid)
+
+    def state_dict(self) -> dict[str, Any]:
+        pending = (
+            list(self.requeued) + list(self.in_buffer.values()) + [p for _, p in self.outstanding.values()]
+        )
+        return {
+            "cursor": self.cursor,
+            "seed": self.seed,
+            "pending": [[p.uid, p.token_ids, p.answer, p.task, p.attempt] for p in pending],
+            "counts": dict(self.counts),
+            "trained_uids": list(self.trained_uids),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cursor = int(state["cursor"])
+        self.seed = int(state["seed"])
+        self.requeued = deque(Prompt(u, bytes(t), a, k, n) for u, t, a, k, n in state["pending"])
+        self.outstanding = {}
+        self.in_buffer = {}
+        self.counts = Counter(state["counts"])
+        self.trained_uids = list(state["trained_uids"])

@@ -1,0 +1,167 @@
+"""Every type that crosses a process boundary, in one place.
+
+A frame on any socket is ``b"AV" + uint16 LE protocol version + msgpack(message)``; the codec checks the
+header before it decodes anything. Messages are tagged msgspec Structs encoded as arrays (no field names
+on the wire). Token ids, log-probs and versions travel as raw little-endian buffers, never as lists.
+
+Invariants (checked by ``validate`` on every decoded message):
+- In a ``Response``, ``token_ids`` (int32), ``logprobs`` (float32) and ``versions`` (int32) describe the
+  same tokens: their byte lengths are 4 * n_tokens each. Log-probs are finite and <= 0.
+- ``versions`` holds the policy version under which each token was sampled; non-decreasing.
+- A ``TrajectoryGroup`` holds the N responses of one prompt (Group-Sampling), N >= 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import msgspec
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+FinishReason = Literal["stop", "length", "abort"]
+ControlKind = Literal["pause", "resume", "shutdown", "heartbeat"]
+
+
+class ProtocolError(ValueError):
+    """A frame or message that breaks the protocol. ``reason`` is a short counter key."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def pack_i32(values: np.ndarray | list[int]) -> bytes:
+    return np.asarray(values, dtype="<i4").tobytes()
+
+
+def pack_f32(values: np.ndarray | list[float]) -> bytes:
+    return np.asarray(values, dtype="<f4").tobytes()
+
+
+def unpack_i32(buf: bytes) -> np.ndarray:
+    return np.frombuffer(buf, dtype="<i4")
+
+
+def unpack_f32(buf: bytes) -> np.ndarray:
+    return np.frombuffer(buf, dtype="<f4")
+
+
+class _Wire(msgspec.Struct, array_like=True, gc=False, frozen=True, tag=True):
+    def validate(self) -> None:  # pragma: no cover - overridden where there is something to check
+        return None
+
+
+class Prompt(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """One unit of work: a prompt to sample ``n`` responses for. ``uid`` is unique per dataset row and
+    epoch; ``attempt`` counts requeues (a stale or lost group's prompt comes back with attempt + 1)."""
+
+    uid: str
+    token_ids: bytes  # int32 LE
+    answer: str
+    task: str = "math"
+    attempt: int = 0
+
+
+class Response(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    token_ids: bytes  # int32 LE, n tokens (EOS included when generated)
+    logprobs: bytes  # float32 LE, n: behaviour log-prob of each sampled token (log mu)
+    versions: bytes  # int32 LE, n: policy version that sampled each token
+    finish_reason: FinishReason
+    reward: float
+    correct: bool
+    verdict: str = ""  # verifier detail: "ok", "wrong", "no_answer", "timeout", "error"
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids) // 4
+
+    def validate(self) -> None:
+        n = len(self.token_ids)
+        if n % 4 or len(self.logprobs) != n or len(self.versions) != n:
+            raise ProtocolError(
+                "length_mismatch",
+                f"token_ids/logprobs/versions byte lengths {n}/{len(self.logprobs)}/{len(self.versions)}",
+            )
+        lp = unpack_f32(self.logprobs)
+        if lp.size and not (np.isfinite(lp).all() and (lp <= 1e-3).all()):
+            raise ProtocolError("bad_logprobs", "log-probs must be finite and <= 0")
+        ver = unpack_i32(self.versions)
+        if ver.size and ((ver < 0).any() or (np.diff(ver) < 0).any()):
+            raise ProtocolError("bad_versions", "token versions must be >= 0 and non-decreasing")
+        if not math.isfinite(self.reward):
+            raise ProtocolError("bad_reward", f"reward {self.reward!r} is not finite")
+
+
+class TrajectoryGroup(_Wire, tag="group", frozen=True):
+    """N sampled responses of one prompt, scored, with per-token versions (rollout -> learner)."""
+
+    prompt: Prompt
+    responses: list[Response]
+    worker_id: str
+    sent_at: float
+    gen_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    def validate(self) -> None:
+        if not self.responses:
+            raise ProtocolError("empty_group", f"group for prompt {self.prompt.uid!r} has no responses")
+        if len(self.prompt.token_ids) % 4:
+            raise ProtocolError("length_mismatch", "prompt token_ids is not a whole number of int32")
+        for r in self.responses:
+            r.validate()
+
+    @property
+    def oldest_version(self) -> int:
+        """The oldest policy version of any token in the group (staleness is measured from it)."""
+        firsts = [int(unpack_i32(r.versions)[0]) for r in self.responses if r.n_tokens]
+        return min(firsts) if firsts else 0
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(r.n_tokens for r in self.responses)
+
+
+class Assign(_Wire, tag="assign", frozen=True):
+    """Learner side -> one rollout worker: prompts to sample (each one is a credit for one group)."""
+
+    prompts: list[Prompt]
+
+
+class WeightUpdate(_Wire, tag="weights", frozen=True):
+    """Learner -> rollout worker: version ``version`` is about to be broadcast over the worker's process
+    group as ``buckets`` (each a list of (name, dtype, shape)); join the broadcast, load, then ack."""
+
+    version: int
+    buckets: list[list[tuple[str, str, list[int]]]]
+
+
+class WeightAck(_Wire, tag="ack", frozen=True):
+    """Rollout worker -> learner: ``version`` is loaded and every later token is sampled under it."""
+
+    worker_id: str
+    version: int
+    load_seconds: float = 0.0
+    ok: bool = True
+    error: str = ""
+
+
+class Hello(_Wire, tag="hello", frozen=True):
+    """Rollout worker -> learner on (re)connect: who I am and which version my engine holds."""
+
+    worker_id: str
+    version: int
+    pid: int
+
+
+class Control(_Wire, tag="control", frozen=True):
+    """Either direction: pause / resume / shutdown / heartbeat."""
+
+    kind: ControlKind
+    sender: str = ""
+    sent_at: float = 0.0
+
+
+Message = TrajectoryGroup | Assign | WeightUpdate | WeightAck | Hello | Control
