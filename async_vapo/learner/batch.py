@@ -1,0 +1,91 @@
+"""Groups off the wire -> padded tensors for the learner.
+
+Layout: each row is ``prompt + response`` right padded to ``L``; response-aligned tensors are [B, T] with
+``T`` = the longest response. ``resp_index[b, t]`` is the position in the full row whose logits predict
+response token ``t`` (``prompt_len_b - 1 + t``), also the state whose value is ``V(s_t)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from async_vapo.protocol import TrajectoryGroup, unpack_f32, unpack_i32
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # long [B, L]
+    attention_mask: torch.Tensor  # long [B, L]
+    resp_index: torch.Tensor  # long [B, T]
+    response_ids: torch.Tensor  # long [B, T]
+    mask: torch.Tensor  # bool [B, T]
+    behaviour_logprobs: torch.Tensor  # float [B, T]
+    versions: torch.Tensor  # long [B, T]
+    scores: torch.Tensor  # float [B]
+    correct: torch.Tensor  # bool [B]
+    truncated: torch.Tensor  # bool [B]
+    group_ids: torch.Tensor  # long [B]
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def select(self, rows: torch.Tensor | slice) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def collate(groups: list[TrajectoryGroup], pad_id: int) -> Batch:
+    rows = []
+    for gi, g in enumerate(groups):
+        prompt = unpack_i32(g.prompt.token_ids).tolist()
+        for r in g.responses:
+            rows.append(
+                (
+                    gi,
+                    prompt,
+                    unpack_i32(r.token_ids).tolist(),
+                    unpack_f32(r.logprobs).tolist(),
+                    unpack_i32(r.versions).tolist(),
+                    r.reward,
+                    r.correct,
+                    r.finish_reason == "length",
+                )
+            )
+    b = len(rows)
+    seq_len = max(len(p) + len(t) for _, p, t, *_ in rows)
+    resp_len = max(1, max(len(t) for _, _, t, *_ in rows))
+    input_ids = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, seq_len), dtype=torch.long)
+    resp_index = torch.zeros((b, resp_len), dtype=torch.long)
+    response_ids = torch.full((b, resp_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, resp_len), dtype=torch.bool)
+    behaviour = torch.zeros((b, resp_len))
+    versions = torch.zeros((b, resp_len), dtype=torch.long)
+    for i, (_, prompt, toks, lps, vers, *_rest) in enumerate(rows):
+        n, p = len(toks), len(prompt)
+        input_ids[i, : p + n] = torch.tensor(prompt + toks, dtype=torch.long)
+        attention[i, : p + n] = 1
+        resp_index[i] = (p - 1 + torch.arange(resp_len)).clamp(max=seq_len - 1)
+        if n:
+            response_ids[i, :n] = torch.tensor(toks, dtype=torch.long)
+            mask[i, :n] = True
+            behaviour[i, :n] = torch.tensor(lps)
+            versions[i, :n] = torch.tensor(vers, dtype=torch.long)
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        resp_index=resp_index,
+        response_ids=response_ids,
+        mask=mask,
+        behaviour_logprobs=behaviour,
+        versions=versions,
+        scores=torch.tensor([r[5] for r in rows], dtype=torch.float32),
+        correct=torch.tensor([r[6] for r in rows], dtype=torch.bool),
+        truncated=torch.tensor([r[7] for r in rows], dtype=torch.bool),
+        group_ids=torch.tensor([r[0] for r in rows], dtype=torch.long),
+    )

@@ -1,0 +1,109 @@
+"""Policy and value models, each wrapped in its own DeepSpeed engine (own optimiser, own lr).
+
+The value model is a transformer backbone with a scalar head: ``V(s_t)`` is read at the position of the
+last token of state ``s_t``. It starts from ``value_path`` (a reward-model or saved value checkpoint) when
+given, else from the policy's backbone with a zero-initialised head.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+VALUE_HEAD = "value_head.pt"
+
+
+class ValueModel(nn.Module):
+    def __init__(self, backbone: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] -> values [B, L] (float32)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+    def save(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(out, safe_serialization=True)  # type: ignore[operator]
+        torch.save(self.head.state_dict(), out / VALUE_HEAD)
+
+
+def torch_dtype(name: str, on_gpu: bool) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def load_policy(path: str, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def load_value(policy_path: str, value_path: str, dtype: torch.dtype) -> ValueModel:
+    from transformers import AutoModel
+
+    source = value_path or policy_path
+    backbone = AutoModel.from_pretrained(source, dtype=dtype)
+    model = ValueModel(backbone, backbone.config.hidden_size).to(dtype)
+    head = Path(source) / VALUE_HEAD
+    if value_path and head.exists():
+        model.head.load_state_dict(torch.load(head, map_location="cpu", weights_only=True))
+    return model
+
+
+def init_distributed(backend: str) -> None:
+    """Single-process default (RANK 0 of 1) unless a launcher set the torch.distributed environment."""
+    import deepspeed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def make_engine(
+    model: nn.Module,
+    lr: float,
+    warmup_steps: int,
+    weight_decay: float,
+    grad_clip: float,
+    zero_stage: int,
+    bf16: bool,
+    micro_batch_size: int,
+) -> Any:
+    """A DeepSpeed engine with torch AdamW and a warmup-constant schedule (the paper's)."""
+    import deepspeed
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), eps=1e-8)
+    warm = max(1, warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "train_batch_size": micro_batch_size * world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
+    return engine

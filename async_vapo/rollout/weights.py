@@ -1,0 +1,75 @@
+"""vLLM worker extension that receives new weights from the learner and loads them in place.
+
+Loaded into every vLLM worker with ``worker_extension_cls="async_vapo.rollout.weights.WeightReceiver"``
+and driven by ``collective_rpc``. Tensors never travel as RPC arguments (they would be serialised); only
+the bucket metadata does, the data comes over the dedicated process group.
+
+Tied weights: vLLM ties ``lm_head.weight`` to ``embed_tokens.weight`` by sharing one Parameter object, and the
+in-place reload materialises a fresh Parameter for the embedding, silently untying the head (it kept the
+old weights, and on CPU its packed GEMM too). We record the tied groups before the first reload, re-tie them
+after every reload and rebuild the derived kernels; the
+test that compares the engine's log-probs with transformers catches a regression.
+
+CPU note: vLLM's CPU backend repacks linear weights after loading, so ``model.load_weights`` on the live
+model fails; ``model_runner.reload_weights(weights_iterator=..., is_checkpoint_format=True)`` redoes the
+post-load processing and is what we call on every backend.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from async_vapo.weight_sync.buckets import BucketMeta, empty_flat, unpack
+from async_vapo.weight_sync.group import GroupSpec, broadcast, join_group
+
+
+class WeightReceiver:
+    """Mixed into vLLM's worker class; ``self`` is the worker (``self.model_runner``, ``self.rank``)."""
+
+    _weight_pg: Any = None
+    _tied: list[list[tuple[Any, str]]] | None = None
+
+    def init_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> int:
+        rank = 1 + int(getattr(self, "rank", 0))
+        self._tied = _tied_groups(self.model_runner.get_model())  # type: ignore[attr-defined]
+        self._weight_pg = join_group(GroupSpec(host, port, world_size, backend, timeout_s), rank)
+        return rank
+
+    def receive_weights(self, buckets: list[BucketMeta]) -> float:
+        """Receive every bucket, load them all at once, return the seconds spent."""
+        if self._weight_pg is None:
+            raise RuntimeError("init_weight_group was not called on this worker")
+        t0 = time.perf_counter()
+        device = self._device()
+        received: list[tuple[str, Any]] = []
+        for bucket in buckets:
+            flat = empty_flat(bucket, device)
+            broadcast(self._weight_pg, flat, root=0)
+            received.extend(unpack(bucket, flat))
+        self.model_runner.reload_weights(weights_iterator=iter(received), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        for group in self._tied or []:
+            canonical = getattr(group[0][0], group[0][1])
+            for module, name in group[1:]:
+                setattr(module, name, canonical)
+                # kernels derived from the weight (the CPU backend's packed GEMM for the LM head) are rebuilt
+                quant = getattr(module, "quant_method", None)
+                if quant is not None and hasattr(quant, "process_weights_after_loading"):
+                    quant.process_weights_after_loading(module)
+        return time.perf_counter() - t0
+
+    def close_weight_group(self) -> None:
+        self._weight_pg = None
+
+    def _device(self) -> Any:
+        dev = getattr(self, "device", None)
+        return dev if dev is not None else "cpu"
+
+
+def _tied_groups(model: Any) -> list[list[tuple[Any, str]]]:
+    """Groups of (module, attribute) that share one Parameter object, in module order."""
+    by_id: dict[int, list[tuple[Any, str]]] = {}
+    for _, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            by_id.setdefault(id(param), []).append((module, name))
+    return [g for g in by_id.values() if len(g) > 1]

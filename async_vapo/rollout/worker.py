@@ -1,0 +1,203 @@
+"""The rollout worker: one process, one vLLM engine, streaming scored groups to the learner side.
+
+Loop: the learner side assigns prompts (``Assign``: each prompt is one credit); for every prompt the
+worker samples N responses (Group-Sampling), scores them in the verifier pool and PUSHes the
+``TrajectoryGroup`` with per-token behaviour log-probs and policy versions. Generation waits for nothing
+but credits.
+
+Weight updates (``WeightUpdate``): new requests are held at a gate, requests in flight finish under the
+old weights, then the engine joins the broadcast, loads, resets its prefix cache, bumps its version and
+acks. Every token of a response is therefore sampled under the version it is tagged with. (PipelineRL and
+AReaL instead interrupt requests and continue them under the new weights; with vLLM's
+``pause_generation(mode="keep")`` that is the next step, the tags already allow it.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+
+import structlog
+import zmq.asyncio
+
+from async_vapo.protocol import (
+    Assign,
+    Control,
+    Hello,
+    Prompt,
+    Response,
+    TrajectoryGroup,
+    WeightAck,
+    WeightUpdate,
+    pack_f32,
+    pack_i32,
+    unpack_i32,
+)
+from async_vapo.protocol.transport import ControlClient, GroupSender
+from async_vapo.rewards import VerifierPool, reward_of
+from async_vapo.rollout.engine import EngineConfig, RolloutEngine
+from async_vapo.weight_sync.group import GroupSpec
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    data_endpoint: str
+    control_endpoint: str
+    engine: EngineConfig
+    weight_group: GroupSpec | None
+    n_samples: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 96
+    correct_reward: float = 1.0
+    wrong_reward: float = 0.0
+    verifier_processes: int = 1
+    verifier_timeout_s: float = 5.0
+    heartbeat_s: float = 2.0
+    initial_version: int = 0
+
+
+class RolloutWorker:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.version = cfg.initial_version
+        self.engine = RolloutEngine(cfg.engine)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.engine.model)
+        self.pool = VerifierPool(cfg.verifier_processes, cfg.verifier_timeout_s)
+        self.ctx = zmq.asyncio.Context()
+        self.control = ControlClient(self.ctx, cfg.control_endpoint, cfg.worker_id)
+        self.sender = GroupSender(self.ctx, cfg.data_endpoint)
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: set[asyncio.Task] = set()
+        self.busy_seconds = 0.0
+        self.generated_tokens = 0
+
+    async def run(self) -> None:
+        if self.cfg.weight_group is not None:
+            await self.engine.init_weight_group(self.cfg.weight_group)
+        await self.control.send(Hello(self.cfg.worker_id, self.version, os.getpid()))
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            while True:
+                msg = await self.control.recv()
+                if isinstance(msg, Assign):
+                    for p in msg.prompts:
+                        self._spawn(self._rollout(p))
+                elif isinstance(msg, WeightUpdate):
+                    self._spawn(self._update(msg))
+                elif isinstance(msg, Control):
+                    if msg.kind == "shutdown":
+                        break
+                    if msg.kind == "pause":
+                        self._gate.clear()
+                    elif msg.kind == "resume":
+                        self._gate.set()
+        finally:
+            heartbeat.cancel()
+            for t in list(self._tasks):
+                t.cancel()
+            self.close()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("rollout task failed", worker=self.cfg.worker_id, error=repr(task.exception()))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            await self.control.send(Control("heartbeat", self.cfg.worker_id, time.time()))
+
+    async def _rollout(self, prompt: Prompt) -> None:
+        while not self._gate.is_set():
+            await self._gate.wait()
+        self._in_flight += 1
+        self._idle.clear()
+        version = self.version
+        t0 = time.perf_counter()
+        try:
+            samples = await self.engine.sample(
+                unpack_i32(prompt.token_ids).tolist(),
+                self.cfg.n_samples,
+                self.cfg.temperature,
+                self.cfg.top_p,
+                self.cfg.max_tokens,
+            )
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+        gen_s = time.perf_counter() - t0
+        self.busy_seconds += gen_s
+        t1 = time.perf_counter()
+        texts = [str(self.tokenizer.decode(s.token_ids, skip_special_tokens=True)) for s in samples]
+        verdicts = await asyncio.to_thread(self.pool.score, [(prompt.task, t, prompt.answer) for t in texts])
+        responses = []
+        for s, v in zip(samples, verdicts, strict=True):
+            self.generated_tokens += len(s.token_ids)
+            responses.append(
+                Response(
+                    token_ids=pack_i32(s.token_ids),
+                    logprobs=pack_f32(s.logprobs),
+                    versions=pack_i32([version] * len(s.token_ids)),
+                    finish_reason=s.finish_reason if s.finish_reason in ("stop", "length") else "abort",  # type: ignore[arg-type]
+                    reward=reward_of(v, self.cfg.correct_reward, self.cfg.wrong_reward),
+                    correct=v.correct,
+                    verdict=v.detail,
+                )
+            )
+        group = TrajectoryGroup(
+            prompt, responses, self.cfg.worker_id, time.time(), gen_s, time.perf_counter() - t1
+        )
+        await self.sender.send(group)
+
+    async def _update(self, msg: WeightUpdate) -> None:
+        self._gate.clear()
+        await self._idle.wait()
+        try:
+            seconds = await self.engine.load_weights(msg.buckets)
+            self.version = msg.version
+            ack = WeightAck(self.cfg.worker_id, msg.version, seconds)
+        except Exception as exc:  # the learner decides what to do with a failed load
+            log.error("weight load failed", worker=self.cfg.worker_id, version=msg.version, error=repr(exc))
+            ack = WeightAck(self.cfg.worker_id, msg.version, 0.0, ok=False, error=repr(exc)[:200])
+        finally:
+            self._gate.set()
+        await self.control.send(ack)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.sender.close()
+        self.control.close()
+        self.engine.shutdown()
+        self.ctx.term()
+
+
+def worker_main(cfg: WorkerConfig) -> None:
+    """Process entry point (spawned by the launcher or a test)."""
+    import uvloop
+
+    from async_vapo.logging import configure_logging
+
+    configure_logging()
+
+    async def main() -> None:
+        await RolloutWorker(cfg).run()
+
+    uvloop.run(main())

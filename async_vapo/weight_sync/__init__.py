@@ -1,0 +1,1 @@
+"""Learner -> rollout weight transfer: process groups, buckets, versioned broadcast."""

@@ -1,0 +1,64 @@
+"""Packing named tensors into flat, single-dtype buckets for broadcast, and unpacking them.
+
+A bucket's metadata is ``[(name, dtype, shape), ...]``; every tensor in it shares the dtype, and the flat
+buffer is their concatenation in order. Bucketing turns hundreds of small collectives into a few large ones
+(the per-call latency dominates small tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+BucketMeta = list[tuple[str, str, list[int]]]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def plan_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[BucketMeta]:
+    """Greedy in-order packing; a tensor larger than ``bucket_bytes`` gets a bucket of its own.
+    ``bucket_bytes`` <= 0 means one tensor per bucket (the per-tensor baseline)."""
+    buckets: list[BucketMeta] = []
+    current: BucketMeta = []
+    size, dtype = 0, None
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        dn = dtype_name(t.dtype)
+        if current and (bucket_bytes <= 0 or size + nbytes > bucket_bytes or dn != dtype):
+            buckets.append(current)
+            current, size = [], 0
+        current.append((name, dn, list(t.shape)))
+        size += nbytes
+        dtype = dn
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def pack(bucket: BucketMeta, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([tensors[name].detach().reshape(-1) for name, _, _ in bucket])
+
+
+def empty_flat(bucket: BucketMeta, device: str | torch.device = "cpu") -> torch.Tensor:
+    numel = sum(_numel(shape) for _, _, shape in bucket)
+    return torch.empty(numel, dtype=_DTYPES[bucket[0][1]], device=device)
+
+
+def unpack(bucket: BucketMeta, flat: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    offset = 0
+    for name, _, shape in bucket:
+        n = _numel(shape)
+        yield name, flat[offset : offset + n].view(shape)
+        offset += n
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,54 @@
+"""The dedicated process group between learner rank 0 and one rollout engine's workers.
+
+It lives outside any global ``torch.distributed`` world (the learner's DeepSpeed world and vLLM's own
+parallel groups stay untouched): a ``TCPStore`` served by the learner plus a gloo group on CPU, an NCCL
+communicator on GPUs. Rank 0 is always the learner; engine worker ``i`` is rank ``1 + i``.
+
+A peer that never joins or stops answering surfaces as a ``RuntimeError`` from the collective after
+``timeout`` seconds (gloo enforces it), never as a hang.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    host: str
+    port: int
+    world_size: int
+    backend: str = "gloo"  # "nccl" on GPUs
+    timeout_s: float = 60.0
+
+
+def join_group(spec: GroupSpec, rank: int):
+    """Join (rank 0 creates the store). Returns a process group object with ``broadcast``."""
+    store = dist.TCPStore(
+        spec.host,
+        spec.port,
+        spec.world_size,
+        is_master=rank == 0,
+        timeout=timedelta(seconds=spec.timeout_s),
+        wait_for_workers=False,
+    )
+    if spec.backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, spec.world_size, timedelta(seconds=spec.timeout_s))
+    if spec.backend == "nccl":
+        return _nccl_group(store, rank, spec)
+    raise ValueError(f"unknown weight-sync backend {spec.backend!r}; valid: 'gloo', 'nccl'")
+
+
+def _nccl_group(store, rank: int, spec: GroupSpec):  # pragma: no cover - needs GPUs
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timedelta(seconds=spec.timeout_s)
+    return dist.ProcessGroupNCCL(store, rank, spec.world_size, opts)
+
+
+def broadcast(pg, tensor: torch.Tensor, root: int = 0) -> None:
+    """In-place broadcast of one contiguous tensor over ``pg``; raises on timeout."""
+    pg.broadcast(tensor, root).wait()

@@ -1,0 +1,177 @@
+"""A real vLLM engine (CPU backend) in a rollout worker process: groups scored and streamed over ZeroMQ,
+and weights replaced in place through the dedicated process group."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import multiprocessing as mp
+import threading
+
+import pytest
+import torch
+import uvloop
+import zmq.asyncio
+
+from async_vapo.algo import token_logprobs
+from async_vapo.protocol import (
+    Assign,
+    Control,
+    Hello,
+    Prompt,
+    TrajectoryGroup,
+    WeightAck,
+    WeightUpdate,
+    pack_i32,
+    unpack_f32,
+    unpack_i32,
+)
+from async_vapo.protocol.transport import ControlServer, GroupReceiver
+from async_vapo.rollout.engine import EngineConfig
+from async_vapo.rollout.worker import WorkerConfig, worker_main
+from async_vapo.tasks.arithmetic import AdditionTask
+from async_vapo.tasks.tiny_model import prompt_ids
+from async_vapo.weight_sync.broadcast import EngineLink, snapshot
+from async_vapo.weight_sync.group import GroupSpec
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.slow
+
+
+class LearnerSide:
+    """The learner's sockets on a private event loop thread, so one worker process serves every test."""
+
+    def __init__(self) -> None:
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.ctx = zmq.asyncio.Context()
+        self.data = self.call(self._make(GroupReceiver, self.ctx))
+        self.control = self.call(self._make(ControlServer, self.ctx))
+
+    @staticmethod
+    async def _make(cls, ctx):
+        return cls(ctx)
+
+    def call(self, coro, timeout=120):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def next_of(self, kind, timeout=90):
+        while True:
+            _, msg = await asyncio.wait_for(self.control.recv(), timeout)
+            if isinstance(msg, kind):
+                return msg
+
+    def close(self):
+        self.call(self._close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    async def _close(self):
+        self.data.close()
+        self.control.close()
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    side = LearnerSide()
+    spec = GroupSpec("127.0.0.1", free_port(), 2, "gloo", 60.0)
+    cfg = WorkerConfig(
+        worker_id="w0",
+        data_endpoint=side.data.endpoint,
+        control_endpoint=side.control.endpoint,
+        engine=EngineConfig(str(tiny_model_dir), seed=0),
+        weight_group=spec,
+        n_samples=4,
+        max_tokens=80,
+        verifier_timeout_s=5.0,
+    )
+    proc = mp.get_context("spawn").Process(target=worker_main, args=(cfg,))
+    proc.start()
+    link = EngineLink(spec)
+    link.connect()  # blocks until the engine's worker joined the group
+    hello = side.call(side.next_of(Hello))
+    assert hello.worker_id == "w0" and hello.version == 0
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    yield side, link, model, tok, proc
+    side.call(side.control.send("w0", Control("shutdown")))
+    proc.join(30)
+    if proc.is_alive():
+        proc.kill()
+    side.close()
+
+
+def hf_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, len(prompt) - 1 : -1]
+    return token_logprobs(logits, torch.tensor([response]))[0]
+
+
+def assign_and_collect(side, prompts, timeout=120):
+    async def go():
+        await side.control.send("w0", Assign(prompts))
+        return [await asyncio.wait_for(side.data.recv(), timeout) for _ in prompts]
+
+    return side.call(go(), timeout + 10)
+
+
+def make_prompts(tok, n, seed, version_tag):
+    task = AdditionTask()
+    return [
+        Prompt(f"{version_tag}-{p.uid}", pack_i32(prompt_ids(tok, task, p)), p.answer, "addition")
+        for p in task.problems(n, seed, "q")
+    ]
+
+
+def test_group_sampled_scored_and_streamed(rollout):
+    side, _, model, tok, _ = rollout
+    prompts = make_prompts(tok, 3, seed=1, version_tag="a")
+    groups = assign_and_collect(side, prompts)
+    assert sorted(g.prompt.uid for g in groups) == sorted(p.uid for p in prompts)
+    for g in groups:
+        assert isinstance(g, TrajectoryGroup) and len(g.responses) == 4 and g.worker_id == "w0"
+        for r in g.responses:
+            ids = unpack_i32(r.token_ids).tolist()
+            assert ids and unpack_i32(r.versions).tolist() == [0] * len(ids)
+            text = tok.decode(ids, skip_special_tokens=True)
+            assert r.correct == (text.rsplit("|", 1)[-1] == g.prompt.answer and "|" in text)
+            assert r.reward == (1.0 if r.correct else 0.0)
+            # the behaviour log-probs vLLM reported are the policy's own log-probs of those tokens
+            ref = hf_logprobs(model, unpack_i32(g.prompt.token_ids).tolist(), ids)
+            torch.testing.assert_close(
+                torch.from_numpy(unpack_f32(r.logprobs).copy()), ref, atol=2e-3, rtol=0
+            )
+
+
+def test_weight_update_changes_outputs_to_the_new_weights(rollout):
+    side, link, model, tok, _ = rollout
+    new = copy.deepcopy(model)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    new.eval()
+    snap = snapshot(1, new.named_parameters(), bucket_bytes=256 * 1024)
+    assert len(snap.buckets) > 1  # really bucketed
+
+    async def update():
+        await side.control.send("w0", WeightUpdate(1, snap.buckets))
+        seconds = await asyncio.to_thread(link.send, snap)
+        ack = await side.next_of(WeightAck)
+        return seconds, ack
+
+    seconds, ack = side.call(update())
+    assert ack.ok and ack.version == 1 and seconds < 30
+
+    groups = assign_and_collect(side, make_prompts(tok, 2, seed=2, version_tag="b"))
+    for g in groups:
+        for r in g.responses:
+            ids = unpack_i32(r.token_ids).tolist()
+            assert unpack_i32(r.versions).tolist() == [1] * len(ids)
+            got = torch.from_numpy(unpack_f32(r.logprobs).copy())
+            prompt = unpack_i32(g.prompt.token_ids).tolist()
+            torch.testing.assert_close(got, hf_logprobs(new, prompt, ids), atol=2e-3, rtol=0)
+            assert (got - hf_logprobs(model, prompt, ids)).abs().max() > 1e-2  # not the old weights
