@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 import torch
@@ -76,7 +77,7 @@ def build_tokenizer(out_dir: Path):
 def _model_config(recipe: TinyModelRecipe, vocab_size: int):
     from transformers import Qwen2Config
 
-    legacy: dict[str, object] = {"rope_theta": 10000.0, "torch_dtype": "float32"}
+    legacy: dict[str, Any] = {"rope_theta": 10000.0, "torch_dtype": "float32"}
     return Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=recipe.hidden_size,
