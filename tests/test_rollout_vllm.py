@@ -18,6 +18,7 @@ from async_vapo.protocol import (
     Assign,
     Control,
     Hello,
+    JoinGroup,
     Prompt,
     TrajectoryGroup,
     WeightAck,
@@ -82,17 +83,17 @@ def rollout(tiny_model_dir):
         data_endpoint=side.data.endpoint,
         control_endpoint=side.control.endpoint,
         engine=EngineConfig(str(tiny_model_dir), seed=0),
-        weight_group=spec,
         n_samples=4,
         max_tokens=80,
         verifier_timeout_s=5.0,
     )
     proc = mp.get_context("spawn").Process(target=worker_main, args=(cfg,))
     proc.start()
-    link = EngineLink(spec)
-    link.connect()  # blocks until the engine's worker joined the group
     hello = side.call(side.next_of(Hello))
     assert hello.worker_id == "w0" and hello.version == 0
+    link = EngineLink(spec)
+    side.call(side.control.send("w0", JoinGroup(spec.host, spec.port, spec.world_size, spec.backend, spec.timeout_s)))
+    link.connect()  # blocks until the engine's worker joined the group
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     yield side, link, model, tok, proc

@@ -124,10 +124,41 @@ class TrajectoryGroup(_Wire, tag="group", frozen=True):
         return sum(r.n_tokens for r in self.responses)
 
 
+class Sampling(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """Per-assignment sampling settings (evaluation uses its own; training uses the worker's defaults)."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+
+
 class Assign(_Wire, tag="assign", frozen=True):
     """Learner side -> one rollout worker: prompts to sample (each one is a credit for one group)."""
 
     prompts: list[Prompt]
+    sampling: Sampling | None = None
+
+
+class JoinGroup(_Wire, tag="join", frozen=True):
+    """Learner -> rollout worker: join the weight-sync process group served at host:port as rank 1+."""
+
+    host: str
+    port: int
+    world_size: int
+    backend: str
+    timeout_s: float
+
+
+class WorkerStats(_Wire, tag="stats", frozen=True):
+    """Rollout worker -> learner, with every heartbeat: cumulative counters since the worker started."""
+
+    worker_id: str
+    busy_seconds: float  # wall time with at least one request in the engine
+    alive_seconds: float
+    generated_tokens: int
+    in_flight: int
+    version: int
 
 
 class WeightUpdate(_Wire, tag="weights", frozen=True):
@@ -164,4 +195,4 @@ class Control(_Wire, tag="control", frozen=True):
     sent_at: float = 0.0
 
 
-Message = TrajectoryGroup | Assign | WeightUpdate | WeightAck | Hello | Control
+Message = TrajectoryGroup | Assign | JoinGroup | WeightUpdate | WeightAck | Hello | Control | WorkerStats

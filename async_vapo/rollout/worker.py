@@ -26,11 +26,14 @@ from async_vapo.protocol import (
     Assign,
     Control,
     Hello,
+    JoinGroup,
     Prompt,
     Response,
+    Sampling,
     TrajectoryGroup,
     WeightAck,
     WeightUpdate,
+    WorkerStats,
     pack_f32,
     pack_i32,
     unpack_i32,
@@ -49,7 +52,6 @@ class WorkerConfig:
     data_endpoint: str
     control_endpoint: str
     engine: EngineConfig
-    weight_group: GroupSpec | None
     n_samples: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
@@ -81,11 +83,11 @@ class RolloutWorker:
         self._idle.set()
         self._tasks: set[asyncio.Task] = set()
         self.busy_seconds = 0.0
+        self._busy_since: float | None = None
+        self._started = time.perf_counter()
         self.generated_tokens = 0
 
     async def run(self) -> None:
-        if self.cfg.weight_group is not None:
-            await self.engine.init_weight_group(self.cfg.weight_group)
         await self.control.send(Hello(self.cfg.worker_id, self.version, os.getpid()))
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
@@ -93,7 +95,10 @@ class RolloutWorker:
                 msg = await self.control.recv()
                 if isinstance(msg, Assign):
                     for p in msg.prompts:
-                        self._spawn(self._rollout(p))
+                        self._spawn(self._rollout(p, msg.sampling))
+                elif isinstance(msg, JoinGroup):
+                    spec = GroupSpec(msg.host, msg.port, msg.world_size, msg.backend, msg.timeout_s)
+                    self._spawn(self.engine.init_weight_group(spec))
                 elif isinstance(msg, WeightUpdate):
                     self._spawn(self._update(msg))
                 elif isinstance(msg, Control):
@@ -122,29 +127,33 @@ class RolloutWorker:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.heartbeat_s)
-            await self.control.send(Control("heartbeat", self.cfg.worker_id, time.time()))
+            now = time.perf_counter()
+            busy = self.busy_seconds + (now - self._busy_since if self._busy_since is not None else 0.0)
+            await self.control.send(WorkerStats(self.cfg.worker_id, busy, now - self._started,
+                                                self.generated_tokens, self._in_flight, self.version))
 
-    async def _rollout(self, prompt: Prompt) -> None:
+    async def _rollout(self, prompt: Prompt, sampling: Sampling | None = None) -> None:
+        sp = sampling or Sampling(self.cfg.n_samples, self.cfg.temperature, self.cfg.top_p, self.cfg.max_tokens)
         while not self._gate.is_set():
             await self._gate.wait()
+        if self._in_flight == 0:
+            self._busy_since = time.perf_counter()
         self._in_flight += 1
         self._idle.clear()
         version = self.version
         t0 = time.perf_counter()
         try:
             samples = await self.engine.sample(
-                unpack_i32(prompt.token_ids).tolist(),
-                self.cfg.n_samples,
-                self.cfg.temperature,
-                self.cfg.top_p,
-                self.cfg.max_tokens,
+                unpack_i32(prompt.token_ids).tolist(), sp.n, sp.temperature, sp.top_p, sp.max_tokens
             )
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+                if self._busy_since is not None:
+                    self.busy_seconds += time.perf_counter() - self._busy_since
+                    self._busy_since = None
         gen_s = time.perf_counter() - t0
-        self.busy_seconds += gen_s
         t1 = time.perf_counter()
         texts = [str(self.tokenizer.decode(s.token_ids, skip_special_tokens=True)) for s in samples]
         verdicts = await asyncio.to_thread(self.pool.score, [(prompt.task, t, prompt.answer) for t in texts])
