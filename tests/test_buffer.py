@@ -42,9 +42,11 @@ def test_capacity_formula():
     sm.on_started(5)
     assert sm.capacity() == 3
     sm.on_accepted(4)
-    assert sm.capacity() == 3
-    versions.v = 1
+    assert sm.capacity() == 3  # accepted but not yet trained on: still counts
+    sm.on_consumed(4)  # the update on them finished
     assert sm.capacity() == 7
+    versions.v = 1
+    assert sm.capacity() == 7  # the version alone does not open capacity (value pretraining has none)
     sync = StalenessManager(4, 0, FakeVersions())
     assert sync.capacity() == 4  # max_staleness 0: one step's worth, then wait
     capped = StalenessManager(4, 10, FakeVersions(), max_concurrent=2)

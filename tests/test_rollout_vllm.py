@@ -92,7 +92,11 @@ def rollout(tiny_model_dir):
     hello = side.call(side.next_of(Hello))
     assert hello.worker_id == "w0" and hello.version == 0
     link = EngineLink(spec)
-    side.call(side.control.send("w0", JoinGroup(spec.host, spec.port, spec.world_size, spec.backend, spec.timeout_s)))
+    side.call(
+        side.control.send(
+            "w0", JoinGroup(spec.host, spec.port, spec.world_size, spec.backend, spec.timeout_s)
+        )
+    )
     link.connect()  # blocks until the engine's worker joined the group
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

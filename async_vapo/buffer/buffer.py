@@ -109,8 +109,10 @@ class GroupBuffer:
         return batch
 
     def mark_trained(self, batch: list[TrajectoryGroup]) -> None:
+        """The update on ``batch`` is done (and the version bumped): frees admission capacity."""
         for g in batch:
             self.ledger.finish(g.prompt.uid, "trained")
+        self.staleness.on_consumed(len(batch))
 
     def metrics_dict(self) -> dict[str, object]:
         return self.metrics.as_dict(len(self.queue))

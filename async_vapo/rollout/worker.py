@@ -129,11 +129,21 @@ class RolloutWorker:
             await asyncio.sleep(self.cfg.heartbeat_s)
             now = time.perf_counter()
             busy = self.busy_seconds + (now - self._busy_since if self._busy_since is not None else 0.0)
-            await self.control.send(WorkerStats(self.cfg.worker_id, busy, now - self._started,
-                                                self.generated_tokens, self._in_flight, self.version))
+            await self.control.send(
+                WorkerStats(
+                    self.cfg.worker_id,
+                    busy,
+                    now - self._started,
+                    self.generated_tokens,
+                    self._in_flight,
+                    self.version,
+                )
+            )
 
     async def _rollout(self, prompt: Prompt, sampling: Sampling | None = None) -> None:
-        sp = sampling or Sampling(self.cfg.n_samples, self.cfg.temperature, self.cfg.top_p, self.cfg.max_tokens)
+        sp = sampling or Sampling(
+            self.cfg.n_samples, self.cfg.temperature, self.cfg.top_p, self.cfg.max_tokens
+        )
         while not self._gate.is_set():
             await self._gate.wait()
         if self._in_flight == 0:

@@ -1,0 +1,366 @@
+"""The learner side of the data road, on learner rank 0: sockets, buffer, prompt dispatch, weight sync.
+
+It runs an asyncio (uvloop) loop in a background thread so the training loop in the main thread never
+blocks it. The main thread talks to it through a small thread-safe API: ``take_batch``, ``publish``
+(new weights), ``evaluate`` and ``metrics``.
+
+Dispatch: every ``dispatch_interval_s`` the controller asks the staleness manager for its capacity and
+hands that many prompts to live workers whose weights are current enough (see
+``async_vapo.buffer.staleness``). A worker that misses heartbeats for ``worker_timeout_s`` is declared lost:
+its outstanding prompts go back to the ledger. A worker that (re)connects is invited into a fresh weight
+group and, if its version is behind, receives the current weights before it gets any prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import uvloop
+import zmq.asyncio
+
+from async_vapo.buffer import GroupBuffer, PromptLedger, StalenessManager
+from async_vapo.protocol import (
+    Assign,
+    Control,
+    Hello,
+    JoinGroup,
+    Prompt,
+    Sampling,
+    TrajectoryGroup,
+    WeightAck,
+    WeightUpdate,
+    WorkerStats,
+)
+from async_vapo.protocol.transport import ControlServer, GroupReceiver
+from async_vapo.weight_sync.broadcast import EngineLink, Snapshot
+from async_vapo.weight_sync.group import GroupSpec
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class ControllerConfig:
+    data_endpoint: str
+    control_endpoint: str
+    groups_per_step: int
+    max_staleness: int
+    filter_uniform_rewards: bool = False
+    weight_backend: str = "gloo"
+    weight_host: str = "127.0.0.1"
+    weight_sync_timeout_s: float = 60.0
+    worker_timeout_s: float = 30.0
+    max_outstanding_per_worker: int = 256
+    dispatch_interval_s: float = 0.01
+    insecure: bool = False
+
+
+@dataclass
+class WorkerState:
+    worker_id: str
+    pid: int
+    version: int = -1  # weights known to the controller; -1 = unknown, never dispatched to
+    last_seen: float = field(default_factory=time.monotonic)
+    link: EngineLink | None = None
+    updating: bool = False
+    stats: WorkerStats | None = None
+    first_stats: WorkerStats | None = None
+
+
+class _Versions:
+    def __init__(self) -> None:
+        self.v = 0
+
+    def current_version(self) -> int:
+        return self.v
+
+
+class Controller:
+    def __init__(self, cfg: ControllerConfig, ledger: PromptLedger, initial_version: int = 0) -> None:
+        self.cfg = cfg
+        self.versions = _Versions()
+        self.versions.v = initial_version
+        self.ledger = ledger
+        self.staleness = StalenessManager(cfg.groups_per_step, cfg.max_staleness, self.versions)
+        self.buffer = GroupBuffer(ledger, self.staleness, cfg.filter_uniform_rewards)
+        self.workers: dict[str, WorkerState] = {}
+        self.lock = threading.Lock()
+        self.ready = threading.Condition(self.lock)
+        self.counters: Counter[str] = Counter()
+        self._snapshot: Snapshot | None = None
+        self._eval_waiters: dict[str, tuple[asyncio.Future, int]] = {}
+        self._eval_results: dict[str, list[TrajectoryGroup]] = {}
+        self._ack_waiters: dict[tuple[str, int], asyncio.Future] = {}
+        self._stop = threading.Event()
+        self._loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
+        self._started = threading.Event()
+        self.sync_seconds: list[float] = []
+        self.sync_bytes = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        if not self._started.wait(30):
+            raise RuntimeError("controller loop did not start")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.data = GroupReceiver(self.ctx, self.cfg.data_endpoint, insecure=self.cfg.insecure)
+        self.control = ControlServer(self.ctx, self.cfg.control_endpoint, insecure=self.cfg.insecure)
+        self._started.set()
+        tasks = [asyncio.create_task(c) for c in (self._recv_data(), self._recv_control(), self._dispatch())]
+        while not self._stop.is_set():
+            await asyncio.sleep(0.05)
+        for w in list(self.workers):
+            await self.control.send(w, Control("shutdown", "learner", time.time()))
+        await asyncio.sleep(0.2)
+        for t in tasks:
+            t.cancel()
+        self.data.close()
+        self.control.close()
+        self.ctx.term()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    # ---- main-thread API -------------------------------------------------------------------------
+    def take_batch(self, n_groups: int, timeout_s: float | None = None) -> list[TrajectoryGroup] | None:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self.ready:
+            while True:
+                batch = self.buffer.take_batch(n_groups)
+                if batch is not None:
+                    return batch
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self.ready.wait(0.5 if remaining is None else min(0.5, remaining))
+
+    def mark_trained(self, batch: list[TrajectoryGroup]) -> None:
+        with self.lock:
+            self.buffer.mark_trained(batch)
+
+    def set_version(self, version: int) -> None:
+        with self.lock:
+            self.versions.v = version
+
+    def publish(self, snap: Snapshot) -> None:
+        """Queue new weights for every worker (only the newest pending snapshot is sent)."""
+        self._loop.call_soon_threadsafe(self._publish, snap)
+
+    def _publish(self, snap: Snapshot) -> None:
+        self._snapshot = snap
+        for w in self.workers.values():
+            if not w.updating and w.link is not None:
+                asyncio.ensure_future(self._sync_worker(w))
+
+    def evaluate(
+        self, prompts: list[Prompt], sampling: Sampling, timeout_s: float = 600.0
+    ) -> list[TrajectoryGroup]:
+        fut = asyncio.run_coroutine_threadsafe(self._evaluate(prompts, sampling, timeout_s), self._loop)
+        return fut.result(timeout_s + 30)
+
+    def metrics(self) -> dict[str, Any]:
+        with self.lock:
+            m = self.buffer.metrics_dict()
+            m["buffer/capacity"] = self.staleness.capacity()
+            m["buffer/running"] = self.staleness.running
+            m["ledger"] = dict(self.ledger.counts)
+            m["rejected_frames"] = dict(self.data.rejected) | {
+                f"control_{k}": v for k, v in self.control.rejected.items()
+            }
+            m["workers"] = {w.worker_id: w.version for w in self.workers.values()}
+            m["counters"] = dict(self.counters)
+        return m
+
+    def rollout_busy(self) -> tuple[float, float, int]:
+        """(busy seconds, alive seconds, generated tokens) summed over live workers since they started."""
+        busy = alive = 0.0
+        tokens = 0
+        for w in list(self.workers.values()):
+            if w.stats is not None:
+                busy += w.stats.busy_seconds
+                alive += w.stats.alive_seconds
+                tokens += w.stats.generated_tokens
+        return busy, alive, tokens
+
+    # ---- loops -----------------------------------------------------------------------------------
+    async def _recv_data(self) -> None:
+        while True:
+            msg = await self.data.recv()
+            if not isinstance(msg, TrajectoryGroup):
+                self.counters["unexpected_on_data"] += 1
+                continue
+            uid = msg.prompt.uid
+            if uid in self._eval_waiters:
+                self._collect_eval(uid, msg)
+                continue
+            with self.ready:
+                verdict = self.buffer.put(msg)
+                self.counters[f"group_{verdict}"] += 1
+                self.ready.notify_all()
+
+    async def _recv_control(self) -> None:
+        while True:
+            wid, msg = await self.control.recv()
+            w = self.workers.get(wid)
+            if isinstance(msg, Hello):
+                await self._on_hello(msg)
+                continue
+            if w is None:
+                self.counters["message_from_unknown_worker"] += 1
+                continue
+            w.last_seen = time.monotonic()
+            if isinstance(msg, WorkerStats):
+                w.first_stats = w.first_stats or msg
+                w.stats = msg
+            elif isinstance(msg, WeightAck):
+                fut = self._ack_waiters.pop((wid, msg.version), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+
+    async def _on_hello(self, hello: Hello) -> None:
+        old = self.workers.get(hello.worker_id)
+        if old is not None:
+            with self.lock:
+                n = self.ledger.requeue_worker(hello.worker_id, "worker_restarted")
+            log.warning("worker reconnected; its prompts were requeued", worker=hello.worker_id, requeued=n)
+        w = WorkerState(hello.worker_id, hello.pid)
+        self.workers[hello.worker_id] = w
+        spec = GroupSpec(
+            self.cfg.weight_host, _free_port(), 2, self.cfg.weight_backend, self.cfg.weight_sync_timeout_s
+        )
+        link = EngineLink(spec)
+        connecting = asyncio.ensure_future(asyncio.to_thread(link.connect))
+        await self.control.send(
+            hello.worker_id, JoinGroup(spec.host, spec.port, 2, spec.backend, spec.timeout_s)
+        )
+        try:
+            await asyncio.wait_for(connecting, spec.timeout_s + 5)
+        except Exception as exc:
+            log.error("worker failed to join its weight group", worker=hello.worker_id, error=repr(exc))
+            self.workers.pop(hello.worker_id, None)
+            return
+        w.link = link
+        if hello.version == self.versions.v and self._snapshot is None:
+            w.version = hello.version  # fresh start: the engine loaded the same checkpoint as the learner
+        else:
+            await self._sync_worker(w)
+        log.info("worker ready", worker=hello.worker_id, pid=hello.pid, version=w.version)
+
+    async def _sync_worker(self, w: WorkerState) -> None:
+        """Send the newest snapshot to one worker; on timeout or failure the worker is dropped."""
+        w.updating = True
+        try:
+            while self._snapshot is not None and w.version < self._snapshot.version:
+                snap = self._snapshot
+                fut = self._loop.create_future()
+                self._ack_waiters[(w.worker_id, snap.version)] = fut
+                await self.control.send(w.worker_id, WeightUpdate(snap.version, snap.buckets))
+                assert w.link is not None
+                seconds = await asyncio.wait_for(
+                    asyncio.to_thread(w.link.send, snap), self.cfg.weight_sync_timeout_s
+                )
+                ack = await asyncio.wait_for(fut, self.cfg.weight_sync_timeout_s)
+                if not ack.ok:
+                    raise RuntimeError(f"worker could not load version {snap.version}: {ack.error}")
+                w.version = snap.version
+                self.sync_seconds.append(seconds)
+                self.sync_bytes += snap.nbytes
+        except Exception as exc:
+            self.counters["weight_sync_failed"] += 1
+            log.error("weight sync failed; dropping worker", worker=w.worker_id, error=repr(exc)[:200])
+            self._drop_worker(w.worker_id, "weight_sync_failed")
+        finally:
+            w.updating = False
+
+    def _drop_worker(self, wid: str, reason: str) -> None:
+        if self.workers.pop(wid, None) is None:
+            return
+        with self.ready:
+            n = self.ledger.requeue_worker(wid, reason)
+            self.staleness.on_dropped(n)
+        self.counters[f"worker_dropped_{reason}"] += 1
+
+    async def _dispatch(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.dispatch_interval_s)
+            now = time.monotonic()
+            for w in list(self.workers.values()):
+                if now - w.last_seen > self.cfg.worker_timeout_s and not w.updating:
+                    log.error("worker missed heartbeats; dropping it", worker=w.worker_id)
+                    self._drop_worker(w.worker_id, "heartbeat")
+            live = [
+                w
+                for w in self.workers.values()
+                if not w.updating
+                and w.version >= 0
+                and self.versions.v - w.version <= self.cfg.max_staleness
+                and (self._snapshot is None or w.version >= self._snapshot.version - self.cfg.max_staleness)
+            ]
+            if not live:
+                continue
+            with self.lock:
+                capacity = self.staleness.capacity()
+                if capacity <= 0:
+                    continue
+                outstanding = Counter(wid for wid, _ in self.ledger.outstanding.values())
+                plan: list[tuple[WorkerState, list[Prompt]]] = []
+                for i, w in enumerate(sorted(live, key=lambda w: outstanding[w.worker_id])):
+                    share = capacity // len(live) + (1 if i < capacity % len(live) else 0)
+                    share = min(share, self.cfg.max_outstanding_per_worker - outstanding[w.worker_id])
+                    if share > 0:
+                        plan.append((w, self.ledger.take(share, w.worker_id)))
+                        self.staleness.on_started(share)
+            for w, prompts in plan:
+                if not await self.control.send(w.worker_id, Assign(prompts)):
+                    self._drop_worker(w.worker_id, "unreachable")
+
+    async def _evaluate(
+        self, prompts: list[Prompt], sampling: Sampling, timeout_s: float
+    ) -> list[TrajectoryGroup]:
+        live = [w for w in self.workers.values() if w.version >= 0]
+        if not live:
+            raise RuntimeError("no rollout worker is available for evaluation")
+        key = f"eval{time.monotonic_ns()}"
+        tagged = [Prompt(f"{key}:{p.uid}", p.token_ids, p.answer, p.task) for p in prompts]
+        fut = self._loop.create_future()
+        for p in tagged:
+            self._eval_waiters[p.uid] = (fut, len(tagged))
+        self._eval_results[key] = []
+        for i, w in enumerate(live):
+            chunk = tagged[i :: len(live)]
+            if chunk:
+                await self.control.send(w.worker_id, Assign(chunk, sampling))
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        finally:
+            for p in tagged:
+                self._eval_waiters.pop(p.uid, None)
+            self._eval_results.pop(key, None)
+
+    def _collect_eval(self, uid: str, group: TrajectoryGroup) -> None:
+        fut, total = self._eval_waiters.pop(uid)
+        results = self._eval_results.setdefault(uid.split(":", 1)[0], [])
+        results.append(group)
+        if len(results) == total and not fut.done():
+            fut.set_result(list(results))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

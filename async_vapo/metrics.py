@@ -1,0 +1,79 @@
+"""What a user sees and keeps: ``metrics.jsonl`` (one object per learner step or evaluation), PNG
+learning curves, and a one-line live progress display."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CURVES = [
+    ("reward_mean", "reward"),
+    ("eval_accuracy", "held-out accuracy"),
+    ("response_length_mean", "response length"),
+    ("entropy", "entropy"),
+    ("value_loss", "value loss"),
+    ("explained_variance", "explained variance"),
+    ("staleness_mean", "staleness (mean)"),
+    ("accuracy", "train accuracy"),
+]
+
+
+class MetricsWriter:
+    def __init__(self, out_dir: Path, total_steps: int) -> None:
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.jsonl"
+        self.total_steps = total_steps
+        self.t0 = time.perf_counter()
+        self.rows: list[dict[str, Any]] = []
+        if self.path.exists():
+            self.rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def write(self, row: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self.rows.append(clean)
+        with self.path.open("a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+    def progress(self, row: dict[str, Any], first_step: int) -> None:
+        step = row["step"]
+        elapsed = time.perf_counter() - self.t0
+        done = max(1, step - first_step + 1)
+        eta = elapsed / done * max(0, self.total_steps - step - 1)
+        line = (
+            f"step {step + 1}/{self.total_steps} | reward {row.get('reward_mean', 0):.3f} "
+            f"| acc {row.get('accuracy', 0):.3f} | stale {row.get('staleness_mean', 0):.2f} "
+            f"| {row.get('trained_tokens_per_s', 0):,.0f} tok/s | v{row.get('policy_version', 0)} "
+            f"| eta {eta / 60:.1f} min"
+        )
+        end = "\r" if sys.stderr.isatty() else "\n"
+        print(line.ljust(100), end=end, file=sys.stderr, flush=True)
+
+    def plot(self) -> Path | None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:  # pragma: no cover
+            return None
+        out = self.out_dir / "curves.png"
+        fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+        for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
+            pts = [(r["step"], r[key]) for r in self.rows if r.get(key) is not None]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = out.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=80)
+        plt.close(fig)
+        tmp.replace(out)
+        return out
