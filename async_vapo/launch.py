@@ -85,11 +85,12 @@ def place(args: argparse.Namespace, cfg: Config) -> Placement:
         else list(range(os.cpu_count() or 2))
     )
     half = max(1, len(cores) // 2)
-    learner_cores, rollout_cores = (cores[half:], cores[:half]) if len(cores) > 1 else (cores, cores)
+    learner_cores: list[int] = cores[half:] if len(cores) > 1 else cores
+    rollout_cores: list[int] = cores[:half] if len(cores) > 1 else cores
     n_workers = cfg.rollout.num_workers
     per = max(1, len(rollout_cores) // n_workers)
-    rollout = [rollout_cores[(i * per) % len(rollout_cores) :][:per] for i in range(n_workers)]
-    return Placement(False, args.learner_ranks, [learner_cores] * args.learner_ranks, rollout)
+    per_worker = [rollout_cores[(i * per) % len(rollout_cores) :][:per] for i in range(n_workers)]
+    return Placement(False, args.learner_ranks, [learner_cores] * args.learner_ranks, per_worker)
 
 
 def _learner_entry(env: dict[str, str], largs: Any) -> None:

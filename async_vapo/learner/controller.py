@@ -100,6 +100,7 @@ class Controller:
         self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
         self._started = threading.Event()
+        self._background: set[asyncio.Future] = set()
         self.sync_seconds: list[float] = []
         self.sync_bytes = 0
 
@@ -163,7 +164,9 @@ class Controller:
         self._snapshot = snap
         for w in self.workers.values():
             if not w.updating and w.link is not None:
-                asyncio.ensure_future(self._sync_worker(w))
+                task = asyncio.ensure_future(self._sync_worker(w))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     def evaluate(
         self, prompts: list[Prompt], sampling: Sampling, timeout_s: float = 600.0

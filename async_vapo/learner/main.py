@@ -287,7 +287,7 @@ class Trainer:
         if self.step % 5 == 0:
             self.metrics.plot()
 
-    def evaluate(self) -> dict[str, float] | None:
+    def evaluate(self) -> dict[str, Any] | None:
         if self.controller is None or self.metrics is None:
             return None
         r = self.cfg.rollout
@@ -295,7 +295,7 @@ class Trainer:
             self.eval_prompts, Sampling(r.eval_samples, r.eval_temperature, r.eval_top_p, r.max_tokens)
         )
         correct = [[resp.correct for resp in g.responses] for g in groups]
-        row = {
+        row: dict[str, Any] = {
             "phase": "eval",
             "step": self.step,
             "policy_version": self.version,
