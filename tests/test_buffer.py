@@ -142,3 +142,19 @@ def test_epochs_reshuffle_deterministically():
     assert ua == [p.uid for p in b.take(10, "w")]
     assert sorted(u.split("@")[0] for u in ua[:5]) == sorted(u.split("@")[0] for u in ua[5:])
     assert ua[5].endswith("@1")
+
+
+def test_synchronous_mode_alternates_and_value_pretraining_never_deadlocks():
+    versions, ledger, sm, buf = setup(max_staleness=0, groups_per_step=2)
+    for step in range(4):  # batches consumed without a version bump (value pretraining) keep flowing
+        assert sm.capacity() == 2
+        ps = issue(ledger, sm, 2)
+        assert sm.capacity() == 0  # the next step's prompts wait for this update
+        for p in ps:
+            assert buf.put(make_group(p.uid, version=versions.v)) == "admitted"
+        batch = buf.take_batch(2)
+        assert sm.capacity() == 0  # being trained on
+        if step >= 2:
+            versions.v += 1  # policy updates bump the version before the batch is marked trained
+        buf.mark_trained(batch)
+    assert ledger.counts["trained"] == 8

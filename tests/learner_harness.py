@@ -1,0 +1,138 @@
+"""Runs real DeepSpeed VAPO steps on the tiny model inside spawned ranks (gloo on CPU); results come back
+as JSON files. Batches are real policy samples of the built-in task (HF sampling), scored by the verifier."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+
+def make_groups(model_dir: str, n_groups: int, n: int, seed: int):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from async_vapo.algo import token_logprobs
+    from async_vapo.protocol import Prompt, Response, TrajectoryGroup, pack_f32, pack_i32
+    from async_vapo.rewards import AdditionVerifier
+    from async_vapo.tasks.arithmetic import AdditionTask
+    from async_vapo.tasks.tiny_model import prompt_ids
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    task, verify = AdditionTask(), AdditionVerifier()
+    groups = []
+    for p in task.problems(n_groups, seed, "h"):
+        ids = prompt_ids(tok, task, p)
+        x = torch.tensor([ids] * n)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                do_sample=True,
+                max_new_tokens=80,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+            resp = out[:, len(ids) :]
+            logits = model(input_ids=out).logits[:, len(ids) - 1 : -1]
+            lps = token_logprobs(logits, resp)
+        responses = []
+        for i in range(n):
+            row = resp[i].tolist()
+            L = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            text = tok.decode(row[:L], skip_special_tokens=True)
+            v = verify(text, p.answer)
+            responses.append(
+                Response(
+                    pack_i32(row[:L]),
+                    pack_f32(lps[i, :L].tolist()),
+                    pack_i32([0] * L),
+                    "stop" if len(row) > L or row[-1] == tok.eos_token_id else "length",
+                    float(v.correct),
+                    v.correct,
+                    v.detail,
+                )
+            )
+        groups.append(
+            TrajectoryGroup(Prompt(p.uid, pack_i32(ids), p.answer, "addition"), responses, "h", 0.0)
+        )
+    return groups
+
+
+def rank_main(rank: int, world: int, port: int, job: dict) -> None:
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "DS_ACCELERATOR": "cpu",
+        }
+    )
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    random.seed(0)
+    from async_vapo.config import AlgoConfig
+    from async_vapo.learner import checkpoint
+    from async_vapo.learner.batch import collate
+    from async_vapo.learner.models import init_distributed, load_policy, load_value, make_engine
+    from async_vapo.learner.step import compute_targets, policy_update, value_update
+
+    init_distributed("gloo")
+    model_dir = job["model_dir"]
+    algo = AlgoConfig(**job.get("algo", {}))
+    groups = make_groups(model_dir, job["groups"], job["n"], seed=1)
+    full = collate(groups, 0)
+    b = full.select((full.group_ids % world == rank).nonzero().squeeze(1)) if world > 1 else full
+    stage = job.get("zero_stage", 1)
+
+    def engines():
+        torch.manual_seed(0)
+        pol = make_engine(
+            load_policy(model_dir, torch.float32), job.get("actor_lr", 1e-4), 0, 0.0, 1.0, stage, False, 64
+        )
+        val = make_engine(load_value(model_dir, "", torch.float32), 1e-3, 0, 0.0, 1.0, stage, False, 64)
+        return pol, val
+
+    def step(pol, val, k):
+        t = compute_targets(pol, val, b, algo, 1.0, 64)
+        vm = value_update(val, b, t, algo, 64, 1, 1, k)
+        pm = policy_update(pol, b, t, algo, 1.0, 64, 1, 1, k)
+        return {**t.metrics, **vm, **pm}
+
+    pol, val = engines()
+    before = [p.detach().clone() for p in pol.module.parameters()]
+    out: dict = {"steps": []}
+    if job["kind"] == "train":
+        for k in range(job["steps"]):
+            out["steps"].append(step(pol, val, k))
+        out["moved"] = max(
+            float((p.detach() - q).abs().max()) for p, q in zip(pol.module.parameters(), before, strict=True)
+        )
+        out["checksum"] = float(sum(p.detach().double().sum() for p in pol.module.parameters()))
+    elif job["kind"] == "value_pretrain":
+        for k in range(job["steps"]):
+            t = compute_targets(pol, val, b, algo, 1.0, 64)
+            out["steps"].append(
+                {
+                    "explained_variance": t.metrics["explained_variance"],
+                    **value_update(val, b, t, algo, 64, 1, 1, k),
+                }
+            )
+    elif job["kind"] == "resume":
+        root = Path(job["ckpt"])
+        for k in range(2):
+            step(pol, val, k)
+        checkpoint.save(root, 2, 2, pol, val, {"ledger": {}}, export_hf=True)
+        out["uninterrupted"] = [step(pol, val, k) for k in (2, 3)]
+        pol2, val2 = engines()
+        state = checkpoint.load(checkpoint.latest(root), pol2, val2)
+        out["resumed_step"] = state["step"]
+        out["resumed"] = [step(pol2, val2, k) for k in (2, 3)]
+        out["hf_files"] = sorted(f.name for f in (root / "step_2" / "hf").iterdir())
+    Path(job["out"]).with_suffix(f".rank{rank}.json").write_text(json.dumps(out))
