@@ -48,5 +48,5 @@ def test_bad_fields_are_named(override, names):
 
 
 def test_malformed_override():
-    with pytest.raises(ConfigError, match="section.field=value"):
+    with pytest.raises(ConfigError, match=r"section\.field=value"):
         load_config(None, ["train.actor_lr"])
