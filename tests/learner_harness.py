@@ -105,8 +105,15 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
         pm = policy_update(pol, b, t, algo, 1.0, 64, 1, 1, k)
         return {**t.metrics, **vm, **pm}
 
+    def full_params(engine):
+        import deepspeed
+
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return [p.detach().clone() for p in params]
+
     pol, val = engines()
-    before = [p.detach().clone() for p in pol.module.parameters()]
+    before = full_params(pol)
     out: dict = {"steps": []}
     if job["kind"] == "train":
         for k in range(job["steps"]):
@@ -128,7 +135,7 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
         root = Path(job["ckpt"])
         for k in range(2):
             step(pol, val, k)
-        checkpoint.save(root, 2, 2, pol, val, {"ledger": {}}, export_hf=True)
+        checkpoint.save(root, 2, 2, pol, val, {"ledger": {}}, tokenizer_dir=model_dir, export_hf=True)
         out["uninterrupted"] = [step(pol, val, k) for k in (2, 3)]
         pol2, val2 = engines()
         state = checkpoint.load(checkpoint.latest(root), pol2, val2)

@@ -185,6 +185,9 @@ class Controller:
             }
             m["workers"] = {w.worker_id: w.version for w in self.workers.values()}
             m["counters"] = dict(self.counters)
+            m["weight_sync_count"] = len(self.sync_seconds)
+            m["weight_sync_seconds_total"] = sum(self.sync_seconds)
+            m["weight_sync_bytes_total"] = self.sync_bytes
         return m
 
     def rollout_busy(self) -> tuple[float, float, int]:
@@ -219,7 +222,10 @@ class Controller:
             wid, msg = await self.control.recv()
             w = self.workers.get(wid)
             if isinstance(msg, Hello):
-                await self._on_hello(msg)
+                # in the background: the handshake waits for acks that this very loop must receive
+                task = asyncio.ensure_future(self._on_hello(msg))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
                 continue
             if w is None:
                 self.counters["message_from_unknown_worker"] += 1
@@ -289,8 +295,13 @@ class Controller:
             w.updating = False
 
     def _drop_worker(self, wid: str, reason: str) -> None:
+        """Forget a worker and requeue its prompts. If it is alive it is told to exit, so that the
+        supervisor restarts it and it comes back through the Hello handshake with current weights."""
         if self.workers.pop(wid, None) is None:
             return
+        task = asyncio.ensure_future(self.control.send(wid, Control("shutdown", "learner", time.time())))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
         with self.ready:
             n = self.ledger.requeue_worker(wid, reason)
             self.staleness.on_dropped(n)

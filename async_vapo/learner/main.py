@@ -280,6 +280,9 @@ class Trainer:
             "rejected_stale": cm["buffer/rejected_stale"],
             "filtered": cm["buffer/filtered"],
             "rejected_frames": sum(cm["rejected_frames"].values()),
+            "weight_syncs": cm["weight_sync_count"],
+            "weight_sync_s_per_MB": cm["weight_sync_seconds_total"]
+            / max(1e-9, cm["weight_sync_bytes_total"] / 2**20),
             "time": time.time(),
         }
         self.metrics.write(row)
