@@ -13,6 +13,7 @@ SIGTERM asks the learner to checkpoint and stop, then stops the workers; nothing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -93,7 +94,22 @@ def place(args: argparse.Namespace, cfg: Config) -> Placement:
     return Placement(False, args.learner_ranks, [learner_cores] * args.learner_ranks, per_worker)
 
 
+def _own_group() -> None:
+    """Each child leads its own process group, so the supervisor can stop it with everything it spawned
+    (vLLM engine cores, verifier pools), even after the child itself died."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+
+
+def _stop_group(pid: int | None, sig: int) -> None:
+    if pid is None or not hasattr(os, "killpg"):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
 def _learner_entry(env: dict[str, str], largs: Any) -> None:
+    _own_group()
     os.environ.update(env)
     from async_vapo.learner.main import learner_main
 
@@ -101,6 +117,7 @@ def _learner_entry(env: dict[str, str], largs: Any) -> None:
 
 
 def _worker_entry(env: dict[str, str], cores: list[int], wcfg: Any) -> None:
+    _own_group()
     os.environ.update(env)
     if cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(cores))
@@ -235,6 +252,7 @@ class Supervisor:
                         self._on_signal()
                         continue
                     self.restarts += 1
+                    _stop_group(p.pid, signal.SIGKILL)  # its engine core and verifier processes too
                     log.warning(
                         "rollout worker died; restarting it",
                         worker=i,
@@ -242,7 +260,7 @@ class Supervisor:
                         restarts=self.restarts,
                     )
                     self.workers[i] = self._start_worker(i)
-        self._shutdown()
+        self._shutdown(graceful=code == 0)
         return code
 
     def _on_signal(self, *_: Any) -> None:
@@ -254,19 +272,21 @@ class Supervisor:
             if p.is_alive() and p.pid:
                 os.kill(p.pid, signal.SIGTERM)
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, graceful: bool) -> None:
         self.stopping = True
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + (120 if graceful else 10)
         for p in self.learners:
             p.join(max(0.0, deadline - time.monotonic()))
         for p in self.workers:  # the controller told them to shut down; give them time to close vLLM
-            p.join(max(0.0, min(30.0, deadline - time.monotonic())))
+            p.join(max(0.0, min(30.0 if graceful else 0.0, deadline - time.monotonic())))
         for p in self.learners + self.workers:
             if p.is_alive():
-                p.terminate()
+                _stop_group(p.pid, signal.SIGTERM)
                 p.join(10)
-            if p.is_alive():
-                p.kill()
+        time.sleep(1.0)
+        for p in self.learners + self.workers:  # sweep whatever is left in each child's group
+            _stop_group(p.pid, signal.SIGKILL)
+            p.join(5)
 
 
 def resolve_model(cfg: Config) -> str:

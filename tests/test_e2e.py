@@ -79,3 +79,54 @@ def test_bad_config_field_is_a_clear_error(tmp_path):
     res = launch(tmp_path / "bad", "train.actor_lr=fast", timeout=120)
     assert res.returncode == 2
     assert "train.actor_lr" in res.stderr
+
+
+def _run_processes(marker: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
+
+
+def test_ctrl_c_checkpoints_and_leaves_no_process(tiny_model_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "interrupted"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "async_vapo.launch",
+            "--output-dir",
+            str(out),
+            *SMALL,
+            "train.total_steps=1000",
+            "train.checkpoint_every=1000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (out / "metrics.jsonl").exists() and '"phase": "train"' in (out / "metrics.jsonl").read_text():
+            break
+        assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else ""
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert (out / "checkpoints" / latest / "hf" / "model.safetensors").exists()
+    time.sleep(2)
+    assert _run_processes(str(out)) == []  # learner, workers and vLLM engines are gone
+
+
+def test_learner_crash_reaches_the_user_and_stops_the_run(tiny_model_dir, tmp_path):
+    res = launch(
+        tmp_path / "crash", "model.value_path=/nonexistent/critic", "train.total_steps=2", timeout=240
+    )
+    assert res.returncode != 0
+    assert "Traceback" in res.stderr and "/nonexistent/critic" in res.stderr
+    assert "a learner rank died" in res.stderr

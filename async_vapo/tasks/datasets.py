@@ -40,11 +40,15 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _get(row: dict[str, Any], dotted: str) -> Any:
+    """``a.b.0.c``: dict keys and list indices (DAPO-Math-17k keeps its prompt as a chat message list)."""
     node: Any = row
     for k in dotted.split("."):
-        if not isinstance(node, dict) or k not in node:
+        if isinstance(node, dict) and k in node:
+            node = node[k]
+        elif isinstance(node, list) and k.isdigit() and int(k) < len(node):
+            node = node[int(k)]
+        else:
             return None
-        node = node[k]
     return node
 
 
