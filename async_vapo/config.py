@@ -129,6 +129,11 @@ class Config(_Section, frozen=True):
             (self.train.max_staleness >= 0, "train.max_staleness must be >= 0"),
             (self.train.mini_batches >= 1, "train.mini_batches must be >= 1"),
             (
+                1 <= self.train.broadcast_every <= self.train.max_staleness + 1,
+                "train.broadcast_every must be between 1 and train.max_staleness + 1 (engines more than "
+                "max_staleness versions behind get no prompts, so a rarer broadcast would stall the run)",
+            ),
+            (
                 self.algo.estimator == "gae" or self.rollout.n_samples > 1,
                 "group_norm needs rollout.n_samples > 1",
             ),

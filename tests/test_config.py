@@ -40,6 +40,7 @@ def test_overrides_are_typed():
         ("train.zero_stage=4", "train.zero_stage"),
         ("algo.eps_low=-0.1", "eps_low"),
         ("data.task=math", "train_file"),
+        ("train.broadcast_every=3", "broadcast_every"),
     ],
 )
 def test_bad_fields_are_named(override, names):
