@@ -80,28 +80,16 @@ class Trainer:
         per_rank = max(1, t.groups_per_step * cfg.rollout.n_samples // (self.world * t.mini_batches))
         micro = min(t.micro_batch_size, per_rank)
         self.micro = micro
-        self.policy = make_engine(
-            load_policy(args.model_path, dtype),
-            t.actor_lr,
-            t.warmup_steps,
-            t.weight_decay,
-            t.grad_clip,
-            t.zero_stage,
-            bf16,
-            micro,
-        )
+
+        def engine(model: Any, lr: float) -> Any:
+            return make_engine(
+                model, lr, t.warmup_steps, t.weight_decay, t.grad_clip, t.zero_stage, bf16, micro
+            )
+
+        self.policy = engine(load_policy(args.model_path, dtype), t.actor_lr)
         self.value = None
         if cfg.algo.estimator == "gae":
-            self.value = make_engine(
-                load_value(args.model_path, cfg.model.value_path, dtype),
-                t.critic_lr,
-                t.warmup_steps,
-                t.weight_decay,
-                t.grad_clip,
-                t.zero_stage,
-                bf16,
-                micro,
-            )
+            self.value = engine(load_value(args.model_path, cfg.model.value_path, dtype), t.critic_lr)
         self.train_prompts, self.eval_prompts = build_prompts(cfg, self.tokenizer)
         self.ledger = PromptLedger(self.train_prompts, seed=cfg.data.seed)
         self.step = 0

@@ -173,7 +173,38 @@ def bound_port(sock: zmq.Socket) -> int:
     return int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
 
 
-class GroupReceiver(_Receiving):
+class _BoundServer(_Receiving):
+    """A receiving socket bound on the learner side: bind policy, frame-size limit, CURVE, close."""
+
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        kind: int,
+        name: str,
+        endpoint: str,
+        max_frame_bytes: int,
+        security: Security | None,
+        insecure: bool,
+    ) -> None:
+        super().__init__(Codec(max_frame_bytes), name)
+        check_bind(endpoint, security, insecure)
+        self.sock = ctx.socket(kind)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        _apply_server_security(ctx, self.sock, security)
+        self._ctx, self._secure = ctx, security is not None
+
+    def _bind(self, endpoint: str) -> None:
+        self.sock.bind(endpoint)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        if self._secure:
+            _Zap.release(self._ctx)
+
+
+class GroupReceiver(_BoundServer):
     """Learner side of the data road: a PULL socket bound at ``endpoint`` (use port 0 / ``tcp://127.0.0.1:*``
     for an ephemeral port; ``endpoint`` is then updated)."""
 
@@ -186,16 +217,9 @@ class GroupReceiver(_Receiving):
         security: Security | None = None,
         insecure: bool = False,
     ) -> None:
-        super().__init__(Codec(max_frame_bytes), "data")
-        check_bind(endpoint, security, insecure)
-        self.sock = ctx.socket(zmq.PULL)
+        super().__init__(ctx, zmq.PULL, "data", endpoint, max_frame_bytes, security, insecure)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        _apply_server_security(ctx, self.sock, security)
-        self._ctx, self._secure = ctx, security is not None
-        self.sock.bind(endpoint)
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._bind(endpoint)
 
     async def recv(self) -> Message:
         """The next valid message; invalid frames are counted and skipped."""
@@ -204,11 +228,6 @@ class GroupReceiver(_Receiving):
             msg = self._decode(frame.buffer)
             if msg is not None:
                 return msg
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        if self._secure:
-            _Zap.release(self._ctx)
 
 
 class GroupSender:
@@ -238,7 +257,7 @@ class GroupSender:
         self.sock.close(linger=linger_ms)
 
 
-class ControlServer(_Receiving):
+class ControlServer(_BoundServer):
     """Learner side of the control road: a ROUTER socket; peers are addressed by their worker id."""
 
     def __init__(
@@ -249,16 +268,9 @@ class ControlServer(_Receiving):
         security: Security | None = None,
         insecure: bool = False,
     ) -> None:
-        super().__init__(Codec(max_frame_bytes), "control")
-        check_bind(endpoint, security, insecure)
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+        super().__init__(ctx, zmq.ROUTER, "control", endpoint, max_frame_bytes, security, insecure)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        _apply_server_security(ctx, self.sock, security)
-        self._ctx, self._secure = ctx, security is not None
-        self.sock.bind(endpoint)
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._bind(endpoint)
 
     async def recv(self) -> tuple[str, Message]:
         while True:
@@ -279,11 +291,6 @@ class ControlServer(_Receiving):
                 return False
             raise
         return True
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        if self._secure:
-            _Zap.release(self._ctx)
 
 
 class ControlClient(_Receiving):
