@@ -100,7 +100,9 @@ class TrainConfig(_Section, frozen=True):
     filter_uniform_rewards: bool = False  # DAPO dynamic sampling
     broadcast_every: int = 1
     bucket_mb: float = 64.0
-    weight_sync_timeout_s: float = 60.0
+    weight_sync_timeout_s: float = 60.0  # a sync not finished by then drops the worker (it is restarted)
+    worker_timeout_s: float = 30.0  # a worker silent (no heartbeat) this long is dropped and restarted
+    gradient_checkpointing: bool = False  # recompute activations in backward (long sequences)
     checkpoint_every: int = 20
     eval_every: int = 10
     learner_threads: int = 1  # CPU: torch threads in the learner
@@ -114,6 +116,7 @@ class Config(_Section, frozen=True):
     train: TrainConfig = TrainConfig()
     output_dir: str = "runs/default"
     insecure: bool = False  # allow binding beyond loopback without CURVE keys
+    curve_dir: str = ""  # CURVE key directory for multi-node runs ("" = <output_dir>/.curve, made by node 0)
 
     def validate(self) -> Config:
         checks = [

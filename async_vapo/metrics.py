@@ -33,6 +33,16 @@ class MetricsWriter:
         if self.path.exists():
             self.rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
+    def rewind(self, step: int) -> None:
+        """On resume from a checkpoint whose next step is ``step``: forget the rows of steps the
+        checkpoint does not contain (trained after it, before the run died); they are trained again."""
+        keep = [r for r in self.rows if r.get("phase") == "value_pretrain" or r.get("step", 0) < step]
+        if len(keep) != len(self.rows):
+            self.rows = keep
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            tmp.replace(self.path)
+
     def write(self, row: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         self.rows.append(clean)

@@ -14,6 +14,7 @@ group and, if its version is behind, receives the current weights before it gets
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ import uvloop
 import zmq.asyncio
 
 from async_vapo.buffer import GroupBuffer, PromptLedger, StalenessManager
+from async_vapo.cluster.rendezvous import RunStore
 from async_vapo.protocol import (
     Assign,
     Control,
@@ -37,6 +39,7 @@ from async_vapo.protocol import (
     WeightUpdate,
     WorkerStats,
 )
+from async_vapo.protocol.keys import server_security
 from async_vapo.protocol.transport import ControlServer, GroupReceiver
 from async_vapo.weight_sync.broadcast import EngineLink, Snapshot
 from async_vapo.weight_sync.group import GroupSpec
@@ -58,6 +61,8 @@ class ControllerConfig:
     max_outstanding_per_worker: int = 256
     dispatch_interval_s: float = 0.01
     insecure: bool = False
+    curve_dir: str = ""  # CURVE keys for sockets beyond loopback (async_vapo.protocol.keys)
+    store_address: str = ""  # the run's rendezvous store: drop notices for the launchers, "done"
 
 
 @dataclass
@@ -92,6 +97,7 @@ class Controller:
         self.lock = threading.Lock()
         self.ready = threading.Condition(self.lock)
         self.counters: Counter[str] = Counter()
+        self.groups_by_worker: Counter[str] = Counter()
         self._snapshot: Snapshot | None = None
         self._eval_waiters: dict[str, tuple[asyncio.Future, int]] = {}
         self._eval_results: dict[str, list[TrajectoryGroup]] = {}
@@ -103,6 +109,7 @@ class Controller:
         self._background: set[asyncio.Future] = set()
         self.sync_seconds: list[float] = []
         self.sync_bytes = 0
+        self._store = RunStore.connect(cfg.store_address) if cfg.store_address else None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -116,14 +123,19 @@ class Controller:
 
     async def _main(self) -> None:
         self.ctx = zmq.asyncio.Context()
-        self.data = GroupReceiver(self.ctx, self.cfg.data_endpoint, insecure=self.cfg.insecure)
-        self.control = ControlServer(self.ctx, self.cfg.control_endpoint, insecure=self.cfg.insecure)
+        security = server_security(self.cfg.curve_dir) if self.cfg.curve_dir else None
+        self.data = GroupReceiver(
+            self.ctx, self.cfg.data_endpoint, security=security, insecure=self.cfg.insecure
+        )
+        self.control = ControlServer(
+            self.ctx, self.cfg.control_endpoint, security=security, insecure=self.cfg.insecure
+        )
         self._started.set()
         tasks = [asyncio.create_task(c) for c in (self._recv_data(), self._recv_control(), self._dispatch())]
         while not self._stop.is_set():
             await asyncio.sleep(0.05)
         for w in list(self.workers):
-            await self.control.send(w, Control("shutdown", "learner", time.time()))
+            await self.control.send(w, Control("shutdown", "learner", time.time(), "finished"))
         await asyncio.sleep(0.2)
         for t in tasks:
             t.cancel()
@@ -134,6 +146,9 @@ class Controller:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                self._store.mark_done()
 
     # ---- main-thread API -------------------------------------------------------------------------
     def take_batch(self, n_groups: int, timeout_s: float | None = None) -> list[TrajectoryGroup] | None:
@@ -185,6 +200,7 @@ class Controller:
             }
             m["workers"] = {w.worker_id: w.version for w in self.workers.values()}
             m["counters"] = dict(self.counters)
+            m["groups_by_worker"] = dict(self.groups_by_worker)
             m["weight_sync_count"] = len(self.sync_seconds)
             m["weight_sync_seconds_total"] = sum(self.sync_seconds)
             m["weight_sync_bytes_total"] = self.sync_bytes
@@ -215,6 +231,8 @@ class Controller:
             with self.ready:
                 verdict = self.buffer.put(msg)
                 self.counters[f"group_{verdict}"] += 1
+                if verdict == "admitted" and msg.worker_id in self.workers:
+                    self.groups_by_worker[msg.worker_id] += 1
                 self.ready.notify_all()
 
     async def _recv_control(self) -> None:
@@ -297,15 +315,23 @@ class Controller:
     def _drop_worker(self, wid: str, reason: str) -> None:
         """Forget a worker and requeue its prompts. If it is alive it is told to exit, so that the
         supervisor restarts it and it comes back through the Hello handshake with current weights."""
-        if self.workers.pop(wid, None) is None:
+        w = self.workers.pop(wid, None)
+        if w is None:
             return
-        task = asyncio.ensure_future(self.control.send(wid, Control("shutdown", "learner", time.time())))
+        task = asyncio.ensure_future(
+            self.control.send(wid, Control("shutdown", "learner", time.time(), "dropped"))
+        )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         with self.ready:
             n = self.ledger.requeue_worker(wid, reason)
             self.staleness.on_dropped(n)
         self.counters[f"worker_dropped_{reason}"] += 1
+        if self._store is not None:  # a wedged worker cannot be trusted to exit: its launcher kills it
+            try:
+                self._store.notify_drop(wid, w.pid)
+            except Exception as exc:
+                log.error("could not tell the launcher about a dropped worker", error=repr(exc)[:200])
 
     async def _dispatch(self) -> None:
         while True:

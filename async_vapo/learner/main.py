@@ -39,6 +39,8 @@ class LearnerArgs:
     control_endpoint: str
     resume: bool = False
     cpu_affinity: tuple[int, ...] = ()
+    weight_host: str = "127.0.0.1"  # where rollout workers reach this rank's weight-sync stores
+    store_address: str = ""  # the run's rendezvous store (host:port), rank 0 reports dropped workers there
 
 
 def build_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Prompt]]:
@@ -82,6 +84,8 @@ class Trainer:
         self.micro = micro
 
         def engine(model: Any, lr: float) -> Any:
+            if t.gradient_checkpointing:
+                getattr(model, "backbone", model).gradient_checkpointing_enable()
             return make_engine(
                 model, lr, t.warmup_steps, t.weight_decay, t.grad_clip, t.zero_stage, bf16, micro
             )
@@ -112,7 +116,11 @@ class Trainer:
                     filter_uniform_rewards=t.filter_uniform_rewards,
                     weight_backend="nccl" if self.on_gpu else "gloo",
                     weight_sync_timeout_s=t.weight_sync_timeout_s,
+                    worker_timeout_s=t.worker_timeout_s,
+                    weight_host=args.weight_host,
                     insecure=cfg.insecure,
+                    curve_dir=cfg.curve_dir,
+                    store_address=args.store_address,
                 ),
                 self.ledger,
                 self.version,
@@ -121,6 +129,8 @@ class Trainer:
             if self.version > 0:
                 self._publish()
         self.metrics = MetricsWriter(self.out, t.total_steps) if self.rank == 0 else None
+        if self.metrics is not None and args.resume:
+            self.metrics.rewind(self.step)
         self.stop_requested = False
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
@@ -268,7 +278,11 @@ class Trainer:
             "rejected_stale": cm["buffer/rejected_stale"],
             "filtered": cm["buffer/filtered"],
             "rejected_frames": sum(cm["rejected_frames"].values()),
+            "rejected_frames_by_reason": cm["rejected_frames"],
             "weight_syncs": cm["weight_sync_count"],
+            "groups_by_worker": cm["groups_by_worker"],
+            "controller_counters": cm["counters"],
+            "ledger": cm["ledger"],
             "weight_sync_s_per_MB": cm["weight_sync_seconds_total"]
             / max(1e-9, cm["weight_sync_bytes_total"] / 2**20),
             "time": time.time(),

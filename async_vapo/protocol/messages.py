@@ -193,6 +193,7 @@ class Control(_Wire, tag="control", frozen=True):
     kind: ControlKind
     sender: str = ""
     sent_at: float = 0.0
+    reason: str = ""  # shutdown: "finished" (the run is over) or "dropped" (exit and be restarted)
 
 
 Message = TrajectoryGroup | Assign | JoinGroup | WeightUpdate | WeightAck | Hello | Control | WorkerStats

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from async_vapo.protocol import (
     pack_i32,
     unpack_i32,
 )
+from async_vapo.protocol.keys import client_security
 from async_vapo.protocol.transport import ControlClient, GroupSender
 from async_vapo.rewards import VerifierPool, reward_of
 from async_vapo.rollout.engine import EngineConfig, RolloutEngine
@@ -62,6 +64,10 @@ class WorkerConfig:
     verifier_timeout_s: float = 5.0
     heartbeat_s: float = 2.0
     initial_version: int = 0
+    curve_dir: str = ""  # CURVE keys when the learner is beyond loopback
+
+
+EXIT_DROPPED = 75  # told to exit by the controller: the launcher restarts the worker
 
 
 class RolloutWorker:
@@ -74,8 +80,10 @@ class RolloutWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.engine.model)
         self.pool = VerifierPool(cfg.verifier_processes, cfg.verifier_timeout_s)
         self.ctx = zmq.asyncio.Context()
-        self.control = ControlClient(self.ctx, cfg.control_endpoint, cfg.worker_id)
-        self.sender = GroupSender(self.ctx, cfg.data_endpoint)
+        security = client_security(cfg.curve_dir) if cfg.curve_dir else None
+        self.control = ControlClient(self.ctx, cfg.control_endpoint, cfg.worker_id, security)
+        self.sender = GroupSender(self.ctx, cfg.data_endpoint, security=security)
+        self.exit_code = 0
         self._gate = asyncio.Event()
         self._gate.set()
         self._in_flight = 0
@@ -103,6 +111,8 @@ class RolloutWorker:
                     self._spawn(self._update(msg))
                 elif isinstance(msg, Control):
                     if msg.kind == "shutdown":
+                        self.exit_code = EXIT_DROPPED if msg.reason == "dropped" else 0
+                        log.info("shutting down", worker=self.cfg.worker_id, reason=msg.reason)
                         break
                     if msg.kind == "pause":
                         self._gate.clear()
@@ -216,7 +226,11 @@ def worker_main(cfg: WorkerConfig) -> None:
 
     configure_logging()
 
-    async def main() -> None:
-        await RolloutWorker(cfg).run()
+    async def main() -> int:
+        worker = RolloutWorker(cfg)
+        await worker.run()
+        return worker.exit_code
 
-    uvloop.run(main())
+    code = uvloop.run(main())
+    if code:
+        sys.exit(code)

@@ -145,12 +145,18 @@ def _training_batch(tokenizer, task: AdditionTask, rng: random.Random, n: int):
     return ids, labels, attn
 
 
+def tiny_model_dir(cache_dir: Path | None = None, recipe: TinyModelRecipe | None = None) -> Path:
+    """Where the tiny model lives (or will, once built)."""
+    recipe = recipe or TinyModelRecipe()
+    return (cache_dir or default_cache_dir()) / f"tiny-qwen2-{recipe.key()}"
+
+
 def ensure_tiny_model(
     cache_dir: Path | None = None, recipe: TinyModelRecipe | None = None, progress: bool = True
 ) -> Path:
     """Path to the warm-started tiny model (HF format, tokenizer included); builds it when missing."""
     recipe = recipe or TinyModelRecipe()
-    root = (cache_dir or default_cache_dir()) / f"tiny-qwen2-{recipe.key()}"
+    root = tiny_model_dir(cache_dir, recipe)
     if (root / "warm_start.json").exists():
         return root
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")

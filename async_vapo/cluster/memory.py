@@ -1,0 +1,165 @@
+"""Per-GPU memory estimate for a layout (``--dry-run``): learner ranks and vLLM engines.
+
+Learner, per rank, for each of the two models (policy and value; the value model is the same backbone
+with a scalar head): bf16 weights (2 B/param), bf16 gradients (2 B), fp32 master weights and Adam moments
+(12 B), sharded by the ZeRO stage over the learner world (1: optimiser, 2: + gradients, 3: + weights).
+Activations for one micro-batch of ``micro_batch_size`` x ``max_model_len`` tokens: with gradient
+checkpointing one bf16 hidden state per layer plus one layer's working set, without it about 34 hidden
+sizes per token per layer (Korthikanti et al.'s estimate with flash attention), plus the fp32 logits of
+the policy's LM head. vLLM engine: bf16 weights / TP, the rest of ``gpu_memory_utilization`` is KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def params(self) -> int:
+        attn = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * self.head_dim
+        mlp = 3 * self.hidden * self.intermediate
+        embed = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        return self.layers * (attn + mlp + 2 * self.hidden) + embed
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
+
+
+# Published architectures, for planning without the weights at hand (config.json wins when present).
+KNOWN: dict[str, ModelShape] = {
+    "qwen2.5-0.5b": ModelShape(24, 896, 4864, 14, 2, 151936, True),
+    "qwen2.5-1.5b": ModelShape(28, 1536, 8960, 12, 2, 151936, True),
+    "qwen2.5-7b": ModelShape(28, 3584, 18944, 28, 4, 152064),
+    "qwen2.5-14b": ModelShape(48, 5120, 13824, 40, 8, 152064),
+    "qwen2.5-32b": ModelShape(64, 5120, 27648, 40, 8, 152064),
+    "qwen2.5-72b": ModelShape(80, 8192, 29568, 64, 8, 152064),
+}
+
+
+def model_shape(path: str) -> ModelShape:
+    """From ``<path>/config.json`` when it exists, else from the model name (``KNOWN``)."""
+    cfg_file = Path(path) / "config.json"
+    if path and cfg_file.exists():
+        c = json.loads(cfg_file.read_text())
+        return ModelShape(
+            c["num_hidden_layers"],
+            c["hidden_size"],
+            c["intermediate_size"],
+            c["num_attention_heads"],
+            c.get("num_key_value_heads", c["num_attention_heads"]),
+            c["vocab_size"],
+            bool(c.get("tie_word_embeddings", False)),
+        )
+    name = Path(path).name.lower()
+    for key, shape in KNOWN.items():
+        if key in name:
+            return shape
+    raise ValueError(f"cannot size model {path!r}: no config.json there and not one of {sorted(KNOWN)}")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    learner: dict[str, float]  # GiB per learner GPU, by item
+    engine: dict[str, float]  # GiB per engine GPU, by item
+    kv_tokens_per_engine: int
+    concurrent_sequences_per_engine: int
+    problems: list[str]
+
+    def describe(self, card_gib: float, device: str = "GPU") -> str:
+        def block(title: str, items: dict[str, float]) -> str:
+            body = ", ".join(f"{k} {v:.1f}" for k, v in items.items())
+            return f"{title}: {sum(items.values()):.1f} GiB of {card_gib:.0f} ({body})"
+
+        lines = [
+            block(f"learner {device}", self.learner),
+            block(f"engine {device}", self.engine),
+            f"engine KV cache: {self.kv_tokens_per_engine:,} tokens = "
+            f"{self.concurrent_sequences_per_engine} full-length sequences at once",
+        ]
+        lines += [f"IMPOSSIBLE: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def estimate_memory(
+    shape: ModelShape,
+    learner_world: int,
+    zero_stage: int,
+    micro_batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool,
+    tensor_parallel_size: int,
+    gpu_memory_utilization: float,
+    card_gib: float,
+    with_value_model: bool = True,
+    kv_cache_gib: float | None = None,
+) -> MemoryPlan:
+    """``kv_cache_gib``: a fixed KV cache (vLLM on CPU: VLLM_CPU_KVCACHE_SPACE) instead of the rest of
+    ``gpu_memory_utilization`` x ``card_gib``."""
+    p = shape.params
+    n = max(1, learner_world)
+    weights, grads, optim = 2.0 * p, 2.0 * p, 12.0 * p
+    if zero_stage >= 1:
+        optim /= n
+    if zero_stage >= 2:
+        grads /= n
+    if zero_stage >= 3:
+        weights /= n
+    models = 2 if with_value_model else 1
+    tokens = micro_batch_size * seq_len
+    h = shape.hidden
+    if gradient_checkpointing:
+        acts = tokens * h * 2 * shape.layers + tokens * h * 34
+    else:
+        acts = tokens * h * 34 * shape.layers
+    logits = tokens * shape.vocab * 4 * 2  # fp32 logits and their gradient
+    learner = {
+        "weights": models * weights / GiB,
+        "gradients": models * grads / GiB,
+        "optimizer": models * optim / GiB,
+        "activations": acts / GiB,
+        "logits": logits / GiB,
+    }
+    if zero_stage >= 3:  # one layer gathered at a time (DeepSpeed prefetch: about two)
+        learner["zero3_gathered"] = 2 * 2.0 * (p / shape.layers) / GiB
+    engine_weights = 2.0 * p / tensor_parallel_size
+    budget = gpu_memory_utilization * card_gib * GiB
+    kv_bytes = max(0.0, budget - engine_weights - 2 * GiB)  # ~2 GiB activations / CUDA graphs
+    if kv_cache_gib is not None:
+        kv_bytes = kv_cache_gib * GiB
+    kv_tokens = int(kv_bytes // (shape.kv_bytes_per_token() / tensor_parallel_size))
+    engine = {"weights": engine_weights / GiB, "kv_cache": kv_bytes / GiB, "runtime": 2.0}
+    problems = []
+    if sum(learner.values()) > card_gib:
+        problems.append(
+            f"a learner GPU needs {sum(learner.values()):.0f} GiB > {card_gib:.0f} GiB: raise zero_stage "
+            f"(now {zero_stage}), add training GPUs, turn on train.gradient_checkpointing or lower "
+            "train.micro_batch_size"
+        )
+    if engine_weights + 2 * GiB > budget:
+        problems.append(
+            f"an engine's weights ({engine_weights / GiB:.0f} GiB) do not fit in "
+            f"{gpu_memory_utilization:.2f} x {card_gib:.0f} GiB: raise rollout.tensor_parallel_size"
+        )
+    elif kv_tokens < seq_len:
+        problems.append(
+            f"an engine's KV cache holds {kv_tokens} tokens, less than one {seq_len}-token sequence"
+        )
+    return MemoryPlan(learner, engine, kv_tokens, kv_tokens // max(1, seq_len), problems)

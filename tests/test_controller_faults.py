@@ -1,0 +1,87 @@
+"""A weight sync that never completes: a real controller (ZeroMQ sockets, gloo weight group) and a peer
+that says Hello, joins its weight group, then stops answering. The controller must drop it within the
+configured timeout (never hang), requeue its prompts, tell it to exit and tell its launcher through the
+rendezvous store."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+import zmq
+
+from async_vapo.buffer import PromptLedger
+from async_vapo.cluster import RunStore
+from async_vapo.learner.controller import Controller, ControllerConfig
+from async_vapo.protocol import Control, Hello, JoinGroup, Prompt, pack_i32
+from async_vapo.protocol.codec import Codec
+from async_vapo.weight_sync.broadcast import snapshot
+from async_vapo.weight_sync.group import GroupSpec, join_group
+from tests.helpers import free_port
+
+TIMEOUT_S = 3.0
+
+
+def test_worker_that_stops_answering_a_weight_sync_is_dropped_in_time():
+    store = RunStore("127.0.0.1", 0, is_master=True)
+    prompts = [Prompt(f"p{i}", pack_i32([1, 2, 3]), "5") for i in range(16)]
+    ledger = PromptLedger(prompts, seed=0)
+    cfg = ControllerConfig(
+        data_endpoint=f"tcp://127.0.0.1:{free_port()}",
+        control_endpoint=f"tcp://127.0.0.1:{free_port()}",
+        groups_per_step=2,
+        max_staleness=1,
+        weight_sync_timeout_s=TIMEOUT_S,
+        worker_timeout_s=60.0,
+        store_address=store.address,
+    )
+    controller = Controller(cfg, ledger)
+    controller.start()
+    codec = Codec()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, b"w-hang")
+    sock.setsockopt(zmq.RCVTIMEO, 20_000)
+    sock.connect(cfg.control_endpoint)
+    groups: list = []
+    try:
+        sock.send(codec.encode(Hello("w-hang", 0, os.getpid())))
+        join = codec.decode(sock.recv())
+        assert isinstance(join, JoinGroup)
+        spec = GroupSpec(join.host, join.port, join.world_size, join.backend, join.timeout_s)
+        joiner = threading.Thread(target=lambda: groups.append(join_group(spec, 1)), daemon=True)
+        joiner.start()
+        joiner.join(30)
+        assert groups, "could not join the weight group"
+        # the worker is ready: it gets prompts (credits), which it will never answer
+        deadline = time.monotonic() + 20
+        while not ledger.outstanding and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ledger.outstanding, "no prompt was assigned"
+        # new weights: the peer never takes part in the broadcast nor acks
+        model = torch.nn.Linear(256, 256)
+        t0 = time.monotonic()
+        controller.publish(snapshot(1, model.named_parameters(), 2**16))
+        while controller.metrics()["workers"] and time.monotonic() - t0 < 4 * TIMEOUT_S + 10:
+            time.sleep(0.05)
+        elapsed = time.monotonic() - t0
+        m = controller.metrics()
+        assert m["workers"] == {}, "the silent worker was not dropped"
+        assert elapsed < 2 * TIMEOUT_S + 3, elapsed  # the broadcast, then the ack, each bounded
+        assert m["counters"]["worker_dropped_weight_sync_failed"] == 1
+        assert not ledger.outstanding and len(ledger.requeued) > 0  # its prompts wait for someone else
+        assert store.dropped_pid("w-hang") == os.getpid()  # its launcher is told to kill it
+        # and the worker itself is told to exit (if it can still listen)
+        seen = []
+        while True:
+            msg = codec.decode(sock.recv())
+            seen.append(type(msg).__name__)
+            if isinstance(msg, Control) and msg.kind == "shutdown":
+                assert msg.reason == "dropped"
+                break
+    finally:
+        sock.close(0)
+        ctx.term()
+        controller.stop()
