@@ -167,6 +167,7 @@ def test_faults_during_a_run_then_resume(tiny_model_dir, tmp_path):
         def checkpointed():
             latest = out / "checkpoints" / "latest"
             return latest.exists() and int(latest.read_text().split("_")[1]) >= 4
+
         _wait(checkpointed, proc, log, "a checkpoint at step >= 4")
         _wait(lambda: _train_rows(out)[-1]["step"] > step_at_stop, proc, log, "training after the drop")
         os.kill(learner_pid, signal.SIGKILL)
