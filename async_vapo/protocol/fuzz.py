@@ -76,7 +76,7 @@ def _huge_length(rng: random.Random) -> bytes:
 
 def _wrong_types(rng: random.Random) -> bytes:
     tag = rng.choice(["trajectory_group", "worker_stats", "weight_ack", "control", "assign"])
-    junk = rng.choice([None, "x" * rng.randint(0, 40), -1, 2**63 - 1, 1.5, [], {}, [1, "a"], b"\x00"])
+    junk: object = rng.choice([None, "x" * rng.randint(0, 40), -1, 2**63 - 1, 1.5, [], {}, [1, "a"], b"\x00"])
     fields = [junk] * rng.randint(0, 9)
     return _header() + msgspec.msgpack.encode([tag, *fields])
 
