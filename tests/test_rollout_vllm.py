@@ -152,31 +152,35 @@ def test_group_sampled_scored_and_streamed(rollout):
 
 
 def test_weight_update_changes_outputs_to_the_new_weights(rollout):
+    """Two updates in a row: the second reuses the first one's receive buffers (FlatPool)."""
     side, link, model, tok, _ = rollout
-    new = copy.deepcopy(model)
-    torch.manual_seed(123)
-    with torch.no_grad():
-        for p in new.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    new.eval()
-    snap = snapshot(1, new.named_parameters(), bucket_bytes=256 * 1024)
-    assert len(snap.buckets) > 1  # really bucketed
+    previous = model
+    for version in (1, 2):
+        new = copy.deepcopy(model)
+        torch.manual_seed(100 + version)
+        with torch.no_grad():
+            for p in new.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        new.eval()
+        snap = snapshot(version, new.named_parameters(), bucket_bytes=256 * 1024)
+        assert len(snap.buckets) > 1  # really bucketed
 
-    async def update():
-        await side.control.send("w0", WeightUpdate(1, snap.buckets))
-        seconds = await asyncio.to_thread(link.send, snap)
-        ack = await side.next_of(WeightAck)
-        return seconds, ack
+        async def update(snap=snap, version=version):
+            await side.control.send("w0", WeightUpdate(version, snap.buckets))
+            seconds = await asyncio.to_thread(link.send, snap)
+            ack = await side.next_of(WeightAck)
+            return seconds, ack
 
-    seconds, ack = side.call(update())
-    assert ack.ok and ack.version == 1 and seconds < 30
+        seconds, ack = side.call(update())
+        assert ack.ok and ack.version == version and seconds < 30
 
-    groups = assign_and_collect(side, make_prompts(tok, 2, seed=2, version_tag="b"))
-    for g in groups:
-        for r in g.responses:
-            ids = unpack_i32(r.token_ids).tolist()
-            assert unpack_i32(r.versions).tolist() == [1] * len(ids)
-            got = torch.from_numpy(unpack_f32(r.logprobs).copy())
-            prompt = unpack_i32(g.prompt.token_ids).tolist()
-            torch.testing.assert_close(got, hf_logprobs(new, prompt, ids), atol=2e-3, rtol=0)
-            assert (got - hf_logprobs(model, prompt, ids)).abs().max() > 1e-2  # not the old weights
+        groups = assign_and_collect(side, make_prompts(tok, 2, seed=2 + version, version_tag=f"v{version}"))
+        for g in groups:
+            for r in g.responses:
+                ids = unpack_i32(r.token_ids).tolist()
+                assert unpack_i32(r.versions).tolist() == [version] * len(ids)
+                got = torch.from_numpy(unpack_f32(r.logprobs).copy())
+                prompt = unpack_i32(g.prompt.token_ids).tolist()
+                torch.testing.assert_close(got, hf_logprobs(new, prompt, ids), atol=2e-3, rtol=0)
+                assert (got - hf_logprobs(previous, prompt, ids)).abs().max() > 1e-2  # not the old weights
+        previous = new

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from async_vapo.weight_sync.buckets import BucketMeta, empty_flat, unpack
+from async_vapo.weight_sync.buckets import BucketMeta, FlatPool, unpack
 from async_vapo.weight_sync.group import GroupSpec, broadcast, join_group
 
 
@@ -43,8 +43,10 @@ class WeightReceiver:
         t0 = time.perf_counter()
         device = self._device()
         received: list[tuple[str, Any]] = []
-        for bucket in buckets:
-            flat = empty_flat(bucket, device)
+        if getattr(self, "_flat_pool", None) is None:
+            self._flat_pool = FlatPool()
+        for i, bucket in enumerate(buckets):
+            flat = self._flat_pool.get(i, bucket, device)
             broadcast(self._weight_pg, flat, root=0)
             received.extend(unpack(bucket, flat))
         self.model_runner.reload_weights(weights_iterator=iter(received), is_checkpoint_format=True)  # type: ignore[attr-defined]

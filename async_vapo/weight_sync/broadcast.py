@@ -21,27 +21,40 @@ from dataclasses import dataclass
 
 import torch
 
-from async_vapo.weight_sync.buckets import BucketMeta, pack, plan_buckets
+from async_vapo.weight_sync.buckets import BucketMeta, empty_flat, plan_buckets, unpack
 from async_vapo.weight_sync.group import GroupSpec, broadcast, join_group
 
 
 @dataclass
 class Snapshot:
+    """Weights of one version, already laid out as the flat buffers that go on the wire."""
+
     version: int
-    tensors: dict[str, torch.Tensor]
     buckets: list[BucketMeta]
+    flats: list[torch.Tensor]  # one contiguous buffer per bucket
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return sum(f.numel() * f.element_size() for f in self.flats)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Views of the snapshot's tensors by name."""
+        return {n: t for b, f in zip(self.buckets, self.flats, strict=True) for n, t in unpack(b, f)}
 
 
 def snapshot(version: int, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Snapshot:
-    tensors = {
-        name: t.detach().to("cpu" if t.device.type == "cpu" else t.device, copy=True).contiguous()
-        for name, t in named_tensors
-    }
-    return Snapshot(version, tensors, plan_buckets(tensors.items(), bucket_bytes))
+    """Copy the tensors once, straight into their bucket buffers (on the tensors' device), so training
+    may go on while the copy is broadcast and sending costs no further copy."""
+    named = [(n, t.detach()) for n, t in named_tensors]
+    buckets = plan_buckets(named, bucket_bytes)
+    by_name = dict(named)
+    flats = []
+    for bucket in buckets:
+        flat = empty_flat(bucket, by_name[bucket[0][0]].device)
+        for name, view in unpack(bucket, flat):
+            view.copy_(by_name[name])
+        flats.append(flat)
+    return Snapshot(version, buckets, flats)
 
 
 class EngineLink:
@@ -59,6 +72,6 @@ class EngineLink:
         if self.pg is None:
             raise RuntimeError("EngineLink.connect() was not called")
         t0 = time.perf_counter()
-        for bucket in snap.buckets:
-            broadcast(self.pg, pack(bucket, snap.tensors), root=0)
+        for flat in snap.flats:
+            broadcast(self.pg, flat, root=0)
         return time.perf_counter() - t0

@@ -62,3 +62,26 @@ def _numel(shape: list[int]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+class FlatPool:
+    """Receive buffers kept from one update to the next: every update of a model has the same bucket
+    plan, so after the first one no memory is allocated (on CPU, no page is faulted in) again."""
+
+    def __init__(self) -> None:
+        self._flats: dict[int, torch.Tensor] = {}
+
+    def get(self, index: int, bucket: BucketMeta, device: str | torch.device = "cpu") -> torch.Tensor:
+        numel = sum(_numel(shape) for _, _, shape in bucket)
+        flat = self._flats.get(index)
+        if (
+            flat is None
+            or flat.numel() != numel
+            or flat.dtype != _DTYPES[bucket[0][1]]
+            or flat.device != torch.device(device)
+        ):
+            flat = self._flats[index] = empty_flat(bucket, device)
+        return flat
+
+    def clear(self) -> None:
+        self._flats.clear()
