@@ -23,15 +23,12 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from async_vapo.weight_sync.broadcast import EngineLink, snapshot  # noqa: E402
-from async_vapo.weight_sync.buckets import BucketMeta, FlatPool, plan_buckets, unpack  # noqa: E402
-from async_vapo.weight_sync.group import GroupSpec, broadcast, join_group  # noqa: E402
+from async_vapo.weight_sync.broadcast import EngineLink, snapshot
+from async_vapo.weight_sync.buckets import BucketMeta, FlatPool, plan_buckets, unpack
+from async_vapo.weight_sync.group import GroupSpec, broadcast, join_group
 
 MB = 2**20
 
@@ -150,7 +147,7 @@ def engine_pause(bucket_mb: float, reps: int) -> dict[str, float]:
         for v in range(1, reps + 1):
             snap = snapshot(v, state.items(), int(bucket_mb * MB))
             box: list[float] = []
-            th = threading.Thread(target=lambda s=snap: box.append(link.send(s)))
+            th = threading.Thread(target=lambda s=snap, b=box: b.append(link.send(s)))
             t0 = time.perf_counter()
             th.start()
             loop.run_until_complete(engine.load_weights(snap.buckets))
