@@ -64,7 +64,8 @@ class AlgoConfig(_Section, frozen=True):
 
     estimator: Literal["gae", "group_norm"] = "gae"  # group_norm = value-free GRPO/DAPO baseline
     value_pretrain_steps: int = 50  # 1. Value-Pretraining (0 = off)
-    lam_critic: float = 1.0  # 2. Decoupled-GAE: critic lambda (set equal to lam_policy to turn off)
+    decoupled_gae: bool = True  # 2. Decoupled-GAE (False: the critic's targets use the policy's lambda)
+    lam_critic: float = 1.0  # critic lambda when decoupled
     lam_policy: float = 0.95  # policy lambda when length_adaptive is off
     length_adaptive: bool = True  # 3. Length-adaptive GAE
     alpha: float = 0.05

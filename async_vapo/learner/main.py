@@ -208,6 +208,7 @@ class Trainer:
                     self.policy, self.value, b, a, self.cfg.rollout.temperature, self.micro
                 )
             m: dict[str, Any] = dict(targets.metrics)
+            m["trained_sequences"] = int(b.mask.shape[0]) * self.world
             with timer("value_update"):
                 if self.value is not None:
                     m |= value_update(

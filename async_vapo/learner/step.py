@@ -102,7 +102,8 @@ def compute_targets(
                 algo.length_adaptive_lambda_clamped(lengths, cfg.alpha).float().mean()
             )
             metrics["lambda_policy_mean"] = float(lam_policy.mean())
-        adv, returns = algo.decoupled_gae(rewards, old_values, mask, cfg.gamma, cfg.lam_critic, lam_policy)
+        lam_critic = cfg.lam_critic if cfg.decoupled_gae else lam_policy
+        adv, returns = algo.decoupled_gae(rewards, old_values, mask, cfg.gamma, lam_critic, lam_policy)
         metrics["explained_variance"] = float(algo.explained_variance(old_values, returns, mask))
         metrics["value_mean"] = float(algo.masked_mean(old_values, mask))
     loss_mask = algo.truncation_mask(mask, b.truncated, cfg.drop_truncated)

@@ -1,0 +1,99 @@
+"""Node discovery, placement and the memory plan (pure logic: no processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from async_vapo.cluster import estimate_memory, layout, model_shape, node_info
+from async_vapo.cluster.nodes import first_slurm_host
+from async_vapo.cluster.placement import PlacementError
+
+
+def test_node_info_sources_and_precedence():
+    assert node_info(env={}).nnodes == 1 and node_info(env={}).source == "single"
+    slurm = {"SLURM_NNODES": "8", "SLURM_NODEID": "3", "SLURM_JOB_NODELIST": "gpu[07-14],cpu1"}
+    n = node_info(env=slurm)
+    assert (n.nnodes, n.node_rank, n.master_addr, n.master_port, n.source) == (8, 3, "gpu07", 29500, "slurm")
+    torchrun = {
+        "GROUP_RANK": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "WORLD_SIZE": "4",
+        "MASTER_ADDR": "h0",
+        "MASTER_PORT": "1234",
+    }
+    n = node_info(env=torchrun)
+    assert (n.nnodes, n.node_rank, n.master_addr, n.master_port) == (4, 1, "h0", 1235)  # agent owns 1234
+    with pytest.raises(ValueError, match="nproc-per-node 1"):
+        node_info(env=torchrun | {"LOCAL_WORLD_SIZE": "8"})
+    n = node_info(2, 1, "10.0.0.1", 5000, env=slurm)  # flags win
+    assert (n.nnodes, n.node_rank, n.master_addr, n.source) == (2, 1, "10.0.0.1", "flags")
+    with pytest.raises(ValueError, match="master-addr"):
+        node_info(2, 1, env={})
+    with pytest.raises(ValueError, match="outside"):
+        node_info(2, 2, "h", env={})
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "first"),
+    [("node1", "node1"), ("gpu[03-05,9]", "gpu03"), ("a[1,2],b7", "a1"), ("x-y[010-012]", "x-y010")],
+)
+def test_first_slurm_host(nodelist, first):
+    assert first_slurm_host(nodelist) == first
+
+
+def test_gpu_layout_32_plus_32():
+    lay = layout(32, 32, nnodes=8, gpus_per_node=8, tensor_parallel_size=4)
+    assert lay.learner_world == 32 and lay.n_engines == 8
+    assert lay.nodes[0].learner_ranks == list(range(8))  # rank 0 (the controller) on node 0
+    assert [len(n.engines) for n in lay.nodes] == [0, 0, 0, 0, 2, 2, 2, 2]
+    assert lay.nodes[4].engine_devices == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    ranks = sorted(r for n in lay.nodes for r in n.learner_ranks)
+    assert ranks == list(range(32))
+
+
+@pytest.mark.parametrize(
+    ("train", "rollout", "nnodes", "tp", "message"),
+    [
+        (32, 32, 4, 4, "do not fit"),
+        (6, 8, 2, 4, "span nodes"),
+        (8, 6, 2, 4, "multiple of tensor_parallel_size"),
+        (8, 0, 2, 4, "at least 1"),
+        (8, 16, 3, 16, "exceeds"),
+    ],
+)
+def test_impossible_layouts_are_refused(train, rollout, nnodes, tp, message):
+    with pytest.raises(PlacementError, match=message):
+        layout(train, rollout, nnodes, 8, tp)
+
+
+def test_cpu_layout_two_nodes():
+    lay = layout(0, 0, nnodes=2, gpus_per_node=8, tensor_parallel_size=1, learner_ranks_per_node=1)
+    assert not lay.on_gpu and lay.learner_world == 2
+    assert [n.learner_ranks for n in lay.nodes] == [[0], [1]]
+    assert [n.engines for n in lay.nodes] == [[0], [1]]
+
+
+def test_memory_plan_qwen32b():
+    shape = model_shape("/models/Qwen2.5-32B")  # no config.json here: the published architecture
+    assert 32.5e9 < shape.params < 33.0e9
+    common = dict(micro_batch_size=1, seq_len=22528, gradient_checkpointing=True, tensor_parallel_size=4)
+    common |= dict(gpu_memory_utilization=0.85, card_gib=80.0)
+    z3 = estimate_memory(shape, 32, 3, **common)
+    z1 = estimate_memory(shape, 32, 1, **common)
+    assert not z3.problems and z1.problems and "zero_stage" in z1.problems[0]
+    assert sum(z3.learner.values()) < 80 < sum(z1.learner.values())
+    assert z3.kv_tokens_per_engine > 22528
+    tp1 = estimate_memory(shape, 32, 3, **(common | {"tensor_parallel_size": 1}))
+    assert any("tensor_parallel_size" in p for p in tp1.problems)  # 61 GiB of bf16 weights on one card
+
+
+def test_model_shape_from_config_json(tiny_model_dir):
+    import json
+
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    shape = model_shape(str(tiny_model_dir))
+    assert shape.layers == cfg["num_hidden_layers"] and shape.vocab == cfg["vocab_size"]
+    from transformers import AutoModelForCausalLM
+
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert abs(shape.params - n) / n < 0.01

