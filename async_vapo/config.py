@@ -34,6 +34,7 @@ class DataConfig(_Section, frozen=True):
     prompt_field: str = "problem"
     answer_field: str = "answer"
     prompt_template: str = "{problem}"  # str.format template over the row's fields
+    verifier: str = ""  # "" = the task's own (addition / math-verify); or a registry name or "module:factory"
     n_train: int = 100_000  # addition: size of the generated training set
     n_eval: int = 256  # held-out problems for periodic evaluation
     seed: int = 0

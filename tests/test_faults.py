@@ -7,7 +7,9 @@ resume, and the books checked at the end:
    samples, its prompts are requeued.
 3. The new worker is SIGSTOPped (it stops answering): the controller drops it within the configured
    timeout, its launcher kills and restarts it. No hang.
-4. The learner is SIGKILLed: the run ends with an error and leaves no process behind; ``--resume``
+4. Throughout, the verifier hangs, raises or returns garbage on some responses: reward 0 within the
+   timeout, counted, the run unaffected.
+5. The learner is SIGKILLed: the run ends with an error and leaves no process behind; ``--resume``
    continues from the last checkpoint with the same step numbering, and the prompt ledger shows every
    prompt of the data order up to the cursor trained exactly once or still pending: none lost, none
    skipped, none trained twice.
@@ -38,7 +40,16 @@ pytestmark = pytest.mark.slow
 STEPS = 12
 GROUPS = 8  # train.groups_per_step in SMALL
 FUZZ_FRAMES = 100_000
-RUN = [*SMALL, "train.eval_every=0", "train.worker_timeout_s=8", "train.weight_sync_timeout_s=12"]
+RUN = [
+    *SMALL,
+    "train.eval_every=0",
+    "train.worker_timeout_s=8",
+    "train.weight_sync_timeout_s=12",
+    # 5. verifiers that hang, raise or return garbage on about 1 response in 11
+    "data.verifier=tests.verifier_fixtures:chaos",
+    "rollout.verifier_timeout_s=2",
+    "rollout.verifier_processes=2",
+]
 
 
 def _launch(out: Path, log: Path, *extra: str) -> subprocess.Popen:
@@ -183,6 +194,7 @@ def test_faults_during_a_run_then_resume(tiny_model_dir, tmp_path):
     assert len(ready) >= 3 and all(e["version"] >= 1 for e in ready[1:])  # synced before sampling
     assert any(e.get("event") == "the controller dropped this worker; killing it" for e in events)
     killed_at = int((out / "checkpoints" / "latest").read_text().split("_")[1])
+    verdicts_before_kill = Counter(_train_rows(out)[-1]["controller_counters"])
 
     # resume
     log2 = tmp_path / "resume.log"
@@ -212,10 +224,14 @@ def test_faults_during_a_run_then_resume(tiny_model_dir, tmp_path):
     random.Random(0 * 1_000_003 + 0).shuffle(order)
     drawn = {f"{uids[order[i]]}@0" for i in range(ledger["cursor"])}
     assert set(trained) | pending == drawn  # none lost, none skipped
+    verdicts = verdicts_before_kill + Counter(train[-1]["controller_counters"])
+    for kind in ("verdict_timeout", "verdict_error", "verdict_bad_output", "verdict_ok"):
+        assert verdicts[kind] > 0, dict(verdicts)
     requeued = {k: v for k, v in ledger["counts"].items() if k.startswith("requeued_")}
     assert sum(requeued.values()) > 0, ledger["counts"]
     print(
         f"\nfuzz: {FUZZ_FRAMES} frames {dict(kinds)} all rejected; learner RSS {rss0:.0f} -> {rss1:.0f} MB;"
         f" worker restart to next trained step {restart_s:.1f} s; wedged worker replaced in {drop_s:.1f} s;"
-        f" resume to first resumed step {resume_s:.1f} s; requeued {requeued}"
+        f" resume to first resumed step {resume_s:.1f} s; requeued {requeued};"
+        f" verdicts { ({k: v for k, v in verdicts.items() if k.startswith('verdict_')}) }"
     )

@@ -202,3 +202,45 @@ def test_curve_refuses_peers_without_the_key():
         return uids
 
     assert run_async(main()) == ["good"]
+
+
+def test_a_flooded_receiver_still_lets_other_tasks_run():
+    """A socket that never runs dry must not starve the loop (heartbeats, acks, dispatch share it):
+    awaiting a receive that is already complete does not yield, so the receiver yields itself."""
+    from async_vapo.protocol import Codec
+
+    async def main() -> tuple[int, int]:
+        ctx = zmq.asyncio.Context()
+        rx = GroupReceiver(ctx, rcvhwm=10_000)
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, 10_000)
+        push.connect(rx.endpoint)
+        for i in range(3000):
+            push.send(b"garbage %d" % i)
+        push.send(bytes(Codec().encode(make_group())))
+        await asyncio.sleep(0.5)  # everything is queued on the receiving side
+        ticks = 0
+        done = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        t = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        ticks = 0
+        msg = await rx.recv()  # 3000 rejects, then the valid group
+        during = ticks
+        done = True
+        await t
+        assert isinstance(msg, TrajectoryGroup)
+        push.close(0)
+        rx.close()
+        ctx.term()
+        return during, sum(rx.rejected.values())
+
+    during, rejected = run_async(main())
+    assert rejected == 3000
+    assert during >= 3000 // 16 // 2, during  # the ticker ran all along, not only after the burst

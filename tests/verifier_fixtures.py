@@ -49,3 +49,31 @@ def garbage():
 
 def dies():
     return _Exit()
+
+
+class _Chaos:
+    """The addition verifier, except for some responses (chosen by a hash of the text, so a given
+    response always gets the same treatment): hangs, raises or returns garbage."""
+
+    name = "chaos"
+
+    def __init__(self) -> None:
+        from async_vapo.rewards.verifiers import AdditionVerifier
+
+        self.inner = AdditionVerifier()
+
+    def __call__(self, response, answer):
+        import zlib
+
+        k = zlib.crc32(response.encode()) % 32
+        if k == 0:
+            time.sleep(3600)
+        if k == 1:
+            raise RuntimeError("verifier blew up")
+        if k == 2:
+            return {"reward": "lots"}
+        return self.inner(response, answer)
+
+
+def chaos():
+    return _Chaos()

@@ -45,6 +45,7 @@ from async_vapo.weight_sync.broadcast import EngineLink, Snapshot
 from async_vapo.weight_sync.group import GroupSpec
 
 log = structlog.get_logger(__name__)
+_VERDICTS = frozenset({"ok", "wrong", "no_answer", "timeout", "error", "bad_output"})
 
 
 @dataclass
@@ -228,6 +229,9 @@ class Controller:
             if uid in self._eval_waiters:
                 self._collect_eval(uid, msg)
                 continue
+            for r in msg.responses:  # verifier outcomes (a fixed set of names: a peer cannot grow it)
+                kind = r.verdict.split(":", 1)[0]
+                self.counters[f"verdict_{kind if kind in _VERDICTS else 'other'}"] += 1
             with self.ready:
                 verdict = self.buffer.put(msg)
                 self.counters[f"group_{verdict}"] += 1

@@ -44,6 +44,15 @@ class LearnerArgs:
 
 
 def build_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Prompt]]:
+    """Training and held-out prompts; ``data.verifier`` (if set) names the verifier of every prompt."""
+    train, evals = _task_prompts(cfg, tokenizer)
+    if cfg.data.verifier:
+        train = [Prompt(p.uid, p.token_ids, p.answer, cfg.data.verifier) for p in train]
+        evals = [Prompt(p.uid, p.token_ids, p.answer, cfg.data.verifier) for p in evals]
+    return train, evals
+
+
+def _task_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Prompt]]:
     from async_vapo.tasks.datasets import addition_prompts, load_prompts
 
     d = cfg.data

@@ -36,6 +36,7 @@ from async_vapo.protocol.messages import Message, ProtocolError
 
 log = structlog.get_logger(__name__)
 ZAP_DOMAIN = "async_vapo"
+YIELD_EVERY = 16  # frames a receiver may take in a row before letting other tasks run
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,15 @@ class _Receiving:
         self.received = 0
         self.rejected: Counter[str] = Counter()
         self._last_log = 0.0
+        self._frames = 0
+
+    async def _fair(self) -> None:
+        """Yield to the event loop every ``YIELD_EVERY`` frames. Awaiting a receive that is already
+        complete does not yield, so without this a socket that never runs dry (a flood of frames, valid
+        or not) would starve every other task on the loop: heartbeats, acks, dispatch."""
+        self._frames += 1
+        if self._frames % YIELD_EVERY == 0:
+            await asyncio.sleep(0)
 
     def _decode(self, frame: bytes | memoryview) -> Message | None:
         try:
@@ -225,6 +235,7 @@ class GroupReceiver(_BoundServer):
         """The next valid message; invalid frames are counted and skipped."""
         while True:
             frame = await self.sock.recv(copy=False)
+            await self._fair()
             msg = self._decode(frame.buffer)
             if msg is not None:
                 return msg
@@ -275,6 +286,7 @@ class ControlServer(_BoundServer):
     async def recv(self) -> tuple[str, Message]:
         while True:
             parts = await self.sock.recv_multipart(copy=False)
+            await self._fair()
             if len(parts) != 2:
                 self.rejected["bad_envelope"] += 1
                 continue
@@ -314,6 +326,7 @@ class ControlClient(_Receiving):
     async def recv(self) -> Message:
         while True:
             frame = await self.sock.recv(copy=False)
+            await self._fair()
             msg = self._decode(frame.buffer)
             if msg is not None:
                 return msg
