@@ -218,12 +218,15 @@ def main() -> None:
             "rejected_frames": sum(m["rejected_frames"].values()),
             "weight_syncs": m["weight_sync_count"],
             "dropped": {k: v for k, v in m["counters"].items() if k.startswith("worker_dropped")},
+            "worker_versions": m["workers"],
+            "capacity": m["buffer/capacity"],
         }
         samples.append(row)
         print(
             f"[soak {row['t']:>6.0f}s] steps {row['steps']} | queue {row['queue_depth']}/{bound} | "
             f"outstanding {row['outstanding']} | flood refused {row['duplicate_or_unknown']} | "
-            f"RSS learner {row['rss_mb']['learner_side']:.0f} MB",
+            f"RSS learner {row['rss_mb']['learner_side']:.0f} MB | workers {row['worker_versions']} "
+            f"capacity {row['capacity']} dropped {row['dropped']}",
             file=sys.stderr,
             flush=True,
         )
@@ -248,15 +251,17 @@ def main() -> None:
         "queue_depth_max": max(s["queue_depth"] for s in samples),
         "queue_bound": bound,
         "outstanding_max": max(s["outstanding"] for s in samples),
-        "rss_peak_mb": {n: round(max(s["rss_mb"][n] for s in samples), 1) for n in names},
-        "rss_growth_after_warmup_mb": {
-            n: round(warm[-1]["rss_mb"][n] - warm[0]["rss_mb"][n], 1) for n in names
-        },
+        "rss_peak_mb": {n: _num(max(s["rss_mb"][n] for s in samples)) for n in names},
+        "rss_growth_after_warmup_mb": {n: _num(warm[-1]["rss_mb"][n] - warm[0]["rss_mb"][n]) for n in names},
         "workers_dropped": samples[-1]["dropped"],
     }
     plot(out, samples, bound)
     (out / "soak.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     print(json.dumps(report))
+
+
+def _num(x: float) -> float | None:
+    return None if x != x else round(x, 1)  # NaN (process already gone) -> null
 
 
 def plot(out: Path, samples: list[dict], bound: int) -> None:

@@ -85,3 +85,68 @@ def test_worker_that_stops_answering_a_weight_sync_is_dropped_in_time():
         sock.close(0)
         ctx.term()
         controller.stop()
+
+
+def test_back_to_back_publishes_never_interleave_two_broadcasts():
+    """Two publishes before the loop runs the first sync used to start two syncs on one group (found
+    by bench/soak.py): gloo saw mismatched sizes and the worker was dropped."""
+    from async_vapo.protocol import WeightAck, WeightUpdate
+    from async_vapo.weight_sync.buckets import FlatPool
+    from async_vapo.weight_sync.group import broadcast
+
+    prompts = [Prompt(f"p{i}", pack_i32([1, 2, 3]), "5") for i in range(8)]
+    cfg = ControllerConfig(
+        data_endpoint=f"tcp://127.0.0.1:{free_port()}",
+        control_endpoint=f"tcp://127.0.0.1:{free_port()}",
+        groups_per_step=1,
+        max_staleness=0,
+        weight_sync_timeout_s=10.0,
+    )
+    controller = Controller(cfg, PromptLedger(prompts, seed=0))
+    controller.start()
+    stop = threading.Event()
+    acked: list[int] = []
+
+    def peer() -> None:
+        codec, ctx = Codec(), zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, b"w-ok")
+        sock.setsockopt(zmq.RCVTIMEO, 200)
+        sock.connect(cfg.control_endpoint)
+        sock.send(codec.encode(Hello("w-ok", 0, os.getpid())))
+        pg, pool = None, FlatPool()
+        while not stop.is_set():
+            try:
+                msg = codec.decode(sock.recv())
+            except zmq.Again:
+                continue
+            if isinstance(msg, JoinGroup):
+                pg = join_group(GroupSpec(msg.host, msg.port, msg.world_size, msg.backend, msg.timeout_s), 1)
+            elif isinstance(msg, WeightUpdate):
+                for i, b in enumerate(msg.buckets):
+                    broadcast(pg, pool.get(i, b), root=0)
+                sock.send(codec.encode(WeightAck("w-ok", msg.version, 0.0)))
+                acked.append(msg.version)
+        sock.close(0)
+        ctx.term()
+
+    th = threading.Thread(target=peer, daemon=True)
+    th.start()
+    try:
+        deadline = time.monotonic() + 30
+        while controller.metrics()["workers"].get("w-ok") != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
+        for v in range(1, 21):
+            controller.publish(snapshot(v, model.named_parameters(), 2**18))  # 2 publishes per loop turn
+        deadline = time.monotonic() + 30
+        while controller.metrics()["workers"].get("w-ok") != 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        m = controller.metrics()
+        assert m["workers"] == {"w-ok": 20}, m["counters"]
+        assert "weight_sync_failed" not in m["counters"]
+        assert acked == sorted(acked) and acked[-1] == 20  # only ever forward, newest last
+    finally:
+        stop.set()
+        th.join(5)
+        controller.stop()

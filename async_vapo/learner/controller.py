@@ -180,6 +180,9 @@ class Controller:
         self._snapshot = snap
         for w in self.workers.values():
             if not w.updating and w.link is not None:
+                # marked now, not when the task first runs: a second publish before that must not start
+                # a second sync (two broadcasts interleaved on one group corrupt both)
+                w.updating = True
                 task = asyncio.ensure_future(self._sync_worker(w))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
