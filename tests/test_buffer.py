@@ -158,3 +158,15 @@ def test_synchronous_mode_alternates_and_value_pretraining_never_deadlocks():
             versions.v += 1  # policy updates bump the version before the batch is marked trained
         buf.mark_trained(batch)
     assert ledger.counts["trained"] == 8
+
+
+def test_trained_audit_stays_bounded_over_many_epochs():
+    ledger = PromptLedger(rows(10), seed=0)
+    for _ in range(25):  # 25 epochs of 10 prompts, each trained once
+        for p in ledger.take(10, "w"):
+            assert ledger.returned(p.uid)
+            ledger.finish(p.uid, "trained")
+    assert ledger.counts["trained"] == 250
+    assert len(ledger.trained_uids) <= 20  # the current and the previous epoch only
+    assert len(set(ledger.trained_uids)) == len(ledger.trained_uids)
+    assert ledger.counts["trained_uids_forgotten"] == 250 - len(ledger.trained_uids)

@@ -62,6 +62,8 @@ class PromptLedger:
             if self.requeued:
                 p = self.requeued.popleft()
             else:
+                if self.cursor % self.n_rows == 0 and self.cursor:
+                    self._forget_old_epochs(self.cursor // self.n_rows)
                 p = self._row_at(self.cursor)
                 self.cursor += 1
             self.outstanding[p.uid] = (worker_id, p)
@@ -98,6 +100,13 @@ class PromptLedger:
             self.counts[outcome] += 1
             if outcome == "trained":
                 self.trained_uids.append(uid)
+
+    def _forget_old_epochs(self, epoch: int) -> None:
+        """Keep the trained-uid audit of the last two epochs only (older prompts can no longer be in
+        flight), so that the ledger and its checkpoints stay bounded over a long run."""
+        keep = [u for u in self.trained_uids if int(u.rsplit("@", 1)[1]) >= epoch - 1]
+        self.counts["trained_uids_forgotten"] += len(self.trained_uids) - len(keep)
+        self.trained_uids = keep
 
     def state_dict(self) -> dict[str, Any]:
         pending = (

@@ -108,7 +108,8 @@ class Controller:
         self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
         self._started = threading.Event()
         self._background: set[asyncio.Future] = set()
-        self.sync_seconds: list[float] = []
+        self.sync_count = 0
+        self.sync_seconds = 0.0
         self.sync_bytes = 0
         self._store = RunStore.connect(cfg.store_address) if cfg.store_address else None
 
@@ -205,8 +206,8 @@ class Controller:
             m["workers"] = {w.worker_id: w.version for w in self.workers.values()}
             m["counters"] = dict(self.counters)
             m["groups_by_worker"] = dict(self.groups_by_worker)
-            m["weight_sync_count"] = len(self.sync_seconds)
-            m["weight_sync_seconds_total"] = sum(self.sync_seconds)
+            m["weight_sync_count"] = self.sync_count
+            m["weight_sync_seconds_total"] = self.sync_seconds
             m["weight_sync_bytes_total"] = self.sync_bytes
         return m
 
@@ -310,7 +311,8 @@ class Controller:
                 if not ack.ok:
                     raise RuntimeError(f"worker could not load version {snap.version}: {ack.error}")
                 w.version = snap.version
-                self.sync_seconds.append(seconds)
+                self.sync_count += 1
+                self.sync_seconds += seconds
                 self.sync_bytes += snap.nbytes
         except Exception as exc:
             self.counters["weight_sync_failed"] += 1
