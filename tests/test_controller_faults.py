@@ -150,3 +150,40 @@ def test_back_to_back_publishes_never_interleave_two_broadcasts():
         stop.set()
         th.join(5)
         controller.stop()
+
+
+def test_a_dying_controller_loop_fails_the_learner_instead_of_hanging_it():
+    """Fault injection: the buffer raises inside the data loop. ``take_batch`` must raise at once."""
+    from tests.helpers import make_group
+
+    prompts = [Prompt(f"p{i}", pack_i32([1, 2, 3]), "5") for i in range(4)]
+    cfg = ControllerConfig(
+        data_endpoint=f"tcp://127.0.0.1:{free_port()}",
+        control_endpoint=f"tcp://127.0.0.1:{free_port()}",
+        groups_per_step=1,
+        max_staleness=0,
+    )
+    controller = Controller(cfg, PromptLedger(prompts, seed=0))
+
+    def broken_put(group):
+        raise ValueError("injected buffer fault")
+
+    controller.buffer.put = broken_put  # type: ignore[method-assign]
+    controller.start()
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(cfg.data_endpoint)
+    try:
+        push.send(bytes(Codec().encode(make_group("p0"))))
+        t0 = time.monotonic()
+        try:
+            controller.take_batch(1, timeout_s=20)
+        except RuntimeError as exc:
+            assert isinstance(exc.__cause__, ValueError) and "injected" in str(exc.__cause__)
+        else:
+            raise AssertionError("take_batch did not raise")
+        assert time.monotonic() - t0 < 5
+    finally:
+        push.close(0)
+        ctx.term()
+        controller.stop()

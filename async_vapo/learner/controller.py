@@ -107,6 +107,7 @@ class Controller:
         self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
         self._started = threading.Event()
+        self.failure: BaseException | None = None
         self._background: set[asyncio.Future] = set()
         self.sync_count = 0
         self.sync_seconds = 0.0
@@ -134,6 +135,8 @@ class Controller:
         )
         self._started.set()
         tasks = [asyncio.create_task(c) for c in (self._recv_data(), self._recv_control(), self._dispatch())]
+        for t in tasks:
+            t.add_done_callback(self._on_loop_task_done)
         while not self._stop.is_set():
             await asyncio.sleep(0.05)
         for w in list(self.workers):
@@ -144,6 +147,17 @@ class Controller:
         self.data.close()
         self.control.close()
         self.ctx.term()
+
+    def _on_loop_task_done(self, task: asyncio.Task) -> None:
+        """A serving loop must never end on its own: if one dies, the learner is told at once (its next
+        ``take_batch`` raises) instead of waiting forever for data that will never come."""
+        if task.cancelled() or self._stop.is_set():
+            return
+        exc = task.exception()
+        self.failure = exc if exc is not None else RuntimeError(f"controller task {task.get_name()} ended")
+        log.error("a controller loop died", error=repr(self.failure)[:300])
+        with self.ready:
+            self.ready.notify_all()
 
     def stop(self) -> None:
         self._stop.set()
@@ -157,6 +171,8 @@ class Controller:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self.ready:
             while True:
+                if self.failure is not None:
+                    raise RuntimeError("the controller failed") from self.failure
                 batch = self.buffer.take_batch(n_groups)
                 if batch is not None:
                     return batch
@@ -233,15 +249,16 @@ class Controller:
             if uid in self._eval_waiters:
                 self._collect_eval(uid, msg)
                 continue
-            for r in msg.responses:  # verifier outcomes (a fixed set of names: a peer cannot grow it)
-                kind = r.verdict.split(":", 1)[0]
-                self.counters[f"verdict_{kind if kind in _VERDICTS else 'other'}"] += 1
             with self.ready:
                 verdict = self.buffer.put(msg)
                 self.counters[f"group_{verdict}"] += 1
                 if verdict == "admitted" and msg.worker_id in self.workers:
                     self.groups_by_worker[msg.worker_id] += 1
                 self.ready.notify_all()
+            if verdict != "duplicate":  # verifier outcomes of groups for prompts we issued
+                for r in msg.responses:  # (a fixed set of names: a peer cannot grow the counters)
+                    kind = r.verdict.split(":", 1)[0]
+                    self.counters[f"verdict_{kind if kind in _VERDICTS else 'other'}"] += 1
 
     async def _recv_control(self) -> None:
         while True:
