@@ -98,3 +98,18 @@ def test_misbehaving_verifiers_give_zero_within_timeout_and_pool_survives(pool, 
     assert pool.counts[detail] == before + 1
     # the pool still serves good requests afterwards
     assert pool.score([("addition", "|5", "5")])[0].correct
+
+
+def test_loading_a_verifier_is_not_charged_to_the_sample():
+    """Start-up and loading (a replacement worker after a hang, heavy imports under load) must not make
+    a well-behaved sample time out; before this, one hang cascaded into many timeouts on a busy machine."""
+    pool = VerifierPool(processes=1, timeout_s=0.5)
+    try:
+        (v,) = pool.score([("tests.verifier_fixtures:slow_load", "|5", "5")])  # loads in 1.5 s > 0.5 s
+        assert v.correct and v.detail == "ok", v
+        assert pool.score([("tests.verifier_fixtures:hang", "x", "1")])[0].detail == "timeout"
+        (v,) = pool.score([("tests.verifier_fixtures:slow_load", "|7", "7")])  # a fresh worker loads again
+        assert v.correct, v
+        assert pool.counts["timeout"] == 1
+    finally:
+        pool.close()

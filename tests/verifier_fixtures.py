@@ -77,3 +77,11 @@ class _Chaos:
 
 def chaos():
     return _Chaos()
+
+
+def slow_load():
+    """A verifier whose loading takes longer than a sample's timeout (heavy imports, a warm-up)."""
+    from async_vapo.rewards.verifiers import AdditionVerifier
+
+    time.sleep(1.5)
+    return AdditionVerifier()

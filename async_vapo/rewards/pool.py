@@ -1,7 +1,9 @@
 """A pool of verifier worker processes with a hard per-sample timeout.
 
 Each worker is a spawned process serving one request at a time over a pipe. A sample whose verifier
-hangs past ``timeout_s`` gets ``Verdict(False, "timeout")``; its worker is killed and replaced. A verifier
+hangs past ``timeout_s`` gets ``Verdict(False, "timeout")``; its worker is killed and replaced. The
+clock starts once the verifier is loaded: a replacement worker's start-up and imports are not charged to
+the next sample (else one hang would cascade into timeouts on a slow machine). A verifier
 that raises gives ``"error"``; one that returns something other than a ``Verdict`` gives ``"bad_output"``;
 a worker that dies gives ``"error"`` and is replaced. The caller never sees an exception for a sample and
 the pool never waits longer than ``timeout_s`` per sample. ``counts`` tallies every outcome.
@@ -35,6 +37,8 @@ def _load(name: str):
 
 
 def _serve(conn: Connection, threads: int) -> None:
+    """Child loop. Per request: ("start",) once the verifier is loaded (imports and start-up are not
+    charged to the sample's timeout), then ("done", correct, detail)."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     cache: dict[str, object] = {}
     while True:
@@ -49,12 +53,17 @@ def _serve(conn: Connection, threads: int) -> None:
             fn = cache.get(task)
             if fn is None:
                 fn = cache[task] = _load(task)
+        except Exception as exc:
+            conn.send(("done", False, f"error: cannot load verifier ({type(exc).__name__})"[:60]))
+            continue
+        conn.send(("start",))
+        try:
             out = fn(response, answer)  # type: ignore[operator]
             if not isinstance(out, Verdict):
                 out = Verdict(False, "bad_output")
         except Exception as exc:
             out = Verdict(False, f"error: {type(exc).__name__}"[:60])
-        conn.send((out.correct, out.detail))
+        conn.send(("done", out.correct, out.detail))
 
 
 class _Worker:
@@ -71,8 +80,9 @@ class _Worker:
 
 
 class VerifierPool:
-    def __init__(self, processes: int = 1, timeout_s: float = 5.0) -> None:
+    def __init__(self, processes: int = 1, timeout_s: float = 5.0, load_timeout_s: float = 120.0) -> None:
         self.timeout_s = timeout_s
+        self.load_timeout_s = load_timeout_s  # worker start-up + loading a verifier (not per sample)
         self._ctx = mp.get_context("spawn")
         self._idle: list[_Worker] = [_Worker(self._ctx) for _ in range(max(1, processes))]
         self._lock = threading.Condition()
@@ -98,11 +108,17 @@ class VerifierPool:
         verdict: Verdict
         try:
             w.conn.send((task, response, answer))
-            if w.conn.poll(self.timeout_s):
-                correct, detail = w.conn.recv()
-                verdict = Verdict(bool(correct), str(detail))
+            # the sample's clock starts when the verifier is loaded (a fresh worker first starts up)
+            deadline = time.monotonic() + max(self.timeout_s, self.load_timeout_s)
+            verdict = Verdict(False, "timeout")
+            while w.conn.poll(max(0.0, deadline - time.monotonic())):
+                msg = w.conn.recv()
+                if msg[0] == "start":
+                    deadline = time.monotonic() + self.timeout_s
+                    continue
+                verdict = Verdict(bool(msg[1]), str(msg[2]))
+                break
             else:
-                verdict = Verdict(False, "timeout")
                 w.kill()
                 w = _Worker(self._ctx)
         except (EOFError, OSError, BrokenPipeError):
