@@ -1,0 +1,164 @@
+"""Security of the sockets: nothing but msgspec frames is ever decoded (a pickle exploit sent to the live
+sockets does nothing and is counted), CURVE lets no unauthenticated peer in or out on the control road,
+binding beyond loopback without keys needs --insecure and says so, and no secret reaches a log."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import os
+import pickle
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from async_vapo.protocol import Control, Hello
+from async_vapo.protocol.codec import Codec
+from async_vapo.protocol.keys import client_security, ensure_keys, server_security
+from async_vapo.protocol.transport import ControlClient, ControlServer, GroupReceiver, Security
+from tests.test_transport import run_async
+
+PACKAGE = Path(__file__).resolve().parents[1] / "async_vapo"
+CODE_EXECUTING = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "marshal", "shelve", "jsonpickle"}
+CODE_EXECUTING_CALLS = {"recv_pyobj", "send_pyobj", "recv_serialized", "send_serialized", "eval", "exec"}
+
+
+def test_no_code_executing_decoder_in_the_package():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [(node.module or "").split(".")[0]]
+            elif isinstance(node, ast.Call):
+                f = node.func  # builtins eval/exec by name; pyzmq's pickling helpers as methods
+                if isinstance(f, ast.Name) and f.id in {"eval", "exec"}:
+                    names = [f.id]
+                elif isinstance(f, ast.Attribute) and f.attr in CODE_EXECUTING_CALLS - {"eval", "exec"}:
+                    names = [f.attr]
+                else:
+                    continue
+            else:
+                continue
+            offenders += [
+                f"{path.relative_to(PACKAGE)}:{node.lineno} {n}"
+                for n in names
+                if n in CODE_EXECUTING | CODE_EXECUTING_CALLS
+            ]
+    assert offenders == []
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['EXPLOIT_MARKER']}",))
+
+
+def test_a_pickle_exploit_on_the_live_sockets_does_nothing(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EXPLOIT_MARKER", str(marker))
+    payload = pickle.dumps(_Exploit())
+    assert payload  # what vLLM's old pickle-over-ZeroMQ sockets would have executed
+
+    async def main():
+        ctx = zmq.asyncio.Context()
+        data = GroupReceiver(ctx)
+        control = ControlServer(ctx, "tcp://127.0.0.1:*")
+        push = ctx.socket(zmq.PUSH)
+        push.connect(data.endpoint)
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, b"attacker")
+        dealer.connect(control.endpoint)
+        framed = b"AV\x01\x00" + payload  # even behind our header
+        for frame in (payload, framed):
+            await push.send(frame)
+            await dealer.send(frame)
+        await push.send(bytes(Codec().encode(Control("heartbeat"))))  # then something valid
+        await dealer.send(bytes(Codec().encode(Hello("attacker", 0, 1))))
+        got_data = await asyncio.wait_for(data.recv(), 5)
+        got_control = await asyncio.wait_for(control.recv(), 5)
+        rejected = sum(data.rejected.values()) + sum(control.rejected.values())
+        for s in (push, dealer):
+            s.close(0)
+        data.close()
+        control.close()
+        ctx.term()
+        return got_data, got_control, rejected
+
+    got_data, got_control, rejected = run_async(main())
+    assert isinstance(got_data, Control) and got_control[1] == Hello("attacker", 0, 1)
+    assert rejected == 4
+    assert not marker.exists()
+
+
+def test_curve_control_road_nothing_in_nothing_out(tmp_path):
+    keys = ensure_keys(tmp_path / "keys")
+
+    async def main():
+        ctx = zmq.asyncio.Context()
+        server = ControlServer(ctx, "tcp://127.0.0.1:*", security=server_security(keys))
+        good = ControlClient(ctx, server.endpoint, "good", client_security(keys))
+        pub, sec = Security.generate()
+        wrong = ControlClient(
+            ctx, server.endpoint, "wrong", Security(pub, sec, client_security(keys).server_public_key)
+        )
+        plain = ControlClient(ctx, server.endpoint, "plain")
+        for c in (wrong, plain, good):
+            await c.send(Hello(c.worker_id, 0, 1))
+        heard = []
+        while True:
+            try:
+                heard.append((await asyncio.wait_for(server.recv(), 2.0))[0])
+            except asyncio.TimeoutError:
+                break
+        sent = {c.worker_id: await server.send(c.worker_id, Control("pause")) for c in (good, wrong, plain)}
+        got = {c.worker_id: await c.recv_timeout(1.0) for c in (good, wrong, plain)}
+        for c in (good, wrong, plain):
+            c.close()
+        server.close()
+        ctx.term()
+        return heard, sent, got
+
+    heard, sent, got = run_async(main())
+    assert heard == ["good"]  # nothing in
+    assert sent == {"good": True, "wrong": False, "plain": False}  # not even routable
+    assert got["good"] == Control("pause") and got["wrong"] is None and got["plain"] is None  # nothing out
+
+
+def test_insecure_bind_warns_and_no_secret_reaches_the_logs(tmp_path, capfd):
+    from async_vapo.logging import configure_logging
+
+    configure_logging()
+    keys = ensure_keys(tmp_path / "keys")
+    secrets = [
+        line.split('"')[1]
+        for name in ("server.key_secret", "client.key_secret")
+        for line in (keys / name).read_text().splitlines()
+        if line.strip().startswith("secret-key")
+    ]
+    assert len(secrets) == 2 and oct((keys / "server.key_secret").stat().st_mode)[-3:] == "600"
+
+    async def main():
+        ctx = zmq.asyncio.Context()
+        secure = GroupReceiver(ctx, "tcp://0.0.0.0:*", security=server_security(keys))
+        open_ = GroupReceiver(ctx, "tcp://0.0.0.0:*", insecure=True)
+        push = ctx.socket(zmq.PUSH)
+        push.connect(open_.endpoint)
+        await push.send(b"garbage")  # a reject log line
+        await asyncio.sleep(0.3)
+        print(repr(server_security(keys)), repr(client_security(keys)))
+        push.close(0)
+        task = asyncio.ensure_future(open_.recv())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        secure.close()
+        open_.close()
+        ctx.term()
+
+    run_async(main())
+    out = "".join(capfd.readouterr())
+    assert "binding without authentication" in out
+    assert "hidden" in out
+    assert not any(s in out for s in secrets)
