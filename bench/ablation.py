@@ -88,10 +88,17 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_ablation")
     args = ap.parse_args()
     root = Path(args.out) / ("quick" if args.quick else "full")
-    names = args.only or list(VARIANTS)
+    names = list(args.only or VARIANTS)
     results: dict[str, dict] = {}
-    for name in names:
-        per_seed = [summarise(run_variant(root, name, s, args.quick), args.target) for s in args.seeds]
+    failed: dict[str, str] = {}
+    for name in list(names):
+        try:
+            per_seed = [summarise(run_variant(root, name, s, args.quick), args.target) for s in args.seeds]
+        except RuntimeError as exc:  # one broken variant must not cost the others
+            failed[name] = str(exc).splitlines()[0]
+            names.remove(name)
+            print(f"  {name} failed: {failed[name]}", file=sys.stderr, flush=True)
+            continue
         hits = [p["samples_to_target"] for p in per_seed]
         results[name] = {
             "final_accuracy_mean": round(statistics.mean(p["final_accuracy"] for p in per_seed), 4),
@@ -115,6 +122,7 @@ def main() -> None:
         "target": args.target,
         "variants": {n: {k: v for k, v in r.items() if k != "curves"} for n, r in results.items()},
         "ranking": sorted(names, key=lambda n: -results[n]["final_accuracy_mean"]),
+        "failed": failed,
     }
     print(json.dumps(report))
 

@@ -396,9 +396,11 @@ class Controller:
     async def _evaluate(
         self, prompts: list[Prompt], sampling: Sampling, timeout_s: float
     ) -> list[TrajectoryGroup]:
-        live = [w for w in self.workers.values() if w.version >= 0]
-        if not live:
-            raise RuntimeError("no rollout worker is available for evaluation")
+        deadline = time.monotonic() + timeout_s
+        while not (live := [w for w in self.workers.values() if w.version >= 0 and not w.updating]):
+            if time.monotonic() > deadline:  # e.g. the first evaluation, before any engine is up
+                raise RuntimeError(f"no rollout worker became available for evaluation in {timeout_s:.0f} s")
+            await asyncio.sleep(0.2)
         key = f"eval{time.monotonic_ns()}"
         tagged = [Prompt(f"{key}:{p.uid}", p.token_ids, p.answer, p.task) for p in prompts]
         fut = self._loop.create_future()
