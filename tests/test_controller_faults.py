@@ -187,3 +187,56 @@ def test_a_dying_controller_loop_fails_the_learner_instead_of_hanging_it():
         push.close(0)
         ctx.term()
         controller.stop()
+
+
+def test_first_evaluation_waits_for_an_engine():
+    """Without value pretraining the learner evaluates step 0 before any engine is up: it must wait for
+    one (it used to fail the run: found by bench/ablation.py)."""
+    from async_vapo.protocol import Assign, Sampling, TrajectoryGroup
+    from tests.helpers import make_group
+
+    cfg = ControllerConfig(
+        data_endpoint=f"tcp://127.0.0.1:{free_port()}",
+        control_endpoint=f"tcp://127.0.0.1:{free_port()}",
+        groups_per_step=1,
+        max_staleness=0,
+    )
+    controller = Controller(cfg, PromptLedger([Prompt("t0", pack_i32([1]), "1")], seed=0))
+    controller.start()
+    stop = threading.Event()
+
+    def late_engine() -> None:
+        time.sleep(1.5)  # the evaluation is already waiting
+        codec, ctx = Codec(), zmq.Context()
+        ctl, push = ctx.socket(zmq.DEALER), ctx.socket(zmq.PUSH)
+        ctl.setsockopt(zmq.IDENTITY, b"late")
+        ctl.setsockopt(zmq.RCVTIMEO, 200)
+        ctl.connect(cfg.control_endpoint)
+        push.connect(cfg.data_endpoint)
+        ctl.send(codec.encode(Hello("late", 0, os.getpid())))
+        while not stop.is_set():
+            try:
+                msg = codec.decode(ctl.recv())
+            except zmq.Again:
+                continue
+            if isinstance(msg, JoinGroup):
+                spec = GroupSpec(msg.host, msg.port, msg.world_size, msg.backend, msg.timeout_s)
+                join_group(spec, 1)
+            elif isinstance(msg, Assign) and msg.sampling is not None:
+                for p in msg.prompts:
+                    push.send(bytes(codec.encode(make_group(p.uid, n=msg.sampling.n))))
+        ctl.close(0)
+        push.close(0)
+        ctx.term()
+
+    th = threading.Thread(target=late_engine, daemon=True)
+    th.start()
+    try:
+        prompts = [Prompt(f"e{i}", pack_i32([1, 2]), "3") for i in range(3)]
+        groups = controller.evaluate(prompts, Sampling(2, 1.0, 1.0, 8), timeout_s=30)
+        assert len(groups) == 3 and all(isinstance(g, TrajectoryGroup) for g in groups)
+        assert sorted(g.prompt.uid.split(":", 1)[1] for g in groups) == ["e0", "e1", "e2"]
+    finally:
+        stop.set()
+        th.join(5)
+        controller.stop()
