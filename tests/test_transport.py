@@ -212,12 +212,13 @@ def test_a_flooded_receiver_still_lets_other_tasks_run():
     async def main() -> tuple[int, int]:
         ctx = zmq.asyncio.Context()
         rx = GroupReceiver(ctx, rcvhwm=10_000)
-        push = zmq.Context.instance().socket(zmq.PUSH)
+        push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, 10_000)
+        push.setsockopt(zmq.LINGER, 0)
         push.connect(rx.endpoint)
         for i in range(3000):
-            push.send(b"garbage %d" % i)
-        push.send(bytes(Codec().encode(make_group())))
+            await push.send(b"garbage %d" % i)
+        await push.send(bytes(Codec().encode(make_group())))
         await asyncio.sleep(0.5)  # everything is queued on the receiving side
         ticks = 0
         done = False
