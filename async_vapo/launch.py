@@ -126,7 +126,7 @@ class Supervisor:
         from async_vapo.rollout.worker import WorkerConfig
 
         self.ctx = mp.get_context("spawn")
-        self.cfg, self.layout, self.node = cfg, lay, node
+        self.layout, self.node = lay, node
         self.share: NodeShare = lay.nodes[node.node_rank]
         cfg = self.cfg = msgspec.structs.replace(cfg, curve_dir=_curve_dir(cfg, node, insecure))
         self.store = RunStore(node.master_addr, node.master_port, is_master=node.node_rank == 0)

@@ -65,7 +65,6 @@ class Group:
     tokens: np.ndarray  # remaining tokens per sample
     lengths: np.ndarray
     version: int  # oldest version that produced a token
-    engine: int = -1
 
 
 @dataclass(eq=False)

@@ -24,20 +24,26 @@ from tests.helpers import free_port
 TIMEOUT_S = 3.0
 
 
-def test_worker_that_stops_answering_a_weight_sync_is_dropped_in_time():
-    store = RunStore("127.0.0.1", 0, is_master=True)
-    prompts = [Prompt(f"p{i}", pack_i32([1, 2, 3]), "5") for i in range(16)]
-    ledger = PromptLedger(prompts, seed=0)
+def _controller(
+    n_prompts: int, groups_per_step: int = 1, max_staleness: int = 0, **kw
+) -> tuple[Controller, ControllerConfig, PromptLedger]:
+    """A real controller on fresh loopback ports (not started), over ``n_prompts`` small prompts."""
+    ledger = PromptLedger([Prompt(f"p{i}", pack_i32([1, 2, 3]), "5") for i in range(n_prompts)], seed=0)
     cfg = ControllerConfig(
         data_endpoint=f"tcp://127.0.0.1:{free_port()}",
         control_endpoint=f"tcp://127.0.0.1:{free_port()}",
-        groups_per_step=2,
-        max_staleness=1,
-        weight_sync_timeout_s=TIMEOUT_S,
-        worker_timeout_s=60.0,
-        store_address=store.address,
+        groups_per_step=groups_per_step,
+        max_staleness=max_staleness,
+        **kw,
     )
-    controller = Controller(cfg, ledger)
+    return Controller(cfg, ledger), cfg, ledger
+
+
+def test_worker_that_stops_answering_a_weight_sync_is_dropped_in_time():
+    store = RunStore("127.0.0.1", 0, is_master=True)
+    controller, cfg, ledger = _controller(
+        16, 2, 1, weight_sync_timeout_s=TIMEOUT_S, worker_timeout_s=60.0, store_address=store.address
+    )
     controller.start()
     codec = Codec()
     ctx = zmq.Context()
@@ -94,15 +100,7 @@ def test_back_to_back_publishes_never_interleave_two_broadcasts():
     from async_vapo.weight_sync.buckets import FlatPool
     from async_vapo.weight_sync.group import broadcast
 
-    prompts = [Prompt(f"p{i}", pack_i32([1, 2, 3]), "5") for i in range(8)]
-    cfg = ControllerConfig(
-        data_endpoint=f"tcp://127.0.0.1:{free_port()}",
-        control_endpoint=f"tcp://127.0.0.1:{free_port()}",
-        groups_per_step=1,
-        max_staleness=0,
-        weight_sync_timeout_s=10.0,
-    )
-    controller = Controller(cfg, PromptLedger(prompts, seed=0))
+    controller, cfg, _ = _controller(8, weight_sync_timeout_s=10.0)
     controller.start()
     stop = threading.Event()
     acked: list[int] = []
@@ -156,14 +154,7 @@ def test_a_dying_controller_loop_fails_the_learner_instead_of_hanging_it():
     """Fault injection: the buffer raises inside the data loop. ``take_batch`` must raise at once."""
     from tests.helpers import make_group
 
-    prompts = [Prompt(f"p{i}", pack_i32([1, 2, 3]), "5") for i in range(4)]
-    cfg = ControllerConfig(
-        data_endpoint=f"tcp://127.0.0.1:{free_port()}",
-        control_endpoint=f"tcp://127.0.0.1:{free_port()}",
-        groups_per_step=1,
-        max_staleness=0,
-    )
-    controller = Controller(cfg, PromptLedger(prompts, seed=0))
+    controller, cfg, _ = _controller(4)
 
     def broken_put(group):
         raise ValueError("injected buffer fault")
@@ -195,13 +186,7 @@ def test_first_evaluation_waits_for_an_engine():
     from async_vapo.protocol import Assign, Sampling, TrajectoryGroup
     from tests.helpers import make_group
 
-    cfg = ControllerConfig(
-        data_endpoint=f"tcp://127.0.0.1:{free_port()}",
-        control_endpoint=f"tcp://127.0.0.1:{free_port()}",
-        groups_per_step=1,
-        max_staleness=0,
-    )
-    controller = Controller(cfg, PromptLedger([Prompt("t0", pack_i32([1]), "1")], seed=0))
+    controller, cfg, _ = _controller(1)
     controller.start()
     stop = threading.Event()
 
