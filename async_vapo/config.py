@@ -102,6 +102,10 @@ class TrainConfig(_Section, frozen=True):
     filter_uniform_rewards: bool = False  # DAPO dynamic sampling
     broadcast_every: int = 1
     bucket_mb: float = 64.0
+    # how new weights leave the learner: "snapshot" copies the whole model once on rank 0 and sends it
+    # while training goes on (one extra model copy); "stream" gathers, sends and frees one bucket at a
+    # time inside the step (about 2 x bucket_mb extra); "auto" streams with ZeRO-3, snapshots otherwise
+    publish: Literal["auto", "snapshot", "stream"] = "auto"
     weight_sync_timeout_s: float = 60.0  # a sync not finished by then drops the worker (it is restarted)
     worker_timeout_s: float = 30.0  # a worker silent (no heartbeat) this long is dropped and restarted
     gradient_checkpointing: bool = False  # recompute activations in backward (long sequences)
@@ -130,6 +134,11 @@ class Config(_Section, frozen=True):
             (self.algo.alpha > 0, "algo.alpha must be > 0"),
             (self.algo.iw_cap > 0, "algo.iw_cap must be > 0"),
             (self.rollout.n_samples >= 1, "rollout.n_samples must be >= 1"),
+            (
+                self.rollout.temperature > 0 and 0 < self.rollout.top_p <= 1,
+                "rollout.temperature must be > 0 and rollout.top_p in (0, 1] (the learner's policy is "
+                "softmax(logits / temperature); greedy sampling has no log-probs to correct with)",
+            ),
             (self.train.groups_per_step >= 1, "train.groups_per_step must be >= 1"),
             (self.train.max_staleness >= 0, "train.max_staleness must be >= 0"),
             (self.train.mini_batches >= 1, "train.mini_batches must be >= 1"),
@@ -155,6 +164,18 @@ class Config(_Section, frozen=True):
 
 class ConfigError(ValueError):
     pass
+
+
+def check_learner_split(cfg: Config, learner_world: int) -> None:
+    """A step's groups must split evenly: whole groups over the learner ranks, then into
+    ``mini_batches`` per rank; otherwise ranks would run different numbers of optimiser steps and one
+    would wait alone in a collective. Checked by the launcher and again by every learner rank."""
+    t = cfg.train
+    if t.groups_per_step % (learner_world * t.mini_batches):
+        raise ConfigError(
+            f"train.groups_per_step ({t.groups_per_step}) must be a multiple of the learner ranks "
+            f"({learner_world}) x train.mini_batches ({t.mini_batches}) = {learner_world * t.mini_batches}"
+        )
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

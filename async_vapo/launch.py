@@ -34,7 +34,7 @@ import structlog
 
 from async_vapo.cluster import Endpoints, Layout, NodeInfo, NodeShare, RunStore, layout, node_info
 from async_vapo.cluster.placement import PlacementError
-from async_vapo.config import Config, ConfigError, load_config
+from async_vapo.config import Config, ConfigError, check_learner_split, load_config
 from async_vapo.logging import configure_logging
 
 log = structlog.get_logger("async_vapo.launch")
@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             args.learner_ranks,
             cfg.rollout.num_workers,
         )
+        check_learner_split(cfg, lay.learner_world)
     except (ConfigError, PlacementError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import os
 import random
 from pathlib import Path
 
+import msgspec
 import torch
 
 
@@ -81,29 +82,45 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
     from async_vapo.learner import checkpoint
     from async_vapo.learner.batch import collate
     from async_vapo.learner.models import init_distributed, load_policy, load_value, make_engine
-    from async_vapo.learner.step import compute_targets, policy_update, value_update
+    from async_vapo.learner.step import UpdateSchedule, compute_targets, policy_update, value_update
 
     init_distributed("gloo")
     model_dir = job["model_dir"]
     algo = AlgoConfig(**job.get("algo", {}))
     groups = make_groups(model_dir, job["groups"], job["n"], seed=1)
-    full = collate(groups, 0)
-    b = full.select((full.group_ids % world == rank).nonzero().squeeze(1)) if world > 1 else full
+    for gi, keep in job.get("keep_responses", {}).items():  # uneven groups: fewer rows on some rank
+        groups[int(gi)] = msgspec.structs.replace(groups[int(gi)], responses=groups[int(gi)].responses[:keep])
+    b = collate(groups[rank::world], 0)  # the learner's split: group i on rank i % world
     stage = job.get("zero_stage", 1)
+    temperature = job.get("temperature", 1.0)
 
-    def engines():
+    def engines(warmup: int = 0):
         torch.manual_seed(0)
         pol = make_engine(
-            load_policy(model_dir, torch.float32), job.get("actor_lr", 1e-4), 0, 0.0, 1.0, stage, False, 64
+            load_policy(model_dir, torch.float32),
+            job.get("actor_lr", 1e-4),
+            warmup,
+            0.0,
+            1.0,
+            stage,
+            False,
+            64,
         )
-        val = make_engine(load_value(model_dir, "", torch.float32), 1e-3, 0, 0.0, 1.0, stage, False, 64)
+        val = make_engine(load_value(model_dir, "", torch.float32), 1e-3, warmup, 0.0, 1.0, stage, False, 64)
         return pol, val
 
-    def step(pol, val, k):
-        t = compute_targets(pol, val, b, algo, 1.0, 64)
-        vm = value_update(val, b, t, algo, 64, 1, 1, k)
-        pm = policy_update(pol, b, t, algo, 1.0, 64, 1, 1, k)
-        return {**t.metrics, **vm, **pm}
+    def step(pol, val, k, micro=64, mini_batches=1):
+        sched = UpdateSchedule(1, mini_batches, micro, k)
+        t = compute_targets(pol, val, b, algo, temperature, micro)
+        vm = value_update(val, b, t, algo, sched)
+        pm = policy_update(pol, b, t, algo, temperature, sched)
+        return {
+            **t.metrics,
+            **vm,
+            **pm,
+            "advantages": t.advantages.tolist(),
+            "lengths": b.mask.sum(1).tolist(),
+        }
 
     def full_params(engine):
         import deepspeed
@@ -112,10 +129,31 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return [p.detach().clone() for p in params]
 
-    pol, val = engines()
-    before = full_params(pol)
     out: dict = {"steps": []}
-    if job["kind"] == "train":
+    if job["kind"] != "micro":
+        pol, val = engines()
+        before = full_params(pol)
+    if job["kind"] == "micro":
+        # the same batches under several micro-batch sizes: parameters after the steps, per size
+        out["params"] = {}
+
+        def head(pol, val):
+            return {
+                "policy": [p.flatten()[:4096].tolist() for p in full_params(pol)],
+                "value": [p.flatten()[:4096].tolist() for p in full_params(val)],
+            }
+
+        for micro in job["micros"]:
+            pol, val = engines(warmup=job.get("warmup", 0))
+            out.setdefault("initial", head(pol, val))
+            for k in range(job["steps"]):
+                out["steps"].append(step(pol, val, k, micro, job.get("mini_batches", 1)))
+            out["params"][str(micro)] = {
+                **head(pol, val),
+                "lr": pol.get_lr()[0],
+                "optimizer_steps": pol.global_steps,
+            }
+    elif job["kind"] == "train":
         for k in range(job["steps"]):
             out["steps"].append(step(pol, val, k))
         out["moved"] = max(
@@ -128,7 +166,7 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
             out["steps"].append(
                 {
                     "explained_variance": t.metrics["explained_variance"],
-                    **value_update(val, b, t, algo, 64, 1, 1, k),
+                    **value_update(val, b, t, algo, UpdateSchedule(1, 1, 64, k)),
                 }
             )
     elif job["kind"] == "resume":

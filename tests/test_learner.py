@@ -6,6 +6,7 @@ import json
 import multiprocessing as mp
 
 import pytest
+import torch
 
 from tests.helpers import free_port
 from tests.learner_harness import rank_main
@@ -95,3 +96,77 @@ def test_checkpoint_resume_reproduces_next_step_losses_exactly(tiny_model_dir, t
         assert a["policy_loss"] == b["policy_loss"]
         assert a["value_loss"] == b["value_loss"]
     assert "model.safetensors" in out["hf_files"] and "tokenizer.json" in out["hf_files"]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(
+        float((torch.tensor(x) - torch.tensor(y)).abs().max())
+        for key in ("policy", "value")
+        for x, y in zip(a[key], b[key], strict=True)
+    )
+
+
+@pytest.mark.parametrize(("world", "stage"), [(1, 1), (2, 2), (2, 3)])
+def test_micro_batch_size_does_not_change_the_update(tiny_model_dir, tmp_path, world, stage):
+    """Exact micro-batching: the whole mini-batch, a quarter of it and single sequences give the same
+    parameters (one optimiser step and one scheduler step per mini-batch, whatever the split). Two
+    mini-batches per batch and a warm-up make both the step count and the schedule visible."""
+    per_mini = 4 * 4 // world // 2  # 4 groups x 4 samples, over the ranks, 2 mini-batches
+    micros = [per_mini, max(1, per_mini // 4), 1] if world == 1 else [per_mini, 2, 1]
+    outs = run(
+        {
+            "kind": "micro",
+            "model_dir": str(tiny_model_dir),
+            "groups": 4,
+            "n": 4,
+            "steps": 2,
+            "mini_batches": 2,
+            "warmup": 3,
+            "micros": micros,
+            "zero_stage": stage,
+        },
+        world,
+        tmp_path,
+    )
+    params = outs[0]["params"]
+    whole = params[str(micros[0])]
+    assert whole["optimizer_steps"] == 4  # 2 steps x 2 mini-batches
+    assert whole["lr"] == pytest.approx(1e-4)  # warm-up of 3 optimiser steps is over after 4
+    assert _max_diff(whole, outs[0]["initial"]) > 1e-4  # training moved the parameters
+    for micro in micros[1:]:
+        other = params[str(micro)]
+        assert other["optimizer_steps"] == 4 and other["lr"] == whole["lr"]
+        assert _max_diff(whole, other) < 1e-6, micro
+    if world == 2:  # ranks agree (ZeRO-3: gathered from the shards)
+        assert _max_diff(whole, outs[1]["params"][str(micros[0])]) == 0.0
+
+
+def test_two_ranks_train_like_one_rank_on_the_union(tiny_model_dir, tmp_path):
+    """Global loss denominators, whitening statistics reduced over ranks, and padding passes for the
+    rank with fewer sequences (group 0 keeps 2 of its 4 responses): 2 ranks reproduce 1 rank."""
+    job = {
+        "kind": "micro",
+        "model_dir": str(tiny_model_dir),
+        "groups": 4,
+        "n": 4,
+        "steps": 2,
+        "micros": [1],
+        "keep_responses": {"0": 2},
+        "zero_stage": 1,
+    }
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    (one,) = run(job, 1, tmp_path / "one")
+    two = run(job, 2, tmp_path / "two")
+    # advantages of the first step: rank r holds groups r, r + 2 of the union (row order kept)
+    adv1 = one["steps"][0]["advantages"]
+    rows = {0: [0, 1, 6, 7, 8, 9], 1: [2, 3, 4, 5, 10, 11, 12, 13]}
+    lengths = one["steps"][0]["lengths"]
+    for r, out in enumerate(two):
+        got = out["steps"][0]["advantages"]
+        for i, row in enumerate(rows[r]):
+            n = lengths[row]
+            torch.testing.assert_close(
+                torch.tensor(got[i][:n]), torch.tensor(adv1[row][:n]), atol=1e-5, rtol=1e-5
+            )
+    assert _max_diff(one["params"]["1"], two[0]["params"]["1"]) < 1e-5

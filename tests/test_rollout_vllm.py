@@ -20,6 +20,7 @@ from async_vapo.protocol import (
     Hello,
     JoinGroup,
     Prompt,
+    Sampling,
     TrajectoryGroup,
     WeightAck,
     WeightUpdate,
@@ -29,7 +30,7 @@ from async_vapo.protocol import (
 )
 from async_vapo.protocol.transport import ControlServer, GroupReceiver
 from async_vapo.rollout.engine import EngineConfig
-from async_vapo.rollout.worker import WorkerConfig, worker_main
+from async_vapo.rollout.worker import WorkerConfig
 from async_vapo.tasks.arithmetic import AdditionTask
 from async_vapo.tasks.tiny_model import prompt_ids
 from async_vapo.weight_sync.broadcast import EngineLink, snapshot
@@ -72,35 +73,37 @@ class LearnerSide:
         self.control.close()
 
 
-@pytest.fixture(scope="module")
-def rollout(tiny_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def start_worker(model_dir, tp: int = 1, env: dict | None = None):
+    """A real rollout worker process (vLLM engine with ``tp`` workers) joined to a weight group of
+    world 1 + tp whose learner end is returned: (side, link, proc)."""
+    from async_vapo.launch import _worker_entry
 
     side = LearnerSide()
-    spec = GroupSpec("127.0.0.1", free_port(), 2, "gloo", 60.0)
     cfg = WorkerConfig(
         worker_id="w0",
         data_endpoint=side.data.endpoint,
         control_endpoint=side.control.endpoint,
-        engine=EngineConfig(str(tiny_model_dir), seed=0),
+        engine=EngineConfig(str(model_dir), seed=0, tensor_parallel_size=tp),
         n_samples=4,
         max_tokens=80,
         verifier_timeout_s=5.0,
     )
-    proc = mp.get_context("spawn").Process(target=worker_main, args=(cfg,))
+    proc = mp.get_context("spawn").Process(target=_worker_entry, args=(env or {}, [], cfg))
     proc.start()
-    hello = side.call(side.next_of(Hello))
-    assert hello.worker_id == "w0" and hello.version == 0
+    hello = side.call(side.next_of(Hello, timeout=240), timeout=250)
+    assert hello.worker_id == "w0" and hello.version == 0 and hello.tensor_parallel_size == tp
+    spec = GroupSpec("127.0.0.1", free_port(), 1 + tp, "gloo", 60.0)
     link = EngineLink(spec)
     side.call(
         side.control.send(
             "w0", JoinGroup(spec.host, spec.port, spec.world_size, spec.backend, spec.timeout_s)
         )
     )
-    link.connect()  # blocks until the engine's worker joined the group
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    yield side, link, model, tok, proc
+    link.connect()  # blocks until every worker of the engine joined the group
+    return side, link, proc
+
+
+def stop_worker(side, proc) -> None:
     side.call(side.control.send("w0", Control("shutdown")))
     proc.join(30)
     if proc.is_alive():
@@ -108,10 +111,25 @@ def rollout(tiny_model_dir):
     side.close()
 
 
-def hf_logprobs(model, prompt: list[int], response: list[int]) -> torch.Tensor:
+@pytest.fixture(scope="module")
+def rollout(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    side, link, proc = start_worker(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ENGINE_WEIGHTS["model"] = model
+    yield side, link, model, tok, proc
+    stop_worker(side, proc)
+
+
+ENGINE_WEIGHTS: dict = {}  # "model": the transformers model whose weights the engine holds now
+
+
+def hf_logprobs(model, prompt: list[int], response: list[int], temperature: float = 1.0) -> torch.Tensor:
     ids = torch.tensor([prompt + response])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[:, len(prompt) - 1 : -1]
+        logits = model(input_ids=ids).logits[:, len(prompt) - 1 : -1] / temperature
     return token_logprobs(logits, torch.tensor([response]))[0]
 
 
@@ -154,6 +172,12 @@ def test_group_sampled_scored_and_streamed(rollout):
 def test_weight_update_changes_outputs_to_the_new_weights(rollout):
     """Two updates in a row: the second reuses the first one's receive buffers (FlatPool)."""
     side, link, model, tok, _ = rollout
+    two_updates_then_compare(side, link, model, tok)
+
+
+def two_updates_then_compare(side, link, model, tok) -> None:
+    """Versions 1 and 2 (random perturbations of ``model``) are broadcast in buckets; after each, the
+    engine's behaviour log-probs are transformers' log-probs on the new weights, not the old ones."""
     previous = model
     for version in (1, 2):
         new = copy.deepcopy(model)
@@ -173,6 +197,7 @@ def test_weight_update_changes_outputs_to_the_new_weights(rollout):
 
         seconds, ack = side.call(update())
         assert ack.ok and ack.version == version and seconds < 30
+        ENGINE_WEIGHTS["model"] = new
 
         groups = assign_and_collect(side, make_prompts(tok, 2, seed=2 + version, version_tag=f"v{version}"))
         for g in groups:
@@ -184,3 +209,23 @@ def test_weight_update_changes_outputs_to_the_new_weights(rollout):
                 torch.testing.assert_close(got, hf_logprobs(new, prompt, ids), atol=2e-3, rtol=0)
                 assert (got - hf_logprobs(previous, prompt, ids)).abs().max() > 1e-2  # not the old weights
         previous = new
+
+
+def test_behaviour_logprobs_follow_the_sampling_temperature(rollout):
+    """At temperature 0.7 the behaviour log-probs are those of softmax(logits / 0.7), the distribution
+    the learner computes (vLLM's processed log-probs; raw ones would be the temperature-1 model's)."""
+    side, _, _, tok, _ = rollout
+    prompts = make_prompts(tok, 2, seed=9, version_tag="t07")
+
+    async def go():
+        await side.control.send("w0", Assign(prompts, Sampling(4, 0.7, 1.0, 80)))
+        return [await asyncio.wait_for(side.data.recv(), 120) for _ in prompts]
+
+    reference = ENGINE_WEIGHTS["model"]  # whatever version the engine holds now
+    for g in side.call(go(), 130):
+        prompt = unpack_i32(g.prompt.token_ids).tolist()
+        for r in g.responses:
+            ids = unpack_i32(r.token_ids).tolist()
+            got = torch.from_numpy(unpack_f32(r.logprobs).copy())
+            torch.testing.assert_close(got, hf_logprobs(reference, prompt, ids, 0.7), atol=2e-3, rtol=0)
+            assert (got - hf_logprobs(reference, prompt, ids, 1.0)).abs().max() > 1e-2

@@ -19,7 +19,15 @@ from async_vapo.algo.losses import (
     token_logprobs,
     value_loss,
 )
-from async_vapo.algo.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from async_vapo.algo.masked import (
+    masked_mean,
+    masked_sq_dev,
+    masked_sum,
+    masked_sum_count,
+    masked_var,
+    masked_whiten,
+    whiten_with,
+)
 
 __all__ = [
     "LossAgg",
@@ -32,7 +40,9 @@ __all__ = [
     "length_adaptive_lambda",
     "length_adaptive_lambda_clamped",
     "masked_mean",
+    "masked_sq_dev",
     "masked_sum",
+    "masked_sum_count",
     "masked_var",
     "masked_whiten",
     "policy_loss",
@@ -41,4 +51,5 @@ __all__ = [
     "token_logprobs",
     "truncation_mask",
     "value_loss",
+    "whiten_with",
 ]

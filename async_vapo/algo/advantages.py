@@ -20,11 +20,12 @@ def group_normalized_advantages(
     """
     _, inverse = torch.unique(group_ids, return_inverse=True)
     n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    counts = torch.zeros(n_groups, dtype=scores.dtype).index_add_(0, inverse, torch.ones_like(scores))
-    sums = torch.zeros(n_groups, dtype=scores.dtype).index_add_(0, inverse, scores)
+    zeros = scores.new_zeros(n_groups)  # on the scores' device: the learner runs this on GPUs
+    counts = zeros.index_add(0, inverse, torch.ones_like(scores))
+    sums = zeros.index_add(0, inverse, scores)
     mean = sums / counts
     dev = scores - mean[inverse]
-    sq = torch.zeros(n_groups, dtype=scores.dtype).index_add_(0, inverse, dev**2)
+    sq = zeros.index_add(0, inverse, dev**2)
     std = torch.sqrt(sq / (counts - 1).clamp(min=1))
     adv = dev / (std[inverse] + eps) if scale_by_std else dev
-    return torch.where(mask, adv.unsqueeze(1).expand_as(mask.to(scores.dtype)), torch.zeros(()))
+    return torch.where(mask, adv.unsqueeze(1).expand(mask.shape), scores.new_zeros(()))

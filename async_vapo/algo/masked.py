@@ -42,7 +42,29 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 
     x, mask: [B, T] -> [B, T]
     """
-    mean = masked_mean(x, mask)
-    std = torch.sqrt(masked_var(x, mask) + eps)
+    return whiten_with(x, mask, masked_mean(x, mask), masked_var(x, mask), shift_mean, eps)
+
+
+def whiten_with(
+    x: Tensor, mask: Tensor, mean: Tensor, var: Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> Tensor:
+    """(x - mean) / sqrt(var + eps) with given statistics (0-dim tensors), 0 under the mask.
+
+    The statistics may come from more than ``x`` (e.g. reduced over data-parallel ranks: see
+    ``masked_sum_count`` and ``masked_sq_dev``), so that every shard of a batch is scaled alike.
+    """
+    std = torch.sqrt(var + eps)
     out = (x - mean) / std if shift_mean else x / std
     return torch.where(mask, out, torch.zeros_like(out))
+
+
+def masked_sum_count(x: Tensor, mask: Tensor) -> Tensor:
+    """[sum of x over valid positions, number of valid positions] as a float [2] tensor (x's dtype),
+    the first pass of a mean that can be summed across shards."""
+    return torch.stack([masked_sum(x, mask), mask.sum().to(x.dtype)])
+
+
+def masked_sq_dev(x: Tensor, mask: Tensor, mean: Tensor) -> Tensor:
+    """sum over valid positions of (x - mean)^2 (0-dim), the second pass of a shardable variance:
+    ``var = sum_shards(sq_dev) / (sum_shards(count) - 1)``."""
+    return masked_sum((x - mean) ** 2, mask)

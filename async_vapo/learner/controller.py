@@ -42,7 +42,8 @@ from async_vapo.protocol import (
 from async_vapo.protocol.keys import server_security
 from async_vapo.protocol.transport import ControlServer, GroupReceiver
 from async_vapo.weight_sync.broadcast import EngineLink, Snapshot
-from async_vapo.weight_sync.group import GroupSpec
+from async_vapo.weight_sync.buckets import BucketMeta
+from async_vapo.weight_sync.group import GroupSpec, broadcast
 
 log = structlog.get_logger(__name__)
 _VERDICTS = frozenset({"ok", "wrong", "no_answer", "timeout", "error", "bad_output"})
@@ -64,6 +65,17 @@ class ControllerConfig:
     insecure: bool = False
     curve_dir: str = ""  # CURVE keys for sockets beyond loopback (async_vapo.protocol.keys)
     store_address: str = ""  # the run's rendezvous store: drop notices for the launchers, "done"
+
+
+@dataclass
+class StreamTarget:
+    """One worker taking a streamed update: its ack future and how the sends went."""
+
+    worker: WorkerState
+    ack: asyncio.Future
+    error: BaseException | None = None
+    seconds: float = 0.0
+    nbytes: int = 0
 
 
 @dataclass
@@ -204,6 +216,71 @@ class Controller:
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
+    # ---- streamed publish (main thread; see async_vapo.weight_sync.publish) ---------------------------
+    def begin_stream(self, version: int, buckets: list[BucketMeta]) -> list[StreamTarget]:
+        """Announce ``version`` to every worker that can take it now (joined, not updating) and return
+        them; the caller then sends each bucket with ``send_bucket`` and ends with ``end_stream``.
+        Workers that join meanwhile get the next publish."""
+        fut = asyncio.run_coroutine_threadsafe(self._begin_stream(version, buckets), self._loop)
+        return fut.result(self.cfg.weight_sync_timeout_s + 30)
+
+    async def _begin_stream(self, version: int, buckets: list[BucketMeta]) -> list[StreamTarget]:
+        targets = []
+        for w in list(self.workers.values()):
+            if w.updating or w.link is None or w.version >= version:
+                continue
+            w.updating = True
+            ack = self._loop.create_future()
+            self._ack_waiters[(w.worker_id, version)] = ack
+            await self.control.send(w.worker_id, WeightUpdate(version, buckets))
+            targets.append(StreamTarget(w, ack))
+        return targets
+
+    def send_bucket(self, targets: list[StreamTarget], flat: Any) -> None:
+        """Broadcast one bucket to every target still healthy (blocking; a failed one is skipped for the
+        rest of the stream and dropped at the end: it costs one group timeout)."""
+        for t in targets:
+            if t.error is None:
+                t0 = time.perf_counter()
+                try:
+                    assert t.worker.link is not None and t.worker.link.pg is not None
+                    broadcast(t.worker.link.pg, flat, root=0)
+                except Exception as exc:
+                    t.error = exc
+                t.seconds += time.perf_counter() - t0
+                t.nbytes += flat.numel() * flat.element_size()
+
+    def end_stream(self, version: int, targets: list[StreamTarget]) -> None:
+        """Acks are awaited in the background: training goes on."""
+        self._loop.call_soon_threadsafe(self._spawn, self._end_stream(version, targets))
+
+    async def _end_stream(self, version: int, targets: list[StreamTarget]) -> None:
+        for t in targets:
+            w = t.worker
+            try:
+                if t.error is not None:
+                    raise t.error
+                ack = await asyncio.wait_for(t.ack, self.cfg.weight_sync_timeout_s)
+                if not ack.ok:
+                    raise RuntimeError(f"worker could not load version {version}: {ack.error}")
+                w.version = version
+                self.sync_count += 1
+                self.sync_seconds += t.seconds
+                self.sync_bytes += t.nbytes
+            except Exception as exc:
+                self._ack_waiters.pop((w.worker_id, version), None)
+                self.counters["weight_sync_failed"] += 1
+                log.error("weight sync failed; dropping worker", worker=w.worker_id, error=repr(exc)[:200])
+                if self.workers.get(w.worker_id) is w:  # not a worker that reconnected meanwhile
+                    self._drop_worker(w.worker_id, "weight_sync_failed")
+            finally:
+                w.updating = False
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def evaluate(
         self, prompts: list[Prompt], sampling: Sampling, timeout_s: float = 600.0
     ) -> list[TrajectoryGroup]:
@@ -290,13 +367,15 @@ class Controller:
             log.warning("worker reconnected; its prompts were requeued", worker=hello.worker_id, requeued=n)
         w = WorkerState(hello.worker_id, hello.pid)
         self.workers[hello.worker_id] = w
+        # the engine's group: this rank + every vLLM worker of the engine (one per tensor-parallel rank)
+        world = 1 + hello.tensor_parallel_size
         spec = GroupSpec(
-            self.cfg.weight_host, _free_port(), 2, self.cfg.weight_backend, self.cfg.weight_sync_timeout_s
+            self.cfg.weight_host, _free_port(), world, self.cfg.weight_backend, self.cfg.weight_sync_timeout_s
         )
         link = EngineLink(spec)
         connecting = asyncio.ensure_future(asyncio.to_thread(link.connect))
         await self.control.send(
-            hello.worker_id, JoinGroup(spec.host, spec.port, 2, spec.backend, spec.timeout_s)
+            hello.worker_id, JoinGroup(spec.host, spec.port, world, spec.backend, spec.timeout_s)
         )
         try:
             await asyncio.wait_for(connecting, spec.timeout_s + 5)

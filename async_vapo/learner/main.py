@@ -18,15 +18,23 @@ import torch
 import torch.distributed as dist
 
 from async_vapo.buffer import PromptLedger
-from async_vapo.config import Config
+from async_vapo.config import Config, check_learner_split
 from async_vapo.learner import checkpoint
 from async_vapo.learner.batch import Batch, collate
 from async_vapo.learner.controller import Controller, ControllerConfig
 from async_vapo.learner.models import init_distributed, load_policy, load_value, make_engine, torch_dtype
-from async_vapo.learner.step import Timer, batch_metrics, compute_targets, policy_update, value_update
+from async_vapo.learner.step import (
+    Timer,
+    UpdateSchedule,
+    batch_metrics,
+    compute_targets,
+    policy_update,
+    value_update,
+)
 from async_vapo.metrics import MetricsWriter
 from async_vapo.protocol import Prompt, Sampling
 from async_vapo.weight_sync.broadcast import snapshot
+from async_vapo.weight_sync.publish import StreamPlan, stream_publish
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +90,8 @@ class Trainer:
         self.device = torch.device("cuda") if self.on_gpu else torch.device("cpu")
         init_distributed("nccl" if self.on_gpu else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        check_learner_split(cfg, self.world)  # before any collective of the training loop
+        self.comm_device = self.device  # gloo on CPU, NCCL (device tensors) on GPUs
         torch.manual_seed(cfg.train.seed + self.rank)
         self.out = Path(cfg.output_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(args.model_path)
@@ -91,6 +101,8 @@ class Trainer:
         per_rank = max(1, t.groups_per_step * cfg.rollout.n_samples // (self.world * t.mini_batches))
         micro = min(t.micro_batch_size, per_rank)
         self.micro = micro
+        self.stream_publish = t.publish == "stream" or (t.publish == "auto" and t.zero_stage == 3)
+        self._stream_plan: StreamPlan | None = None
 
         def engine(model: Any, lr: float) -> Any:
             if t.gradient_checkpointing:
@@ -144,30 +156,31 @@ class Trainer:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
 
+    def schedule(self, seed: int) -> UpdateSchedule:
+        t = self.cfg.train
+        return UpdateSchedule(t.ppo_epochs, t.mini_batches, self.micro, seed)
+
     def _on_term(self, *_: Any) -> None:
         self.stop_requested = True
 
     # ---- data ------------------------------------------------------------------------------------
     def next_batch(self) -> tuple[Batch, list[Any]]:
-        """Rank 0 takes whole groups from the buffer and shares the tensors; each rank keeps its groups."""
+        """Rank 0 takes whole groups from the buffer and sends every other rank its share of them."""
         groups: list[Any] = []
-        if self.rank == 0:
-            assert self.controller is not None
-            got = None
-            while got is None:
-                got = self.controller.take_batch(self.cfg.train.groups_per_step, timeout_s=1.0)
-                if self.stop_requested:
-                    raise KeyboardInterrupt
-            groups = got
-            full = collate(groups, self.tokenizer.pad_token_id)
-        else:
-            full = None
-        if self.world > 1:
-            full = _broadcast_batch(full)
-        assert full is not None
-        if self.world > 1:
-            full = full.select((full.group_ids % self.world == self.rank).nonzero().squeeze(1))
-        return full.to(self.device), groups
+        if self.rank != 0:
+            return _recv_batch(self.comm_device).to(self.device), groups
+        assert self.controller is not None
+        got = None
+        while got is None:
+            got = self.controller.take_batch(self.cfg.train.groups_per_step, timeout_s=1.0)
+            if self.stop_requested:
+                raise KeyboardInterrupt
+        groups = got
+        # group i goes to rank i % world; each share is padded to its own longest row
+        shares = [collate(groups[r :: self.world], self.tokenizer.pad_token_id) for r in range(self.world)]
+        for r in range(1, self.world):
+            _send_batch(shares[r], r, self.comm_device)
+        return shares[0].to(self.device), groups
 
     # ---- phases ----------------------------------------------------------------------------------
     def value_pretrain(self) -> None:
@@ -176,7 +189,7 @@ class Trainer:
             t0 = time.perf_counter()
             b, groups = self.next_batch()
             targets = compute_targets(self.policy, self.value, b, a, self.cfg.rollout.temperature, self.micro)
-            m = value_update(self.value, b, targets, a, self.micro, t.mini_batches, t.ppo_epochs, t.seed + k)
+            m = value_update(self.value, b, targets, a, self.schedule(t.seed + k))
             if self.controller is not None:
                 self.controller.mark_trained(groups)
             row = {
@@ -220,16 +233,7 @@ class Trainer:
             m["trained_sequences"] = int(b.mask.shape[0]) * self.world
             with timer("value_update"):
                 if self.value is not None:
-                    m |= value_update(
-                        self.value,
-                        b,
-                        targets,
-                        a,
-                        self.micro,
-                        t.mini_batches,
-                        t.ppo_epochs,
-                        t.seed + self.step,
-                    )
+                    m |= value_update(self.value, b, targets, a, self.schedule(t.seed + self.step))
             with timer("policy_update"):
                 m |= policy_update(
                     self.policy,
@@ -237,13 +241,12 @@ class Trainer:
                     targets,
                     a,
                     self.cfg.rollout.temperature,
-                    self.micro,
-                    t.mini_batches,
-                    t.ppo_epochs,
-                    t.seed + self.step,
+                    self.schedule(t.seed + self.step),
                 )
             stats = batch_metrics(b, self.cfg.rollout.max_tokens, self.version)
             self.version += 1
+            if self.controller is not None:  # staleness is judged against the learner, not the engines
+                self.controller.set_version(self.version)
             with timer("broadcast"):
                 if self.version % t.broadcast_every == 0:
                     self._publish()
@@ -325,7 +328,12 @@ class Trainer:
         return row
 
     def _publish(self) -> None:
+        """New weights to the engines, the way ``train.publish`` says (every rank takes part: ZeRO-3
+        gathers are collectives)."""
         if self.controller is None and self.world == 1:
+            return
+        if self.stream_publish:
+            self._publish_streamed()
             return
         import deepspeed
 
@@ -336,8 +344,23 @@ class Trainer:
                     self.version, self.policy.module.named_parameters(), int(self.cfg.train.bucket_mb * 2**20)
                 )
                 self.controller.publish(snap)
-        if self.controller is not None:
-            self.controller.set_version(self.version)
+
+    def _publish_streamed(self) -> None:
+        if self._stream_plan is None:
+            self._stream_plan = StreamPlan.of(
+                self.policy.module.named_parameters(), int(self.cfg.train.bucket_mb * 2**20)
+            )
+        plan = self._stream_plan
+        targets = self.controller.begin_stream(self.version, plan.buckets) if self.controller else []
+        n = torch.tensor([len(targets)], device=self.comm_device)
+        if self.world > 1:
+            dist.broadcast(n, 0)
+        if int(n.item()) == 0:  # no engine can take it now (joining ones get the next publish)
+            return
+        ctl = self.controller
+        stream_publish(plan, (lambda flat: ctl.send_bucket(targets, flat)) if ctl else None, self.device)
+        if ctl is not None:
+            ctl.end_stream(self.version, targets)
 
     def save(self) -> Path:
         """Checkpoint; ``step`` in it is the next step to run."""
@@ -379,44 +402,43 @@ class Trainer:
             self.controller.stop()
 
 
-def _broadcast_batch(b: Batch | None) -> Batch:
-    """Share rank 0's batch with every rank (tensors only; shapes first)."""
-    names = list(Batch.__dataclass_fields__)
-    shapes = torch.zeros(len(names), 2, dtype=torch.long)
-    if b is not None:
-        for i, n in enumerate(names):
-            t = getattr(b, n)
-            shapes[i, : t.dim()] = torch.tensor(t.shape)
-    dist.broadcast(shapes, 0)
-    template = {
-        "input_ids": torch.long,
-        "attention_mask": torch.long,
-        "resp_index": torch.long,
-        "response_ids": torch.long,
-        "mask": torch.bool,
-        "behaviour_logprobs": torch.float32,
-        "versions": torch.long,
-        "scores": torch.float32,
-        "correct": torch.bool,
-        "truncated": torch.bool,
-        "group_ids": torch.long,
-    }
+_FIELDS: dict[str, tuple[torch.dtype, int]] = {  # Batch field -> (dtype, number of dimensions)
+    "input_ids": (torch.long, 2),
+    "attention_mask": (torch.long, 2),
+    "resp_index": (torch.long, 2),
+    "response_ids": (torch.long, 2),
+    "mask": (torch.bool, 2),
+    "behaviour_logprobs": (torch.float32, 2),
+    "versions": (torch.long, 2),
+    "scores": (torch.float32, 1),
+    "correct": (torch.bool, 1),
+    "truncated": (torch.bool, 1),
+    "group_ids": (torch.long, 1),
+}
+
+
+def _send_batch(b: Batch, dst: int, device: torch.device) -> None:
+    """Rank 0 -> rank ``dst``: shapes first, then every tensor (on the communication device: NCCL
+    cannot send host tensors). Only the two ranks take part; the others go on."""
+    shapes = torch.zeros(len(_FIELDS), 2, dtype=torch.long)
+    for i, n in enumerate(_FIELDS):
+        t = getattr(b, n)
+        shapes[i, : t.dim()] = torch.tensor(t.shape)
+    dist.send(shapes.to(device), dst)
+    for n in _FIELDS:
+        t = getattr(b, n).contiguous()
+        dist.send((t.to(torch.uint8) if t.dtype == torch.bool else t).to(device), dst)
+
+
+def _recv_batch(device: torch.device) -> Batch:
+    shapes = torch.zeros(len(_FIELDS), 2, dtype=torch.long, device=device)
+    dist.recv(shapes, 0)
     out = {}
-    for i, n in enumerate(names):
-        shape = (
-            [int(s) for s in shapes[i] if s > 0]
-            if n not in ("scores", "correct", "truncated", "group_ids")
-            else [int(shapes[i, 0])]
-        )
-        t = getattr(b, n) if b is not None else torch.empty(shape, dtype=template[n])
-        t = t.contiguous()
-        if t.dtype == torch.bool:
-            u = t.to(torch.uint8)
-            dist.broadcast(u, 0)
-            t = u.bool()
-        else:
-            dist.broadcast(t, 0)
-        out[n] = t
+    for i, (n, (dtype, dim)) in enumerate(_FIELDS.items()):
+        shape = [int(x) for x in shapes[i, :dim].tolist()]
+        t = torch.empty(shape, dtype=torch.uint8 if dtype == torch.bool else dtype, device=device)
+        dist.recv(t, 0)
+        out[n] = t.bool() if dtype == torch.bool else t
     return Batch(**out)
 
 

@@ -1,20 +1,29 @@
 """One VAPO update on a batch of groups: values, Decoupled/Length-adaptive GAE, proximal log-probs, then
 mini-batch updates of the policy (clip-higher, token-level, decoupled off-policy, + mu * positive NLL) and
 of the value model (clipped value loss). The math is ``async_vapo.algo``; this module only wires the
-models, the config switches and the mini-batching.
+models, the config switches and the schedule.
+
+Schedule (``UpdateSchedule``): ``epochs`` passes over the batch; each pass shuffles whole groups into
+``mini_batches`` mini-batches (one optimiser step each); a mini-batch is run as micro-batches of at most
+``micro_batch_size`` sequences whose gradients are accumulated, and the optimiser (and its learning-rate
+schedule) steps once at the end of the mini-batch: DeepSpeed's accumulation boundary is driven
+explicitly, so how a mini-batch is cut into micro-batches never changes the update.
 
 Gradient accounting: every loss is a global token (or sequence) mean over the whole mini-batch, however it
-is split into micro-batches and data-parallel ranks. Each micro-batch loss is divided by the global count
-and multiplied by ``gas * world`` because DeepSpeed divides by the accumulation steps and averages over
-ranks.
+is split into micro-batches and data-parallel ranks: each micro-batch loss is divided by the global count
+(summed across ranks) and multiplied by the world size because DeepSpeed averages gradients over ranks.
+
+Data-parallel ranks run the same number of forward/backward passes (ZeRO-3 gathers parameters in every
+forward, ZeRO-2 reduces in every backward): a rank with fewer micro-batches than the others runs padding
+passes with zero loss weight. Advantage whitening uses statistics reduced over all ranks.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,11 +34,23 @@ from async_vapo.config import AlgoConfig
 from async_vapo.learner.batch import Batch
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _all_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         x = x.clone()
         dist.all_reduce(x)
     return x
+
+
+def _all_max(n: int, device: torch.device) -> int:
+    if not _distributed():
+        return n
+    t = torch.tensor([n], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def _world() -> int:
@@ -52,6 +73,17 @@ def value_forward(value_model: Any, b: Batch) -> torch.Tensor:
     return values.gather(1, b.resp_index)
 
 
+@dataclass(frozen=True)
+class UpdateSchedule:
+    """How one batch becomes optimiser steps (see the module docstring)."""
+
+    epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_size: int = 64
+    seed: int = 0
+    shuffle_offset: int = 0  # mini-batch shuffles use seeds ``seed * 1000 + shuffle_offset + epoch``
+
+
 @dataclass
 class Targets:
     advantages: torch.Tensor  # [B, T], whitened when configured
@@ -62,9 +94,58 @@ class Targets:
     metrics: dict[str, float]
 
 
-def _micro(b: Batch, size: int):
-    for start in range(0, b.size, size):
-        yield b.select(slice(start, start + size))
+class UnevenSplitError(ValueError):
+    """A batch that cannot be cut into equal mini-batches of whole groups."""
+
+
+def split_mini_batches(group_ids: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
+    """Shuffle whole groups (Group-Sampling keeps a prompt's samples together) into exactly ``n``
+    mini-batches with the same number of groups each; returns their row indices.
+
+    group_ids long [B] -> n tensors of row indices. Raises ``UnevenSplitError`` when the number of groups
+    is not a multiple of ``n`` (ranks would disagree on the number of optimiser steps).
+    """
+    groups = torch.unique(group_ids)
+    if len(groups) == 0 or len(groups) % n:
+        raise UnevenSplitError(
+            f"{len(groups)} groups cannot be split into {n} equal mini-batches: make train.groups_per_step a "
+            "multiple of (learner ranks x train.mini_batches)"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    order = groups[torch.randperm(len(groups), generator=gen).to(groups.device)]
+    per = len(groups) // n
+    return [torch.isin(group_ids, order[i * per : (i + 1) * per]).nonzero().squeeze(1) for i in range(n)]
+
+
+def micro_slices(n_rows: int, micro: int, n_passes: int) -> list[slice | None]:
+    """The micro-batches of a mini-batch of ``n_rows`` sequences, padded to ``n_passes`` passes
+    (``None`` = a padding pass with zero loss weight, so that every rank runs the same passes)."""
+    real = [slice(s, s + micro) for s in range(0, n_rows, micro)]
+    if len(real) > n_passes:
+        raise ValueError(f"{len(real)} micro-batches > {n_passes} passes")
+    return real + [None] * (n_passes - len(real))
+
+
+def _passes(b: Batch, micro: int) -> Iterator[tuple[Batch, bool]]:
+    """(micro-batch, is_real) for a forward-only sweep, padded to the ranks' maximum number of passes."""
+    n = _all_max(-(-b.size // micro), b.input_ids.device)
+    for sl in micro_slices(b.size, micro, n):
+        yield (b.select(sl), True) if sl is not None else (b.select(slice(0, 1)), False)
+
+
+def _sweep(b: Batch, micro: int, fn: Callable[[Batch], Any]) -> list[Any]:
+    """``fn`` on every micro-batch of ``b`` (padding passes run too, their outputs are dropped)."""
+    outs = [(fn(ub), real) for ub, real in _passes(b, micro)]
+    return [out for out, real in outs if real]
+
+
+def _whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``masked_whiten`` with the mean and variance of every rank's valid entries (two passes)."""
+    total, count = _all_sum(algo.masked_sum_count(x, mask)).unbind()
+    mean = total / count.clamp(min=1)
+    sq = _all_sum(algo.masked_sq_dev(x, mask, mean))
+    var = torch.where(count > 1, sq / (count - 1).clamp(min=1), torch.zeros_like(sq))
+    return algo.whiten_with(x, mask, mean, var)
 
 
 @torch.no_grad()
@@ -74,15 +155,11 @@ def compute_targets(
     """Everything the updates treat as constants, computed once per batch before any update."""
     was_training = policy.training
     policy.eval()
-    prox, ents = [], []
-    for mb in _micro(b, micro):
-        lp, ent = policy_forward(policy, mb, temperature, with_entropy=True)
-        prox.append(lp)
-        ents.append(ent)
+    outs = _sweep(b, micro, lambda ub: policy_forward(policy, ub, temperature, with_entropy=True))
     if was_training:
         policy.train()
-    prox_logprobs = torch.cat(prox)
-    entropy = torch.cat(ents)
+    prox_logprobs = torch.cat([lp for lp, _ in outs])
+    entropy = torch.cat([ent for _, ent in outs])
     mask = b.mask
     lengths = mask.sum(1)
     rewards = algo.terminal_rewards(b.scores, mask)
@@ -93,7 +170,7 @@ def compute_targets(
         returns = old_values = torch.zeros_like(rewards)
     else:
         value_model.eval()
-        old_values = torch.cat([value_forward(value_model, mb) for mb in _micro(b, micro)])
+        old_values = torch.cat(_sweep(b, micro, lambda ub: value_forward(value_model, ub)))
         value_model.train()
         lam_policy: float | torch.Tensor = cfg.lam_policy
         if cfg.length_adaptive:
@@ -108,107 +185,119 @@ def compute_targets(
         metrics["value_mean"] = float(algo.masked_mean(old_values, mask))
     loss_mask = algo.truncation_mask(mask, b.truncated, cfg.drop_truncated)
     if cfg.whiten_advantages and cfg.estimator == "gae":
-        adv = algo.masked_whiten(adv, loss_mask)
+        adv = _whiten_across_ranks(adv, loss_mask)
     metrics["advantage_abs_mean"] = float(algo.masked_mean(adv.abs(), loss_mask))
     log_ratio_behav = torch.where(mask, prox_logprobs - b.behaviour_logprobs, torch.zeros_like(prox_logprobs))
     metrics["behaviour_kl"] = float(algo.masked_mean(0.5 * log_ratio_behav**2, mask))
     return Targets(adv, returns, old_values, prox_logprobs, loss_mask, metrics)
 
 
-def _mini_batches(b: Batch, n: int, seed: int) -> list[torch.Tensor]:
-    """Shuffle whole groups into ``n`` mini-batches (Group-Sampling keeps a prompt's samples together)."""
-    groups = torch.unique(b.group_ids)
-    gen = torch.Generator().manual_seed(seed)
-    order = groups[torch.randperm(len(groups), generator=gen)]
-    chunks = order.chunk(n)
-    return [torch.isin(b.group_ids, c).nonzero().squeeze(1) for c in chunks if len(c)]
+# A micro-batch loss: (rows of the batch, micro-batch) -> (loss already divided by the global count,
+# logged loss parts, per-micro metrics). ``prepare`` builds one for a mini-batch (global counts).
+MicroLoss = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]]
+
+
+def run_update(
+    engine: Any, b: Batch, sched: UpdateSchedule, prepare: Callable[[torch.Tensor, Batch], MicroLoss]
+) -> dict[str, list[float]]:
+    """The epoch / mini-batch / micro-batch skeleton shared by the policy and the value update: one
+    optimiser step per mini-batch, whatever ``micro_batch_size`` is."""
+    acc: dict[str, list[float]] = defaultdict(list)
+    world = _world()
+    device = b.input_ids.device
+    for epoch in range(sched.epochs):
+        for rows in split_mini_batches(
+            b.group_ids, sched.mini_batches, sched.seed * 1000 + sched.shuffle_offset + epoch
+        ):
+            mb = b.select(rows)
+            loss_of = prepare(rows, mb)
+            n_passes = _all_max(-(-mb.size // sched.micro_batch_size), device)
+            parts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+            for i, sl in enumerate(micro_slices(mb.size, sched.micro_batch_size, n_passes)):
+                engine.set_gradient_accumulation_boundary(i == n_passes - 1)
+                sub = rows[sl] if sl is not None else rows[:1]
+                loss, logged, m = loss_of(sub, b.select(sub))
+                weight = 1.0 if sl is not None else 0.0  # padding pass: same collectives, no gradient
+                engine.backward(loss * (weight * world), scale_wrt_gas=False)
+                if sl is None:
+                    continue
+                for k, v in logged.items():
+                    parts[k] = parts[k] + v.detach()
+                for k, v in m.items():
+                    acc[k].append(float(v))
+            engine.step()
+            if parts:  # each rank holds its share of the global mean: the sum is the mini-batch's loss
+                names = sorted(parts)
+                totals = _all_sum(torch.stack([parts[k].float() for k in names]))
+                for k, v in zip(names, totals.tolist(), strict=True):
+                    acc[k].append(v)
+            gn = engine.get_global_grad_norm()
+            if gn is not None:
+                acc["grad_norm"].append(float(gn))
+    return acc
+
+
+def _summary(acc: dict[str, list[float]], grad_norm_key: str) -> dict[str, float]:
+    out = {k: (max(v) if k.endswith("_max") else sum(v) / len(v)) for k, v in acc.items() if v}
+    if "grad_norm" in out:
+        out[grad_norm_key] = out.pop("grad_norm")
+    return out
 
 
 def policy_update(
-    engine: Any,
-    b: Batch,
-    t: Targets,
-    cfg: AlgoConfig,
-    temperature: float,
-    micro: int,
-    mini_batches: int,
-    epochs: int,
-    seed: int,
+    engine: Any, b: Batch, t: Targets, cfg: AlgoConfig, temperature: float, sched: UpdateSchedule
 ) -> dict[str, float]:
-    acc: dict[str, list[float]] = defaultdict(list)
-    world = _world()
-    for epoch in range(epochs):
-        for rows in _mini_batches(b, mini_batches, seed * 1000 + epoch):
-            mb = b.select(rows)
-            mask = t.loss_mask[rows]
-            n_tok = _all_sum(mask.sum().to(torch.float32))
-            n_seq = _all_sum(torch.tensor(float(mb.size)))
-            pos = mask & mb.correct.unsqueeze(1)
-            n_pos = _all_sum(pos.sum().to(torch.float32))
-            gas = math.ceil(mb.size / micro)
-            for start in range(0, mb.size, micro):
-                sl = slice(start, start + micro)
-                ub = mb.select(sl)
-                logp, _ = policy_forward(engine, ub, temperature)
-                umask = mask[sl]
-                behaviour = ub.behaviour_logprobs if cfg.decoupled else None
-                prox = t.prox_logprobs[rows][sl] if cfg.decoupled else ub.behaviour_logprobs
-                denom = n_tok if cfg.loss_agg == "token" else n_seq
-                pg_loss, m = algo.policy_loss(
-                    logp,
-                    prox,
-                    t.advantages[rows][sl],
-                    umask,
-                    cfg.eps_low,
-                    cfg.eps_high,
-                    behaviour,
-                    cfg.iw_cap,
-                    cfg.loss_agg,
-                    denom,
-                )
-                nll = (
-                    algo.positive_nll_loss(logp, umask, ub.correct, n_pos)
-                    if cfg.nll_coef > 0
-                    else pg_loss * 0
-                )
-                loss = pg_loss + cfg.nll_coef * nll
-                engine.backward(loss * gas * world)
-                engine.step()
-                acc["policy_loss"].append(float(pg_loss) * gas)
-                acc["nll_loss"].append(float(nll) * gas)
-                for k, v in m.items():
-                    acc[k].append(float(v))
-            gn = engine.get_global_grad_norm()
-            if gn is not None:
-                acc["policy_grad_norm"].append(float(gn))
-    return {k: (max(v) if k.endswith("_max") else sum(v) / len(v)) for k, v in acc.items() if v}
+    def prepare(rows: torch.Tensor, mb: Batch) -> MicroLoss:
+        mask = t.loss_mask[rows]
+        pos = mask & mb.correct.unsqueeze(1)
+        counts = _all_sum(
+            torch.stack([mask.sum(), torch.tensor(mb.size, device=mask.device), pos.sum()]).float()
+        )
+        n_tok, n_seq, n_pos = counts.unbind()
+        denom = n_tok if cfg.loss_agg == "token" else n_seq
+
+        def loss_of(sub: torch.Tensor, ub: Batch):
+            logp, _ = policy_forward(engine, ub, temperature)
+            umask = t.loss_mask[sub]
+            behaviour = ub.behaviour_logprobs if cfg.decoupled else None
+            prox = t.prox_logprobs[sub] if cfg.decoupled else ub.behaviour_logprobs
+            pg_loss, m = algo.policy_loss(
+                logp,
+                prox,
+                t.advantages[sub],
+                umask,
+                cfg.eps_low,
+                cfg.eps_high,
+                behaviour,
+                cfg.iw_cap,
+                cfg.loss_agg,
+                denom,
+            )
+            nll = algo.positive_nll_loss(logp, umask, ub.correct, n_pos) if cfg.nll_coef > 0 else pg_loss * 0
+            return pg_loss + cfg.nll_coef * nll, {"policy_loss": pg_loss, "nll_loss": nll}, m
+
+        return loss_of
+
+    return _summary(run_update(engine, b, sched, prepare), "policy_grad_norm")
 
 
 def value_update(
-    engine: Any, b: Batch, t: Targets, cfg: AlgoConfig, micro: int, mini_batches: int, epochs: int, seed: int
+    engine: Any, b: Batch, t: Targets, cfg: AlgoConfig, sched: UpdateSchedule
 ) -> dict[str, float]:
-    acc: dict[str, list[float]] = defaultdict(list)
-    world = _world()
-    for epoch in range(epochs):
-        for rows in _mini_batches(b, mini_batches, seed * 1000 + 7 + epoch):
-            mb = b.select(rows)
-            n_tok = _all_sum(mb.mask.sum().to(torch.float32))
-            gas = math.ceil(mb.size / micro)
-            for start in range(0, mb.size, micro):
-                sl = slice(start, start + micro)
-                ub = mb.select(sl)
-                values = value_forward(engine, ub)
-                vl, clip_frac = algo.value_loss(
-                    values, t.old_values[rows][sl], t.returns[rows][sl], ub.mask, cfg.value_clip, n_tok
-                )
-                engine.backward(vl * gas * world)
-                engine.step()
-                acc["value_loss"].append(float(vl) * gas)
-                acc["value_clip_frac"].append(float(clip_frac))
-            gn = engine.get_global_grad_norm()
-            if gn is not None:
-                acc["value_grad_norm"].append(float(gn))
-    return {k: sum(v) / len(v) for k, v in acc.items() if v}
+    def prepare(rows: torch.Tensor, mb: Batch) -> MicroLoss:
+        n_tok = _all_sum(mb.mask.sum().to(torch.float32))
+
+        def loss_of(sub: torch.Tensor, ub: Batch):
+            values = value_forward(engine, ub)
+            vl, clip_frac = algo.value_loss(
+                values, t.old_values[sub], t.returns[sub], ub.mask, cfg.value_clip, n_tok
+            )
+            return vl, {"value_loss": vl}, {"value_clip_frac": clip_frac}
+
+        return loss_of
+
+    # the critic's mini-batches are shuffled independently of the policy's
+    return _summary(run_update(engine, b, replace(sched, shuffle_offset=7), prepare), "value_grad_norm")
 
 
 def batch_metrics(b: Batch, max_tokens: int, learner_version: int) -> dict[str, float]:

@@ -180,11 +180,19 @@ class WeightAck(_Wire, tag="ack", frozen=True):
 
 
 class Hello(_Wire, tag="hello", frozen=True):
-    """Rollout worker -> learner on (re)connect: who I am and which version my engine holds."""
+    """Rollout worker -> learner on (re)connect: who I am, which version my engine holds, and how many
+    vLLM workers (tensor-parallel ranks) it has: each of them joins the engine's weight group."""
 
     worker_id: str
     version: int
     pid: int
+    tensor_parallel_size: int = 1
+
+    def validate(self) -> None:
+        if not 1 <= self.tensor_parallel_size <= 64:
+            raise ProtocolError(
+                "bad_field", f"tensor_parallel_size {self.tensor_parallel_size} not in [1, 64]"
+            )
 
 
 class Control(_Wire, tag="control", frozen=True):

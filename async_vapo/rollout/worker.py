@@ -96,7 +96,9 @@ class RolloutWorker:
         self.generated_tokens = 0
 
     async def run(self) -> None:
-        await self.control.send(Hello(self.cfg.worker_id, self.version, os.getpid()))
+        await self.control.send(
+            Hello(self.cfg.worker_id, self.version, os.getpid(), self.cfg.engine.tensor_parallel_size)
+        )
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             while True:

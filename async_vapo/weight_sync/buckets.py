@@ -23,16 +23,24 @@ def dtype_name(dtype: torch.dtype) -> str:
 def plan_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[BucketMeta]:
     """Greedy in-order packing; a tensor larger than ``bucket_bytes`` gets a bucket of its own.
     ``bucket_bytes`` <= 0 means one tensor per bucket (the per-tensor baseline)."""
+    return plan_bucket_meta(((n, t.dtype, list(t.shape)) for n, t in tensors), bucket_bytes)
+
+
+def plan_bucket_meta(
+    items: Iterable[tuple[str, torch.dtype, list[int]]], bucket_bytes: int
+) -> list[BucketMeta]:
+    """``plan_buckets`` from (name, dtype, full shape): for tensors that are not materialised here, such
+    as ZeRO-3 partitioned parameters (whose full shape is ``ds_shape``)."""
     buckets: list[BucketMeta] = []
     current: BucketMeta = []
     size, dtype = 0, None
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        dn = dtype_name(t.dtype)
+    for name, dt, shape in items:
+        nbytes = _numel(shape) * dt.itemsize
+        dn = dtype_name(dt)
         if current and (bucket_bytes <= 0 or size + nbytes > bucket_bytes or dn != dtype):
             buckets.append(current)
             current, size = [], 0
-        current.append((name, dn, list(t.shape)))
+        current.append((name, dn, list(shape)))
         size += nbytes
         dtype = dn
     if current:
@@ -42,6 +50,10 @@ def plan_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int)
 
 def pack(bucket: BucketMeta, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([tensors[name].detach().reshape(-1) for name, _, _ in bucket])
+
+
+def bucket_nbytes(bucket: BucketMeta) -> int:
+    return sum(_numel(shape) * _DTYPES[dt].itemsize for _, dt, shape in bucket)
 
 
 def empty_flat(bucket: BucketMeta, device: str | torch.device = "cpu") -> torch.Tensor:
