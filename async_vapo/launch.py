@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/latest")
     p.add_argument("--insecure", action="store_true", help="allow non-loopback sockets without CURVE keys")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.actor_lr=1e-5")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags and overrides in any order
 
 
 def _own_group() -> None:
@@ -432,6 +432,8 @@ def dry_run(cfg: Config, lay: Layout, card_gib: float) -> int:
         card_gib,
         cfg.algo.estimator == "gae",
         None if lay.on_gpu else float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")),
+        stream_publish=t.publish == "stream" or (t.publish == "auto" and t.zero_stage == 3),
+        bucket_mb=t.bucket_mb,
     )
     print(f"model {path}: {shape.params / 1e6:,.1f} M parameters, {shape.layers} layers")
     print(plan.describe(card_gib, "GPU" if lay.on_gpu else "process (host memory)"))

@@ -7,6 +7,11 @@ Activations for one micro-batch of ``micro_batch_size`` x ``max_model_len`` toke
 checkpointing one bf16 hidden state per layer plus one layer's working set, without it about 34 hidden
 sizes per token per layer (Korthikanti et al.'s estimate with flash attention), plus the fp32 logits of
 the policy's LM head. vLLM engine: bf16 weights / TP, the rest of ``gpu_memory_utilization`` is KV cache.
+
+Publishing new weights (learner rank 0): a streamed publish holds one gathered bucket and its flat copy
+(2 x the larger of ``bucket_mb`` and the largest tensor, the embedding); a snapshot holds a full copy of
+the bf16 weights (and, under ZeRO-3, the whole gathered model while it copies). The engine's workers
+receive a streamed update bucket by bucket (models up to 1 GiB keep their receive buffers).
 """
 
 from __future__ import annotations
@@ -110,6 +115,8 @@ def estimate_memory(
     card_gib: float,
     with_value_model: bool = True,
     kv_cache_gib: float | None = None,
+    stream_publish: bool = True,
+    bucket_mb: float = 64.0,
 ) -> MemoryPlan:
     """``kv_cache_gib``: a fixed KV cache (vLLM on CPU: VLLM_CPU_KVCACHE_SPACE) instead of the rest of
     ``gpu_memory_utilization`` x ``card_gib``."""
@@ -139,19 +146,36 @@ def estimate_memory(
     }
     if zero_stage >= 3:  # one layer gathered at a time (DeepSpeed prefetch: about two)
         learner["zero3_gathered"] = 2 * 2.0 * (p / shape.layers) / GiB
+    bucket = max(bucket_mb * 2**20, 2.0 * shape.vocab * shape.hidden)
+    if stream_publish:
+        learner["publish"] = 2 * bucket / GiB
+    else:
+        learner["publish"] = (2.0 * p * (2 if zero_stage >= 3 else 1)) / GiB
     engine_weights = 2.0 * p / tensor_parallel_size
     budget = gpu_memory_utilization * card_gib * GiB
     kv_bytes = max(0.0, budget - engine_weights - 2 * GiB)  # ~2 GiB activations / CUDA graphs
+    receive = 2.0 * p if 2.0 * p <= GiB else 2 * bucket  # see WeightReceiver.receive_weights
+    kv_bytes = max(0.0, kv_bytes - receive)
     if kv_cache_gib is not None:
         kv_bytes = kv_cache_gib * GiB
     kv_tokens = int(kv_bytes // (shape.kv_bytes_per_token() / tensor_parallel_size))
-    engine = {"weights": engine_weights / GiB, "kv_cache": kv_bytes / GiB, "runtime": 2.0}
+    engine = {
+        "weights": engine_weights / GiB,
+        "kv_cache": kv_bytes / GiB,
+        "runtime": 2.0,
+        "weight_receive": receive / GiB,
+    }
     problems = []
     if sum(learner.values()) > card_gib:
         problems.append(
             f"a learner GPU needs {sum(learner.values()):.0f} GiB > {card_gib:.0f} GiB: raise zero_stage "
             f"(now {zero_stage}), add training GPUs, turn on train.gradient_checkpointing or lower "
             "train.micro_batch_size"
+            + (
+                ""
+                if stream_publish
+                else f", or stream the publish (train.publish=stream: now {learner['publish']:.0f} GiB)"
+            )
         )
     if engine_weights + 2 * GiB > budget:
         problems.append(

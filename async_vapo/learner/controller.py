@@ -125,6 +125,7 @@ class Controller:
         self.sync_seconds = 0.0
         self.sync_bytes = 0
         self._store = RunStore.connect(cfg.store_address) if cfg.store_address else None
+        self._streamed_version = initial_version  # weights the engines should have (streamed publish)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -224,7 +225,16 @@ class Controller:
         fut = asyncio.run_coroutine_threadsafe(self._begin_stream(version, buckets), self._loop)
         return fut.result(self.cfg.weight_sync_timeout_s + 30)
 
+    def engines_behind(self) -> bool:
+        """A joined, idle worker holds weights older than the last streamed publish (it (re)joined after
+        it, or the run resumed): streamed weights are not kept, so the learner must publish again."""
+        return any(
+            w.link is not None and not w.updating and w.version < self._streamed_version
+            for w in list(self.workers.values())
+        )
+
     async def _begin_stream(self, version: int, buckets: list[BucketMeta]) -> list[StreamTarget]:
+        self._streamed_version = max(self._streamed_version, version)
         targets = []
         for w in list(self.workers.values()):
             if w.updating or w.link is None or w.version >= version:

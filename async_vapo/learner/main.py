@@ -51,6 +51,12 @@ class LearnerArgs:
     store_address: str = ""  # the run's rendezvous store (host:port), rank 0 reports dropped workers there
 
 
+class _Cmd:
+    """What rank 0 tells the other learner ranks while it waits for data."""
+
+    WAIT, BATCH, PUBLISH, STOP = range(4)
+
+
 def build_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Prompt]]:
     """Training and held-out prompts; ``data.verifier`` (if set) names the verifier of every prompt."""
     train, evals = _task_prompts(cfg, tokenizer)
@@ -147,8 +153,8 @@ class Trainer:
                 self.version,
             )
             self.controller.start()
-            if self.version > 0:
-                self._publish()
+        if self.version > 0 and not self.stream_publish:  # resumed: the snapshot for (re)joining engines
+            self._publish()  # (every rank: ZeRO-3 gathers are collectives)
         self.metrics = MetricsWriter(self.out, t.total_steps) if self.rank == 0 else None
         if self.metrics is not None and args.resume:
             self.metrics.rewind(self.step)
@@ -165,22 +171,47 @@ class Trainer:
 
     # ---- data ------------------------------------------------------------------------------------
     def next_batch(self) -> tuple[Batch, list[Any]]:
-        """Rank 0 takes whole groups from the buffer and sends every other rank its share of them."""
-        groups: list[Any] = []
-        if self.rank != 0:
-            return _recv_batch(self.comm_device).to(self.device), groups
-        assert self.controller is not None
-        got = None
-        while got is None:
-            got = self.controller.take_batch(self.cfg.train.groups_per_step, timeout_s=1.0)
-            if self.stop_requested:
+        """Rank 0 takes whole groups from the buffer and sends every other rank its share of them.
+
+        While it waits, rank 0 tells every rank once a second what comes next (``_Cmd``): a batch, a
+        stop, or a streamed publish for engines that have no current weights (a restarted or resumed
+        run's engines: a streamed publish is a collective, so it cannot happen on rank 0 alone)."""
+        while True:
+            cmd, got = self._poll() if self.rank == 0 else (_Cmd.WAIT, None)
+            cmd = self._share(cmd)
+            if cmd == _Cmd.STOP:
                 raise KeyboardInterrupt
+            if cmd == _Cmd.PUBLISH:
+                self._publish()
+            if cmd == _Cmd.BATCH:
+                break
+        if self.rank != 0:
+            return _recv_batch(self.comm_device).to(self.device), []
+        assert got is not None
         groups = got
         # group i goes to rank i % world; each share is padded to its own longest row
         shares = [collate(groups[r :: self.world], self.tokenizer.pad_token_id) for r in range(self.world)]
         for r in range(1, self.world):
             _send_batch(shares[r], r, self.comm_device)
         return shares[0].to(self.device), groups
+
+    def _poll(self) -> tuple[int, list[Any] | None]:
+        assert self.controller is not None
+        got = self.controller.take_batch(self.cfg.train.groups_per_step, timeout_s=1.0)
+        if got is not None:
+            return _Cmd.BATCH, got
+        if self.stop_requested:
+            return _Cmd.STOP, None
+        if self.stream_publish and self.controller.engines_behind():
+            return _Cmd.PUBLISH, None
+        return _Cmd.WAIT, None
+
+    def _share(self, cmd: int) -> int:
+        if self.world == 1:
+            return cmd
+        t = torch.tensor([cmd], dtype=torch.long, device=self.comm_device)
+        dist.broadcast(t, 0)
+        return int(t.item())
 
     # ---- phases ----------------------------------------------------------------------------------
     def value_pretrain(self) -> None:

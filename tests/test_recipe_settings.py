@@ -1,0 +1,49 @@
+"""The settings in which the 32B recipe differs from the embedded default, run for real on CPU through the
+launcher: two learner ranks (gloo), ZeRO-3 with the streamed publish, micro-batches of one sequence with
+two mini-batches per step, two engines, sampling temperature 0.7, a short response limit (truncated
+responses), and a broadcast every second version with max_staleness 1. (TP > 1 engines: see
+``test_rollout_tp.py``; the memory plan of the full-size recipe: ``test_deploy.py``.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_e2e import launch, rows
+
+pytestmark = pytest.mark.slow
+
+RECIPE_LIKE = [
+    "--learner-ranks",
+    "2",
+    "rollout.num_workers=2",
+    "train.zero_stage=3",
+    "train.publish=auto",  # = stream under ZeRO-3
+    "train.micro_batch_size=1",
+    "train.mini_batches=2",
+    "rollout.temperature=0.7",
+    "rollout.max_tokens=40",
+    "train.broadcast_every=2",
+    "train.max_staleness=1",
+    "train.total_steps=4",
+    "train.eval_every=4",
+    "train.checkpoint_every=0",
+]
+
+
+def test_recipe_settings_train_end_to_end(tiny_model_dir, tmp_path):
+    out = tmp_path / "recipe"
+    run = launch(out, *RECIPE_LIKE, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    train = [r for r in rows(out) if r["phase"] == "train"]
+    assert [r["step"] for r in train] == [0, 1, 2, 3]
+    assert train[-1]["policy_version"] == 4
+    # staleness is judged against the learner's version even though engines are updated every 2nd one
+    assert max(r["staleness_max"] for r in train) <= 1
+    # the streamed ZeRO-3 publish reached the engines (versions 2 and 4, two engines)
+    assert train[-1]["weight_syncs"] >= 2
+    assert set(train[-1]["groups_by_worker"]) == {"rollout-0", "rollout-1"}
+    # behaviour log-probs at temperature 0.7 are the learner's tempered policy: small KL on fresh data
+    assert train[0]["behaviour_kl"] < 1e-3
+    assert any(r["truncated_frac"] > 0 for r in train)  # the short limit cuts some responses
+    evals = [r for r in rows(out) if r["phase"] == "eval"]
+    assert evals and evals[-1]["policy_version"] == 4
