@@ -106,6 +106,9 @@ class TrainConfig(_Section, frozen=True):
     # while training goes on (one extra model copy); "stream" gathers, sends and frees one bucket at a
     # time inside the step (about 2 x bucket_mb extra); "auto" streams with ZeRO-3, snapshots otherwise
     publish: Literal["auto", "snapshot", "stream"] = "auto"
+    # streamed publish: engines are fed by all learner ranks in turn (engine k by its owner rank), not
+    # all by rank 0; False = rank 0 feeds every engine
+    weight_fanout: bool = True
     weight_sync_timeout_s: float = 60.0  # a sync not finished by then drops the worker (it is restarted)
     worker_timeout_s: float = 30.0  # a worker silent (no heartbeat) this long is dropped and restarted
     gradient_checkpointing: bool = False  # recompute activations in backward (long sequences)

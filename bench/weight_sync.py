@@ -1,4 +1,6 @@
-"""Weight-sync benchmark: learner rank 0 -> one rollout engine over the dedicated gloo group (loopback).
+"""Weight-sync benchmark: learner rank 0 -> one rollout engine over the dedicated gloo group (loopback),
+then the publish's memory under ZeRO-3 (``zero3_publish.py``) and the fan-out over learner ranks
+(``fanout.py``).
 
 For two state dicts, the tiny model and a synthetic transformer of at least 500 MB (fp32), it times
 - ``per_tensor``: one broadcast per tensor (what a naive implementation does),
@@ -12,6 +14,7 @@ engine through ``RolloutEngine.load_weights``, whose duration is the time the en
 weight update (after in-flight requests drained). Prints one JSON object on its last line.
 
     .venv/bin/python bench/weight_sync.py [--reps 3] [--synthetic-mb 512] [--bucket-mb 64] [--no-engine]
+        [--no-zero3] [--zero3-layers 18] [--no-fanout]
 """
 
 from __future__ import annotations
@@ -178,6 +181,9 @@ def main() -> None:
     ap.add_argument("--synthetic-mb", type=int, default=512)
     ap.add_argument("--bucket-mb", type=float, default=64.0)
     ap.add_argument("--no-engine", action="store_true")
+    ap.add_argument("--no-zero3", action="store_true", help="skip the 2-rank ZeRO-3 publish-memory case")
+    ap.add_argument("--zero3-layers", type=int, default=18, help="synthetic model: 18 layers = 339 M params")
+    ap.add_argument("--no-fanout", action="store_true", help="skip the 1/2/4-engine fan-out case")
     args = ap.parse_args()
     torch.set_num_threads(1)
     states = {"tiny": tiny(), f"synthetic_{args.synthetic_mb}mb": synthetic(args.synthetic_mb)}
@@ -210,6 +216,25 @@ def main() -> None:
         )
     if not args.no_engine:
         report["engine_tiny"] = engine_pause(args.bucket_mb, args.reps)
+    if not args.no_zero3:
+        from zero3_publish import zero3_publish
+
+        z3 = report["zero3_2ranks"] = zero3_publish(args.zero3_layers, args.bucket_mb)
+        report["publish_peak_extra_mb"], report["model_mb"] = z3["publish_peak_extra_mb"], z3["model_mb"]
+        print(
+            f"ZeRO-3 publish, 2 ranks, {z3['params_m']} M params ({z3['model_mb']} MB): peak extra on rank 0 "
+            f"stream {z3['stream']['publish_peak_extra_mb']} MB ({z3['stream_extra_vs_model']:.0%} of the model), "
+            f"whole-model snapshot {z3['snapshot']['publish_peak_extra_mb']} MB",
+            file=sys.stderr,
+        )
+    if not args.no_fanout:
+        from fanout import fanout
+
+        report["fanout"] = fo = fanout()
+        print(
+            f"fan-out seconds per update, rank 0 feeds all: {fo['rank0_s']}; spread: {fo['spread_s']}",
+            file=sys.stderr,
+        )
     print(json.dumps(report))
 
 

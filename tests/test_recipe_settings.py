@@ -1,6 +1,6 @@
 """The settings in which the 32B recipe differs from the embedded default, run for real on CPU through the
 launcher: two learner ranks (gloo), ZeRO-3 with the streamed publish, micro-batches of one sequence with
-two mini-batches per step, two engines, sampling temperature 0.7, a short response limit (truncated
+two mini-batches per step, two engines (each fed by its own learner rank), sampling temperature 0.7, a short response limit (truncated
 responses), and a broadcast every second version with max_staleness 1. (TP > 1 engines: see
 ``test_rollout_tp.py``; the memory plan of the full-size recipe: ``test_deploy.py``.)"""
 
@@ -39,8 +39,10 @@ def test_recipe_settings_train_end_to_end(tiny_model_dir, tmp_path):
     assert train[-1]["policy_version"] == 4
     # staleness is judged against the learner's version even though engines are updated every 2nd one
     assert max(r["staleness_max"] for r in train) <= 1
-    # the streamed ZeRO-3 publish reached the engines (versions 2 and 4, two engines)
+    # the streamed ZeRO-3 publish reached both engines, each fed by its own learner rank (fan-out)
     assert train[-1]["weight_syncs"] >= 2
+    assert sorted(train[-1]["worker_owners"].values()) == [0, 1]
+    assert min(train[-1]["worker_versions"].values()) >= 2
     assert set(train[-1]["groups_by_worker"]) == {"rollout-0", "rollout-1"}
     # behaviour log-probs at temperature 0.7 are the learner's tempered policy: small KL on fresh data
     assert train[0]["behaviour_kl"] < 1e-3

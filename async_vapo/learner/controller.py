@@ -40,10 +40,12 @@ from async_vapo.protocol import (
     WorkerStats,
 )
 from async_vapo.protocol.keys import server_security
+from async_vapo.protocol.messages import PublishPlan, PublishTarget
 from async_vapo.protocol.transport import ControlServer, GroupReceiver
 from async_vapo.weight_sync.broadcast import EngineLink, Snapshot
 from async_vapo.weight_sync.buckets import BucketMeta
-from async_vapo.weight_sync.group import GroupSpec, broadcast
+from async_vapo.weight_sync.fanout import Outcome
+from async_vapo.weight_sync.group import GroupSpec, serve_store
 
 log = structlog.get_logger(__name__)
 _VERDICTS = frozenset({"ok", "wrong", "no_answer", "timeout", "error", "bad_output"})
@@ -65,14 +67,17 @@ class ControllerConfig:
     insecure: bool = False
     curve_dir: str = ""  # CURVE keys for sockets beyond loopback (async_vapo.protocol.keys)
     store_address: str = ""  # the run's rendezvous store: drop notices for the launchers, "done"
+    # streamed publish over several learner ranks: engines are spread over these ranks (weight_sync.fanout)
+    fanout_ranks: int = 1
 
 
 @dataclass
 class StreamTarget:
-    """One worker taking a streamed update: its ack future and how the sends went."""
+    """One worker taking a streamed update: its ack future, its owner rank and how the sends went."""
 
     worker: WorkerState
     ack: asyncio.Future
+    join: tuple[str, int, int, str, float] | None = None  # a group its owner joins for this update
     error: BaseException | None = None
     seconds: float = 0.0
     nbytes: int = 0
@@ -88,6 +93,10 @@ class WorkerState:
     updating: bool = False
     stats: WorkerStats | None = None
     first_stats: WorkerStats | None = None
+    owner: int = 0  # the learner rank that feeds it (streamed publish); 0 = the controller's link
+    tp: int = 1
+    store: Any = None  # the store the controller serves for a group owned by another rank
+    owner_joined: bool = False
 
 
 class _Versions:
@@ -218,50 +227,62 @@ class Controller:
                 task.add_done_callback(self._background.discard)
 
     # ---- streamed publish (main thread; see async_vapo.weight_sync.publish) ---------------------------
-    def begin_stream(self, version: int, buckets: list[BucketMeta]) -> list[StreamTarget]:
-        """Announce ``version`` to every worker that can take it now (joined, not updating) and return
-        them; the caller then sends each bucket with ``send_bucket`` and ends with ``end_stream``.
+    def begin_stream(self, version: int, buckets: list[BucketMeta]) -> tuple[list[StreamTarget], PublishPlan]:
+        """Announce ``version`` to every worker that can take it now (not updating, behind) and return
+        them with the plan every learner rank follows (``weight_sync.fanout``); end with ``end_stream``.
         Workers that join meanwhile get the next publish."""
         fut = asyncio.run_coroutine_threadsafe(self._begin_stream(version, buckets), self._loop)
-        return fut.result(self.cfg.weight_sync_timeout_s + 30)
+        targets = fut.result(self.cfg.weight_sync_timeout_s + 30)
+        plan = PublishPlan(
+            version,
+            [PublishTarget(t.worker.worker_id, t.worker.owner, t.join) for t in targets],
+            list(self.workers),
+        )
+        return targets, plan
 
     def engines_behind(self) -> bool:
         """A joined, idle worker holds weights older than the last streamed publish (it (re)joined after
         it, or the run resumed): streamed weights are not kept, so the learner must publish again."""
         return any(
-            w.link is not None and not w.updating and w.version < self._streamed_version
-            for w in list(self.workers.values())
+            self._can_stream(w) and w.version < self._streamed_version for w in list(self.workers.values())
         )
+
+    @staticmethod
+    def _can_stream(w: WorkerState) -> bool:
+        return not w.updating and (w.link is not None or w.owner != 0)
 
     async def _begin_stream(self, version: int, buckets: list[BucketMeta]) -> list[StreamTarget]:
         self._streamed_version = max(self._streamed_version, version)
         targets = []
         for w in list(self.workers.values()):
-            if w.updating or w.link is None or w.version >= version:
+            if not self._can_stream(w) or w.version >= version:
                 continue
             w.updating = True
             ack = self._loop.create_future()
             self._ack_waiters[(w.worker_id, version)] = ack
+            join = None
+            if w.owner != 0 and not w.owner_joined:  # its owner and its workers meet in a fresh group
+                spec = GroupSpec(
+                    self.cfg.weight_host,
+                    _free_port(),
+                    1 + w.tp,
+                    self.cfg.weight_backend,
+                    self.cfg.weight_sync_timeout_s,
+                )
+                w.store = serve_store(spec)
+                join = (spec.host, spec.port, spec.world_size, spec.backend, spec.timeout_s)
+                await self.control.send(w.worker_id, JoinGroup(*join))
             await self.control.send(w.worker_id, WeightUpdate(version, buckets))
-            targets.append(StreamTarget(w, ack))
+            targets.append(StreamTarget(w, ack, join))
         return targets
 
-    def send_bucket(self, targets: list[StreamTarget], flat: Any) -> None:
-        """Broadcast one bucket to every target still healthy (blocking; a failed one is skipped for the
-        rest of the stream and dropped at the end: it costs one group timeout)."""
-        for t in targets:
-            if t.error is None:
-                t0 = time.perf_counter()
-                try:
-                    assert t.worker.link is not None and t.worker.link.pg is not None
-                    broadcast(t.worker.link.pg, flat, root=0)
-                except Exception as exc:
-                    t.error = exc
-                t.seconds += time.perf_counter() - t0
-                t.nbytes += flat.numel() * flat.element_size()
-
-    def end_stream(self, version: int, targets: list[StreamTarget]) -> None:
-        """Acks are awaited in the background: training goes on."""
+    def end_stream(self, version: int, targets: list[StreamTarget], outcomes: list[Outcome]) -> None:
+        """Every rank's outcome per target (``fanout.gather_status``); acks are awaited in the background:
+        training goes on."""
+        for t, o in zip(targets, outcomes, strict=True):
+            t.seconds, t.nbytes = o.seconds, o.nbytes
+            if not o.ok:
+                t.error = RuntimeError(f"stream from learner rank {t.worker.owner} failed: {o.error}")
         self._loop.call_soon_threadsafe(self._spawn, self._end_stream(version, targets))
 
     async def _end_stream(self, version: int, targets: list[StreamTarget]) -> None:
@@ -274,6 +295,7 @@ class Controller:
                 if not ack.ok:
                     raise RuntimeError(f"worker could not load version {version}: {ack.error}")
                 w.version = version
+                w.owner_joined = True
                 self.sync_count += 1
                 self.sync_seconds += t.seconds
                 self.sync_bytes += t.nbytes
@@ -307,6 +329,7 @@ class Controller:
                 f"control_{k}": v for k, v in self.control.rejected.items()
             }
             m["workers"] = {w.worker_id: w.version for w in self.workers.values()}
+            m["worker_owners"] = {w.worker_id: w.owner for w in self.workers.values()}
             m["counters"] = dict(self.counters)
             m["groups_by_worker"] = dict(self.groups_by_worker)
             m["weight_sync_count"] = self.sync_count
@@ -375,8 +398,13 @@ class Controller:
             with self.lock:
                 n = self.ledger.requeue_worker(hello.worker_id, "worker_restarted")
             log.warning("worker reconnected; its prompts were requeued", worker=hello.worker_id, requeued=n)
-        w = WorkerState(hello.worker_id, hello.pid)
+        w = WorkerState(hello.worker_id, hello.pid, owner=self._pick_owner(), tp=hello.tensor_parallel_size)
         self.workers[hello.worker_id] = w
+        fresh = hello.version == self.versions.v and self._snapshot is None
+        if w.owner != 0:  # its owner joins the group at the next streamed publish
+            w.version = hello.version if fresh else -1
+            log.info("worker ready", worker=hello.worker_id, pid=hello.pid, version=w.version, owner=w.owner)
+            return
         # the engine's group: this rank + every vLLM worker of the engine (one per tensor-parallel rank)
         world = 1 + hello.tensor_parallel_size
         spec = GroupSpec(
@@ -394,11 +422,16 @@ class Controller:
             self.workers.pop(hello.worker_id, None)
             return
         w.link = link
-        if hello.version == self.versions.v and self._snapshot is None:
+        if fresh:
             w.version = hello.version  # fresh start: the engine loaded the same checkpoint as the learner
         else:
             await self._sync_worker(w)
         log.info("worker ready", worker=hello.worker_id, pid=hello.pid, version=w.version)
+
+    def _pick_owner(self) -> int:
+        """The learner rank with the fewest engines (lowest rank on ties)."""
+        load = Counter(w.owner for w in self.workers.values())
+        return min(range(self.cfg.fanout_ranks), key=lambda r: (load[r], r))
 
     async def _sync_worker(self, w: WorkerState) -> None:
         """Send the newest snapshot to one worker; on timeout or failure the worker is dropped."""

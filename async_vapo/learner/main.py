@@ -34,6 +34,7 @@ from async_vapo.learner.step import (
 from async_vapo.metrics import MetricsWriter
 from async_vapo.protocol import Prompt, Sampling
 from async_vapo.weight_sync.broadcast import snapshot
+from async_vapo.weight_sync.fanout import RankLinks, gather_status, share_plan
 from async_vapo.weight_sync.publish import StreamPlan, stream_publish
 
 log = structlog.get_logger(__name__)
@@ -109,6 +110,7 @@ class Trainer:
         self.micro = micro
         self.stream_publish = t.publish == "stream" or (t.publish == "auto" and t.zero_stage == 3)
         self._stream_plan: StreamPlan | None = None
+        self.links = RankLinks(self.rank)  # the engines this rank feeds (streamed publish)
 
         def engine(model: Any, lr: float) -> Any:
             if t.gradient_checkpointing:
@@ -148,6 +150,7 @@ class Trainer:
                     insecure=cfg.insecure,
                     curve_dir=cfg.curve_dir,
                     store_address=args.store_address,
+                    fanout_ranks=self.world if self.stream_publish and t.weight_fanout else 1,
                 ),
                 self.ledger,
                 self.version,
@@ -324,6 +327,8 @@ class Trainer:
             "rejected_frames": sum(cm["rejected_frames"].values()),
             "rejected_frames_by_reason": cm["rejected_frames"],
             "weight_syncs": cm["weight_sync_count"],
+            "worker_versions": cm["workers"],
+            "worker_owners": cm["worker_owners"],  # the learner rank feeding each engine (fan-out)
             "groups_by_worker": cm["groups_by_worker"],
             "controller_counters": cm["counters"],
             "ledger": cm["ledger"],
@@ -377,21 +382,25 @@ class Trainer:
                 self.controller.publish(snap)
 
     def _publish_streamed(self) -> None:
+        """Every rank walks the bucket plan; each sends the gathered buckets to the engines it owns
+        (``weight_sync.fanout``)."""
         if self._stream_plan is None:
             self._stream_plan = StreamPlan.of(
                 self.policy.module.named_parameters(), int(self.cfg.train.bucket_mb * 2**20)
             )
-        plan = self._stream_plan
-        targets = self.controller.begin_stream(self.version, plan.buckets) if self.controller else []
-        n = torch.tensor([len(targets)], device=self.comm_device)
-        if self.world > 1:
-            dist.broadcast(n, 0)
-        if int(n.item()) == 0:  # no engine can take it now (joining ones get the next publish)
-            return
         ctl = self.controller
-        stream_publish(plan, (lambda flat: ctl.send_bucket(targets, flat)) if ctl else None, self.device)
+        targets, plan = ctl.begin_stream(self.version, self._stream_plan.buckets) if ctl else ([], None)
+        plan = share_plan(plan, self.comm_device)
+        if not plan.targets:  # no engine can take it now (joining ones get the next publish)
+            return
+        if ctl is not None:  # rank 0's groups are the controller's links
+            own = {t.worker.worker_id: t.worker.link for t in targets}
+            self.links.lookup = own.get
+        self.links.prepare(plan)
+        stream_publish(self._stream_plan, self.links.send if self.links.sending else None, self.device)
+        outcomes = gather_status(plan, self.links.outcomes, self.comm_device)
         if ctl is not None:
-            ctl.end_stream(self.version, targets)
+            ctl.end_stream(self.version, targets, outcomes)
 
     def save(self) -> Path:
         """Checkpoint; ``step`` in it is the next step to run."""

@@ -205,3 +205,23 @@ class Control(_Wire, tag="control", frozen=True):
 
 
 Message = TrajectoryGroup | Assign | JoinGroup | WeightUpdate | WeightAck | Hello | Control | WorkerStats
+
+
+# ---- between learner ranks (torch.distributed, never on the ZeroMQ sockets) ------------------------------
+
+
+class PublishTarget(msgspec.Struct, array_like=True, frozen=True):
+    """One engine taking a streamed update: which learner rank feeds it, and when that rank has no
+    link to it yet, the group to join (host, port, world size, backend, timeout) as the group's rank 0."""
+
+    worker_id: str
+    owner: int
+    join: tuple[str, int, int, str, float] | None = None
+
+
+class PublishPlan(msgspec.Struct, array_like=True, frozen=True):
+    """Learner rank 0 -> every learner rank before a streamed publish (``weight_sync.fanout``)."""
+
+    version: int
+    targets: list[PublishTarget]
+    live: list[str]  # workers the controller still knows: links to any other are closed

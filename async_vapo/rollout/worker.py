@@ -90,6 +90,7 @@ class RolloutWorker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Task] = set()
+        self._joining: asyncio.Task | None = None
         self.busy_seconds = 0.0
         self._busy_since: float | None = None
         self._started = time.perf_counter()
@@ -108,7 +109,10 @@ class RolloutWorker:
                         self._spawn(self._rollout(p, msg.sampling))
                 elif isinstance(msg, JoinGroup):
                     spec = GroupSpec(msg.host, msg.port, msg.world_size, msg.backend, msg.timeout_s)
-                    self._spawn(self.engine.init_weight_group(spec))
+                    # an update that follows (a group joined for a streamed publish) waits for it
+                    self._joining = asyncio.create_task(self.engine.init_weight_group(spec))
+                    self._tasks.add(self._joining)
+                    self._joining.add_done_callback(self._done)
                 elif isinstance(msg, WeightUpdate):
                     self._spawn(self._update(msg))
                 elif isinstance(msg, Control):
@@ -202,6 +206,8 @@ class RolloutWorker:
         self._gate.clear()
         await self._idle.wait()
         try:
+            if self._joining is not None:
+                await self._joining  # raises if the join failed: the ack says so
             seconds = await self.engine.load_weights(msg.buckets)
             self.version = msg.version
             ack = WeightAck(self.cfg.worker_id, msg.version, seconds)

@@ -58,15 +58,17 @@ def snapshot(version: int, named_tensors: Iterable[tuple[str, torch.Tensor]], bu
 
 
 class EngineLink:
-    """The learner's end of one engine's weight group."""
+    """The learner's end of one engine's weight group (its rank 0). ``serve_store=False``: the store is
+    served elsewhere (by the controller, for a group owned by another learner rank)."""
 
-    def __init__(self, spec: GroupSpec) -> None:
+    def __init__(self, spec: GroupSpec, serve_store: bool = True) -> None:
         self.spec = spec
+        self.serve_store = serve_store
         self.pg = None
 
     def connect(self) -> None:
         """Blocks until the engine's workers joined (or raises after the group timeout)."""
-        self.pg = join_group(self.spec, rank=0)
+        self.pg = join_group(self.spec, rank=0, serve=self.serve_store)
 
     def send(self, snap: Snapshot) -> float:
         if self.pg is None:

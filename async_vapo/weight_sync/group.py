@@ -26,13 +26,27 @@ class GroupSpec:
     timeout_s: float = 60.0
 
 
-def join_group(spec: GroupSpec, rank: int):
-    """Join (rank 0 creates the store). Returns a process group object with ``broadcast``."""
+def serve_store(spec: GroupSpec) -> dist.TCPStore:
+    """The rendezvous store of a group whose members all join as clients (``join_group(..., serve=False)``):
+    the controller serves it when another learner rank is the group's rank 0."""
+    return dist.TCPStore(
+        spec.host,
+        spec.port,
+        None,
+        is_master=True,
+        timeout=timedelta(seconds=spec.timeout_s),
+        wait_for_workers=False,
+    )
+
+
+def join_group(spec: GroupSpec, rank: int, serve: bool | None = None):
+    """Join (rank 0 serves the store unless ``serve`` says otherwise). Returns a process group object
+    with ``broadcast``."""
     store = dist.TCPStore(
         spec.host,
         spec.port,
         spec.world_size,
-        is_master=rank == 0,
+        is_master=(rank == 0) if serve is None else serve,
         timeout=timedelta(seconds=spec.timeout_s),
         wait_for_workers=False,
     )
