@@ -22,10 +22,12 @@ import argparse
 import contextlib
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ import structlog
 
 from async_vapo.cluster import Endpoints, Layout, NodeInfo, NodeShare, RunStore, layout, node_info
 from async_vapo.cluster.placement import PlacementError
+from async_vapo.cluster.rendezvous import ensure_store_key, load_store_key
 from async_vapo.config import Config, ConfigError, check_learner_split, load_config
 from async_vapo.logging import configure_logging
 
@@ -129,9 +132,37 @@ class Supervisor:
         self.layout, self.node = lay, node
         self.share: NodeShare = lay.nodes[node.node_rank]
         cfg = self.cfg = msgspec.structs.replace(cfg, curve_dir=_curve_dir(cfg, node, insecure))
-        self.store = RunStore(node.master_addr, node.master_port, is_master=node.node_rank == 0)
+        # one machine: every store is a file in the run directory (no listener); several nodes: node 0's
+        # TCPStore with signed values (see cluster/rendezvous.py and the README's security section)
+        self.one_machine = node.nnodes == 1
+        run_dir = Path(cfg.output_dir) / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        nonce = uuid.uuid4().hex[:12]
+        self.store_key_dir = (
+            "" if self.one_machine else (cfg.curve_dir or str(Path(cfg.output_dir) / ".curve"))
+        )
+        key = None
+        if self.store_key_dir:
+            key = (
+                ensure_store_key(self.store_key_dir)
+                if node.node_rank == 0
+                else load_store_key(self.store_key_dir)
+            )
+        address = (
+            f"file:{run_dir / f'store-{nonce}'}"
+            if self.one_machine
+            else f"{node.master_addr}:{node.master_port}"
+        )
+        self.store = RunStore(address, is_master=node.node_rank == 0, key=key)
+        self.local_files = [
+            run_dir / f"store-{nonce}",
+            run_dir / f"world-{nonce}",
+            run_dir / f"groups-{nonce}",
+        ]
+        (run_dir / f"groups-{nonce}").mkdir(exist_ok=True)
         local = is_loopback(f"tcp://{node.master_addr}:1")
-        bind_host = node.master_addr if local else "*"
+        # beyond loopback the learner's sockets bind to the address the other nodes use, never to "*"
+        bind_host = node.master_addr if local else socket.gethostbyname(node.master_addr)
         if node.node_rank == 0:
             ports = [_free_port() for _ in range(3)]
             self.store.publish_endpoints(
@@ -153,6 +184,9 @@ class Supervisor:
                 () if lay.on_gpu else tuple(devs),
                 ep.weight_host,
                 self.store.address if rank == 0 else "",
+                self.store_key_dir if rank == 0 else "",
+                str(self.local_files[1]) if self.one_machine else "",
+                str(self.local_files[2]) if self.one_machine else "",
             )
             for rank, devs in zip(self.share.learner_ranks, self.share.learner_devices, strict=True)
         ]
@@ -168,6 +202,7 @@ class Supervisor:
                     if lay.on_gpu
                     else {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
                 ),
+                **self._loopback_env(),
             }
             for local_rank, (rank, devs) in enumerate(
                 zip(self.share.learner_ranks, self.share.learner_devices, strict=True)
@@ -209,6 +244,7 @@ class Supervisor:
                     "CUDA_VISIBLE_DEVICES": "",
                 }
             )
+            | self._loopback_env()
             for devs in self.share.engine_devices
         ]
         self.learners: list[Any] = []
@@ -217,6 +253,15 @@ class Supervisor:
         self.restarts = 0
         self.stopping = False
         self.state_file = Path(cfg.output_dir) / "run" / f"node{node.node_rank}.json"
+
+    def _loopback_env(self) -> dict[str, str]:
+        """One machine: gloo / NCCL (learner world, weight groups, vLLM's own groups) listen on loopback
+        only (by default they bind to the address the host name resolves to). A user's setting wins."""
+        if not self.one_machine or not Path("/sys/class/net/lo").exists():
+            return {}
+        return {k: os.environ.get(k, "lo") for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")} | {
+            "VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP", "127.0.0.1")
+        }
 
     def _start_worker(self, i: int) -> Any:
         cores = [] if self.layout.on_gpu else self.share.engine_devices[i]
@@ -352,6 +397,9 @@ class Supervisor:
         for p in self.learners + self.workers:  # sweep whatever is left in each child's group
             _stop_group(p.pid, signal.SIGKILL)
             p.join(5)
+        if self.node.node_rank == 0:  # this run's file stores (one machine)
+            for f in self.local_files if self.one_machine else []:
+                shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
 
 
 def resolve_model(cfg: Config) -> str:

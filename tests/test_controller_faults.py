@@ -40,7 +40,7 @@ def _controller(
 
 
 def test_worker_that_stops_answering_a_weight_sync_is_dropped_in_time():
-    store = RunStore("127.0.0.1", 0, is_master=True)
+    store = RunStore("127.0.0.1:0", is_master=True)
     controller, cfg, ledger = _controller(
         16, 2, 1, weight_sync_timeout_s=TIMEOUT_S, worker_timeout_s=60.0, store_address=store.address
     )

@@ -1,6 +1,8 @@
 """Two "nodes" on one machine: two launchers (separate process trees, node ranks 0 and 1, one rendezvous
 store on loopback), each with one learner rank and one rollout worker on CPU. The learner ranks form one
-DeepSpeed (gloo) world; both vLLM engines get prompts and new weights from learner rank 0."""
+DeepSpeed (gloo) world; both vLLM engines get prompts and new weights from learner rank 0. While it runs,
+forged drop notices and a forged "done" are written into the run's store (a TCPStore: anyone who reaches
+node 0 can): the launchers ignore and log them."""
 
 from __future__ import annotations
 
@@ -15,6 +17,30 @@ from tests.helpers import free_port
 from tests.test_e2e import SMALL, rows
 
 pytestmark = pytest.mark.slow
+
+
+def forge_notices(state_file, port: int, timeout_s: float = 300) -> bool:
+    """As anyone who can reach node 0 could: write ``drop/rollout-1`` (with the live worker's pid, unsigned
+    and with a made-up signature) and ``done`` into the run's store. Returns whether it got to."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    deadline = time.monotonic() + timeout_s
+    while not state_file.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    pid = json.loads(state_file.read_text())["workers"]["rollout-1"]
+    store = dist.TCPStore("127.0.0.1", port, None, False, timedelta(seconds=30), wait_for_workers=False)
+    store.set("drop/rollout-1", str(pid))
+    store.get("drop/rollout-1")  # orders the SET (not acknowledged) before the next one
+    time.sleep(3)  # node 1's launcher polls every second
+    store.set("drop/rollout-1", json.dumps({"v": str(pid), "mac": "0" * 64}))
+    store.set("done", json.dumps({"v": "1", "mac": "0" * 64}))
+    time.sleep(3)
+    return True
 
 
 def test_two_nodes_train_end_to_end(tiny_model_dir, tmp_path):
@@ -33,11 +59,17 @@ def test_two_nodes_train_end_to_end(tiny_model_dir, tmp_path):
         )
         for rank in (1, 0)  # node 1 first: it must wait for node 0's store, not fail
     ]
+    forged = forge_notices(out / "run" / "node1.json", port)
     errs = []
     for p in nodes:
         _, err = p.communicate(timeout=600)
         errs.append(err)
     assert [p.returncode for p in nodes] == [0, 0], "\n\n".join(e[-3000:] for e in errs)
+    # the forged drop notices for node 1's live worker changed nothing and were logged
+    assert forged
+    assert json.loads((out / "run" / "node1.json").read_text())["worker_restarts"] == 0
+    assert "ignored a forged value in the run store" in errs[0]
+    assert (out / ".curve" / "store.key").stat().st_mode & 0o077 == 0  # the signing key is private
 
     train = [r for r in rows(out) if r["phase"] == "train"]
     assert [r["step"] for r in train] == [0, 1]

@@ -1,14 +1,22 @@
 """The settings in which the 32B recipe differs from the embedded default, run for real on CPU through the
 launcher: two learner ranks (gloo), ZeRO-3 with the streamed publish, micro-batches of one sequence with
 two mini-batches per step, two engines (each fed by its own learner rank), sampling temperature 0.7, a short response limit (truncated
-responses), and a broadcast every second version with max_staleness 1. (TP > 1 engines: see
+responses), and a broadcast every second version with max_staleness 1. While it runs, every listening
+socket of its processes is recorded: a single-machine run opens none beyond loopback. (TP > 1 engines: see
 ``test_rollout_tp.py``; the memory plan of the full-size recipe: ``test_deploy.py``.)"""
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 
-from tests.test_e2e import launch, rows
+from tests.helpers import listening_sockets, process_tree
+from tests.test_e2e import SMALL, rows
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +38,31 @@ RECIPE_LIKE = [
 ]
 
 
+def launch_watching_listeners(out, *extra: str, timeout: float = 900):
+    """The launcher as ``test_e2e.launch`` runs it, while every listening TCP socket of its process tree
+    (learner ranks, vLLM engines and their workers, verifier pools) is recorded once a second."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1")
+    cmd = [sys.executable, "-m", "async_vapo.launch", "--output-dir", str(out), *SMALL, *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        seen |= listening_sockets(process_tree(proc.pid))
+        time.sleep(1.0)
+    if proc.poll() is None:
+        proc.kill()
+    stdout, stderr = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), seen
+
+
 def test_recipe_settings_train_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "recipe"
-    run = launch(out, *RECIPE_LIKE, timeout=900)
+    run, listeners = launch_watching_listeners(out, *RECIPE_LIKE)
     assert run.returncode == 0, run.stderr[-4000:]
+    # a single-machine run listens on loopback only: its stores are files, gloo binds to lo, the
+    # learner's ZeroMQ sockets to 127.0.0.1 (those are always there: the check sees real sockets)
+    assert listeners, "no listening socket seen: the check is blind"
+    assert all(ipaddress.ip_address(a).is_loopback for a, _ in listeners), sorted(listeners)
     train = [r for r in rows(out) if r["phase"] == "train"]
     assert [r["step"] for r in train] == [0, 1, 2, 3]
     assert train[-1]["policy_version"] == 4

@@ -162,3 +162,49 @@ def test_insecure_bind_warns_and_no_secret_reaches_the_logs(tmp_path, capfd):
     assert "binding without authentication" in out
     assert "hidden" in out
     assert not any(s in out for s in secrets)
+
+
+def test_run_store_values_are_signed_and_forgeries_ignored(tmp_path):
+    """A multi-node run's TCPStore accepts writes from anyone who can reach it: the launchers act only on
+    values signed with the run's key (HMAC-SHA256); a forged drop/done is ignored and counted."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from async_vapo.cluster.rendezvous import RunStore, ensure_store_key, load_store_key
+
+    key = ensure_store_key(tmp_path / "keys")
+    assert load_store_key(tmp_path / "keys") == key and len(key) == 32
+    assert (tmp_path / "keys" / "store.key").stat().st_mode & 0o077 == 0
+    node0 = RunStore("127.0.0.1:0", is_master=True, key=key)
+    node1 = RunStore.connect(node0.address, key=key)
+    attacker = dist.TCPStore("127.0.0.1", node0.store.port, None, False, timedelta(seconds=10))
+
+    def forge(key: str, value: str) -> None:
+        attacker.set(key, value)
+        attacker.get(key)  # a SET is not acknowledged: a GET on the same connection orders it
+
+    node0.notify_drop("rollout-3", 4242)  # the controller's real notice
+    node0.store.get("drop/rollout-3")    assert node1.dropped_pid("rollout-3") == 4242
+    for forged in ("777", '{"v": "777", "mac": "' + "0" * 64 + '"}', "not json {", '{"v": 1}'):
+        forge("drop/rollout-5", forged)
+        assert node1.dropped_pid("rollout-5") is None
+    forge("done", '{"v": "1", "mac": ""}')
+    assert node1.done() is False
+    assert node1.forged == {"drop": 4, "done": 1}
+    node0.mark_done()
+    node0.store.get("done")    assert node1.done() is True
+    # a value signed with another key is a forgery too
+    other = RunStore.connect(node0.address, key=b"x" * 32)
+    other.notify_drop("rollout-6", 1)
+    other.store.get("drop/rollout-6")    assert node1.dropped_pid("rollout-6") is None
+
+
+def test_one_machine_run_store_is_a_file(tmp_path):
+    from async_vapo.cluster.rendezvous import Endpoints, RunStore
+
+    a = RunStore(f"file:{tmp_path / 'store'}", is_master=True)
+    b = RunStore.connect(a.address)
+    a.publish_endpoints(Endpoints("tcp://127.0.0.1:1", "tcp://127.0.0.1:2", 3, "127.0.0.1"))
+    assert b.endpoints().learner_master_port == 3
+    assert (tmp_path / "store").exists() and not b.done()

@@ -1,5 +1,5 @@
-"""The run's rendezvous store: node 0's launcher serves a ``torch.distributed.TCPStore``; every launcher
-and learner rank 0 talk through it.
+"""The run's rendezvous store: node 0's launcher serves it; every launcher and learner rank 0 talk through
+it.
 
 Keys:
 - ``endpoints``: where learner rank 0 listens (data and control roads, the learner world's master port,
@@ -8,15 +8,32 @@ Keys:
   weight sync that never completed). The launcher that owns it kills its process group and restarts it:
   a worker that is stopped or wedged cannot be trusted to exit on request.
 - ``done``: the learner finished; launchers stop restarting workers and exit once theirs are gone.
+
+Where it lives: a single-machine run uses a ``torch.distributed.FileStore`` in the run directory (no
+network listener at all: a ``TCPStore`` listens on every interface whatever host it is given). A
+multi-node run needs a ``TCPStore`` on node 0, which anyone who can reach node 0 can write to; there every
+value is signed (HMAC-SHA256 with ``store.key`` from the run's key directory, next to the CURVE keys) and a
+value whose signature does not verify is ignored, counted (``forged``) and logged: a forged ``drop/`` or
+``done`` changes nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
+import secrets
+import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from pathlib import Path
 
+import structlog
 import torch.distributed as dist
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,45 +45,103 @@ class Endpoints:
 
 
 class RunStore:
-    def __init__(self, host: str, port: int, is_master: bool, timeout_s: float = 600.0) -> None:
-        self.host = host
-        self.store = dist.TCPStore(
-            host,
-            port,
-            None,
-            is_master,
-            timedelta(seconds=timeout_s),
-            wait_for_workers=False,
-        )
-        self.port = self.store.port
+    """``address`` is ``host:port`` (a TCPStore) or ``file:<path>`` (a FileStore, one machine)."""
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
+    def __init__(
+        self, address: str, is_master: bool, key: bytes | None = None, timeout_s: float = 600.0
+    ) -> None:
+        self.key = key
+        self.forged: Counter[str] = Counter()
+        if address.startswith("file:"):
+            self.path = address.removeprefix("file:")
+            self.store: dist.Store = dist.FileStore(self.path, -1)
+            self.store.set_timeout(timedelta(seconds=timeout_s))
+            self.address = address
+            return
+        host, port = address.rsplit(":", 1)
+        tcp = dist.TCPStore(
+            host, int(port), None, is_master, timedelta(seconds=timeout_s), wait_for_workers=False
+        )
+        self.store = tcp
+        self.address = f"{host}:{tcp.port}"
 
     @classmethod
-    def connect(cls, address: str, timeout_s: float = 60.0) -> RunStore:
-        host, port = address.rsplit(":", 1)
-        return cls(host, int(port), is_master=False, timeout_s=timeout_s)
+    def connect(cls, address: str, key: bytes | None = None, timeout_s: float = 60.0) -> RunStore:
+        return cls(address, is_master=False, key=key, timeout_s=timeout_s)
 
+    # ---- signed values -----------------------------------------------------------------------------
+    def _set(self, name: str, value: str) -> None:
+        mac = hmac.new(self.key, f"{name}\n{value}".encode(), hashlib.sha256).hexdigest() if self.key else ""
+        self.store.set(name, json.dumps({"v": value, "mac": mac}))
+
+    def _get(self, name: str, wait: bool = False) -> str | None:
+        if not wait and not self.store.check([name]):
+            return None
+        raw = self.store.get(name)
+        try:
+            doc = json.loads(raw)
+            value, mac = str(doc["v"]), str(doc["mac"])
+        except (ValueError, KeyError, TypeError):
+            self._forged(name, "not a signed value")
+            return None
+        if self.key is not None:
+            want = hmac.new(self.key, f"{name}\n{value}".encode(), hashlib.sha256).hexdigest()
+            if not hmac.compare_digest(want, mac):
+                self._forged(name, "bad signature")
+                return None
+        return value
+
+    def _forged(self, name: str, why: str) -> None:
+        kind = name.split("/", 1)[0]
+        self.forged[kind] += 1
+        if self.forged[kind] in (1, 10, 100, 1000):
+            log.warning("ignored a forged value in the run store", key=name, why=why, count=self.forged[kind])
+        return None
+
+    # ---- keys ----------------------------------------------------------------------------------------
     def publish_endpoints(self, e: Endpoints) -> None:
-        self.store.set("endpoints", json.dumps(asdict(e)))
+        self._set("endpoints", json.dumps(asdict(e)))
 
     def endpoints(self) -> Endpoints:
-        """Blocks until node 0 has published them (up to the store timeout)."""
-        return Endpoints(**json.loads(self.store.get("endpoints")))
+        """Blocks until node 0 has published them (up to the store timeout); raises on a forged value."""
+        value = self._get("endpoints", wait=True)
+        if value is None:
+            raise RuntimeError("the run store's endpoints are not signed with this run's key")
+        return Endpoints(**json.loads(value))
 
     def notify_drop(self, worker_id: str, pid: int) -> None:
-        self.store.set(f"drop/{worker_id}", str(pid))
+        self._set(f"drop/{worker_id}", str(pid))
 
     def dropped_pid(self, worker_id: str) -> int | None:
-        key = f"drop/{worker_id}"
-        if not self.store.check([key]):
-            return None
-        return int(self.store.get(key))
+        value = self._get(f"drop/{worker_id}")
+        return int(value) if value is not None and value.isdigit() else None
 
     def mark_done(self) -> None:
-        self.store.set("done", "1")
+        self._set("done", "1")
 
     def done(self) -> bool:
-        return bool(self.store.check(["done"]))
+        return self._get("done") == "1"
+
+
+def ensure_store_key(key_dir: str | Path) -> bytes:
+    """Node 0: the run store's signing key in ``key_dir/store.key`` (mode 0600), created if missing."""
+    d = Path(key_dir)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    f = d / "store.key"
+    if not f.exists():
+        tmp = d / f".store.key.{os.getpid()}"
+        tmp.write_bytes(secrets.token_bytes(32))
+        os.chmod(tmp, 0o600)
+        tmp.replace(f)
+    return f.read_bytes()
+
+
+def load_store_key(key_dir: str | Path, timeout_s: float = 120.0) -> bytes:
+    """Other nodes (and learner rank 0): wait for node 0's key on shared storage."""
+    f = Path(key_dir) / "store.key"
+    deadline = time.monotonic() + timeout_s
+    while not f.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no run-store key appeared at {f} within {timeout_s:.0f} s")
+        time.sleep(0.5)
+    return f.read_bytes()

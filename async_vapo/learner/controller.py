@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -26,7 +27,7 @@ import uvloop
 import zmq.asyncio
 
 from async_vapo.buffer import GroupBuffer, PromptLedger, StalenessManager
-from async_vapo.cluster.rendezvous import RunStore
+from async_vapo.cluster.rendezvous import RunStore, load_store_key
 from async_vapo.protocol import (
     Assign,
     Control,
@@ -67,6 +68,8 @@ class ControllerConfig:
     insecure: bool = False
     curve_dir: str = ""  # CURVE keys for sockets beyond loopback (async_vapo.protocol.keys)
     store_address: str = ""  # the run's rendezvous store: drop notices for the launchers, "done"
+    store_key_dir: str = ""  # where the run store's signing key is (multi-node runs)
+    store_dir: str = ""  # one machine: weight groups meet in file stores here (no TCP listener)
     # streamed publish over several learner ranks: engines are spread over these ranks (weight_sync.fanout)
     fanout_ranks: int = 1
 
@@ -77,7 +80,7 @@ class StreamTarget:
 
     worker: WorkerState
     ack: asyncio.Future
-    join: tuple[str, int, int, str, float] | None = None  # a group its owner joins for this update
+    join: tuple[str, int, int, str, float, str] | None = None  # a group its owner joins (GroupSpec fields)
     error: BaseException | None = None
     seconds: float = 0.0
     nbytes: int = 0
@@ -133,7 +136,9 @@ class Controller:
         self.sync_count = 0
         self.sync_seconds = 0.0
         self.sync_bytes = 0
-        self._store = RunStore.connect(cfg.store_address) if cfg.store_address else None
+        key = load_store_key(cfg.store_key_dir) if cfg.store_key_dir else None
+        self._store = RunStore.connect(cfg.store_address, key) if cfg.store_address else None
+        self._groups_made = 0
         self._streamed_version = initial_version  # weights the engines should have (streamed publish)
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -262,15 +267,9 @@ class Controller:
             self._ack_waiters[(w.worker_id, version)] = ack
             join = None
             if w.owner != 0 and not w.owner_joined:  # its owner and its workers meet in a fresh group
-                spec = GroupSpec(
-                    self.cfg.weight_host,
-                    _free_port(),
-                    1 + w.tp,
-                    self.cfg.weight_backend,
-                    self.cfg.weight_sync_timeout_s,
-                )
+                spec = self._group_spec(w.worker_id, 1 + w.tp)
                 w.store = serve_store(spec)
-                join = (spec.host, spec.port, spec.world_size, spec.backend, spec.timeout_s)
+                join = (spec.host, spec.port, spec.world_size, spec.backend, spec.timeout_s, spec.store_file)
                 await self.control.send(w.worker_id, JoinGroup(*join))
             await self.control.send(w.worker_id, WeightUpdate(version, buckets))
             targets.append(StreamTarget(w, ack, join))
@@ -406,14 +405,12 @@ class Controller:
             log.info("worker ready", worker=hello.worker_id, pid=hello.pid, version=w.version, owner=w.owner)
             return
         # the engine's group: this rank + every vLLM worker of the engine (one per tensor-parallel rank)
-        world = 1 + hello.tensor_parallel_size
-        spec = GroupSpec(
-            self.cfg.weight_host, _free_port(), world, self.cfg.weight_backend, self.cfg.weight_sync_timeout_s
-        )
+        spec = self._group_spec(hello.worker_id, 1 + hello.tensor_parallel_size)
         link = EngineLink(spec)
         connecting = asyncio.ensure_future(asyncio.to_thread(link.connect))
         await self.control.send(
-            hello.worker_id, JoinGroup(spec.host, spec.port, world, spec.backend, spec.timeout_s)
+            hello.worker_id,
+            JoinGroup(spec.host, spec.port, spec.world_size, spec.backend, spec.timeout_s, spec.store_file),
         )
         try:
             await asyncio.wait_for(connecting, spec.timeout_s + 5)
@@ -427,6 +424,22 @@ class Controller:
         else:
             await self._sync_worker(w)
         log.info("worker ready", worker=hello.worker_id, pid=hello.pid, version=w.version)
+
+    def _group_spec(self, worker_id: str, world: int) -> GroupSpec:
+        """A fresh weight group: a file store in the run directory on one machine, else a TCP store."""
+        store_file = ""
+        if self.cfg.store_dir:
+            self._groups_made += 1
+            store_file = str(Path(self.cfg.store_dir) / f"{worker_id}-{self._groups_made}")
+        port = 0 if store_file else _free_port()
+        return GroupSpec(
+            self.cfg.weight_host,
+            port,
+            world,
+            self.cfg.weight_backend,
+            self.cfg.weight_sync_timeout_s,
+            store_file,
+        )
 
     def _pick_owner(self) -> int:
         """The learner rank with the fewest engines (lowest rank on ties)."""

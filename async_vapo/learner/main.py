@@ -49,7 +49,10 @@ class LearnerArgs:
     resume: bool = False
     cpu_affinity: tuple[int, ...] = ()
     weight_host: str = "127.0.0.1"  # where rollout workers reach this rank's weight-sync stores
-    store_address: str = ""  # the run's rendezvous store (host:port), rank 0 reports dropped workers there
+    store_address: str = ""  # the run's rendezvous store (host:port or file:path): rank 0 reports drops there
+    store_key_dir: str = ""  # multi-node: where the run store's signing key is
+    world_store: str = ""  # one machine: the learner world meets in this FileStore (no TCP listener)
+    group_store_dir: str = ""  # one machine: weight groups meet in FileStores in this directory
 
 
 class _Cmd:
@@ -95,7 +98,7 @@ class Trainer:
         if self.on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         self.device = torch.device("cuda") if self.on_gpu else torch.device("cpu")
-        init_distributed("nccl" if self.on_gpu else "gloo")
+        init_distributed("nccl" if self.on_gpu else "gloo", args.world_store)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         check_learner_split(cfg, self.world)  # before any collective of the training loop
         self.comm_device = self.device  # gloo on CPU, NCCL (device tensors) on GPUs
@@ -150,6 +153,8 @@ class Trainer:
                     insecure=cfg.insecure,
                     curve_dir=cfg.curve_dir,
                     store_address=args.store_address,
+                    store_key_dir=args.store_key_dir,
+                    store_dir=args.group_store_dir,
                     fanout_ranks=self.world if self.stream_publish and t.weight_fanout else 1,
                 ),
                 self.ledger,

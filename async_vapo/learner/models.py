@@ -60,8 +60,10 @@ def load_value(policy_path: str, value_path: str, dtype: torch.dtype) -> ValueMo
     return model
 
 
-def init_distributed(backend: str) -> None:
-    """Single-process default (RANK 0 of 1) unless a launcher set the torch.distributed environment."""
+def init_distributed(backend: str, file_store: str = "") -> None:
+    """Single-process default (RANK 0 of 1) unless a launcher set the torch.distributed environment.
+    ``file_store``: meet in a ``FileStore`` at that path instead of the TCPStore at MASTER_ADDR (one
+    machine: a TCPStore listens on every interface)."""
     import deepspeed
 
     os.environ.setdefault("RANK", "0")
@@ -74,7 +76,15 @@ def init_distributed(backend: str) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    deepspeed.init_distributed(dist_backend=backend)
+    if file_store:
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            init_method=f"file://{file_store}",
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
+    else:
+        deepspeed.init_distributed(dist_backend=backend)
 
 
 def make_engine(

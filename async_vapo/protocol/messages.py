@@ -148,6 +148,7 @@ class JoinGroup(_Wire, tag="join", frozen=True):
     world_size: int
     backend: str
     timeout_s: float
+    store_file: str = ""  # one machine: the group's FileStore instead of the TCPStore at host:port
 
 
 class WorkerStats(_Wire, tag="stats", frozen=True):
@@ -216,7 +217,7 @@ class PublishTarget(msgspec.Struct, array_like=True, frozen=True):
 
     worker_id: str
     owner: int
-    join: tuple[str, int, int, str, float] | None = None
+    join: tuple[str, int, int, str, float, str] | None = None  # GroupSpec's fields
 
 
 class PublishPlan(msgspec.Struct, array_like=True, frozen=True):

@@ -112,7 +112,8 @@ class RolloutEngine:
 
     async def init_weight_group(self, spec: GroupSpec) -> None:
         await self.llm.collective_rpc(
-            "init_weight_group", args=(spec.host, spec.port, spec.world_size, spec.backend, spec.timeout_s)
+            "init_weight_group",
+            args=(spec.host, spec.port, spec.world_size, spec.backend, spec.timeout_s, spec.store_file),
         )
 
     async def load_weights(self, buckets: list[BucketMeta]) -> float:

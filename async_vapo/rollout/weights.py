@@ -32,10 +32,13 @@ class WeightReceiver:
     _weight_pg: Any = None
     _tied: list[list[tuple[Any, str]]] | None = None
 
-    def init_weight_group(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> int:
+    def init_weight_group(
+        self, host: str, port: int, world_size: int, backend: str, timeout_s: float, store_file: str = ""
+    ) -> int:
         rank = 1 + int(getattr(self, "rank", 0))
         self._tied = _tied_groups(self.model_runner.get_model())  # type: ignore[attr-defined]
-        self._weight_pg = join_group(GroupSpec(host, port, world_size, backend, timeout_s), rank)
+        spec = GroupSpec(host, port, world_size, backend, timeout_s, store_file)
+        self._weight_pg = join_group(spec, rank, serve=False)
         return rank
 
     def receive_weights(self, buckets: list[BucketMeta]) -> float:

@@ -108,7 +108,9 @@ class RolloutWorker:
                     for p in msg.prompts:
                         self._spawn(self._rollout(p, msg.sampling))
                 elif isinstance(msg, JoinGroup):
-                    spec = GroupSpec(msg.host, msg.port, msg.world_size, msg.backend, msg.timeout_s)
+                    spec = GroupSpec(
+                        msg.host, msg.port, msg.world_size, msg.backend, msg.timeout_s, msg.store_file
+                    )
                     # an update that follows (a group joined for a streamed publish) waits for it
                     self._joining = asyncio.create_task(self.engine.init_weight_group(spec))
                     self._tasks.add(self._joining)

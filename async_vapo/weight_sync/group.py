@@ -1,8 +1,9 @@
 """The dedicated process group between learner rank 0 and one rollout engine's workers.
 
 It lives outside any global ``torch.distributed`` world (the learner's DeepSpeed world and vLLM's own
-parallel groups stay untouched): a ``TCPStore`` served by the learner plus a gloo group on CPU, an NCCL
-communicator on GPUs. Rank 0 is always the learner; engine worker ``i`` is rank ``1 + i``.
+parallel groups stay untouched): a ``TCPStore`` served by the learner (a ``FileStore`` in the run
+directory when everything is on one machine: a ``TCPStore`` listens on every interface) plus a gloo group
+on CPU, an NCCL communicator on GPUs. Rank 0 is always the learner; engine worker ``i`` is rank ``1 + i``.
 
 A peer that never joins or stops answering surfaces as a ``RuntimeError`` from the collective after
 ``timeout`` seconds (gloo enforces it), never as a hang.
@@ -24,11 +25,14 @@ class GroupSpec:
     world_size: int
     backend: str = "gloo"  # "nccl" on GPUs
     timeout_s: float = 60.0
+    store_file: str = ""  # a FileStore path (one machine: no listener) instead of a TCPStore at host:port
 
 
-def serve_store(spec: GroupSpec) -> dist.TCPStore:
+def serve_store(spec: GroupSpec) -> dist.TCPStore | None:
     """The rendezvous store of a group whose members all join as clients (``join_group(..., serve=False)``):
-    the controller serves it when another learner rank is the group's rank 0."""
+    the controller serves it when another learner rank is the group's rank 0 (a file store needs no one)."""
+    if spec.store_file:
+        return None
     return dist.TCPStore(
         spec.host,
         spec.port,
@@ -42,14 +46,19 @@ def serve_store(spec: GroupSpec) -> dist.TCPStore:
 def join_group(spec: GroupSpec, rank: int, serve: bool | None = None):
     """Join (rank 0 serves the store unless ``serve`` says otherwise). Returns a process group object
     with ``broadcast``."""
-    store = dist.TCPStore(
-        spec.host,
-        spec.port,
-        spec.world_size,
-        is_master=(rank == 0) if serve is None else serve,
-        timeout=timedelta(seconds=spec.timeout_s),
-        wait_for_workers=False,
-    )
+    store: dist.Store
+    if spec.store_file:
+        store = dist.FileStore(spec.store_file, spec.world_size)
+        store.set_timeout(timedelta(seconds=spec.timeout_s))
+    else:
+        store = dist.TCPStore(
+            spec.host,
+            spec.port,
+            spec.world_size,
+            is_master=(rank == 0) if serve is None else serve,
+            timeout=timedelta(seconds=spec.timeout_s),
+            wait_for_workers=False,
+        )
     if spec.backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, spec.world_size, timedelta(seconds=spec.timeout_s))
     if spec.backend == "nccl":
