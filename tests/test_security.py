@@ -185,7 +185,8 @@ def test_run_store_values_are_signed_and_forgeries_ignored(tmp_path):
         attacker.get(key)  # a SET is not acknowledged: a GET on the same connection orders it
 
     node0.notify_drop("rollout-3", 4242)  # the controller's real notice
-    node0.store.get("drop/rollout-3")    assert node1.dropped_pid("rollout-3") == 4242
+    node0.store.get("drop/rollout-3")
+    assert node1.dropped_pid("rollout-3") == 4242
     for forged in ("777", '{"v": "777", "mac": "' + "0" * 64 + '"}', "not json {", '{"v": 1}'):
         forge("drop/rollout-5", forged)
         assert node1.dropped_pid("rollout-5") is None
@@ -193,11 +194,13 @@ def test_run_store_values_are_signed_and_forgeries_ignored(tmp_path):
     assert node1.done() is False
     assert node1.forged == {"drop": 4, "done": 1}
     node0.mark_done()
-    node0.store.get("done")    assert node1.done() is True
+    node0.store.get("done")
+    assert node1.done() is True
     # a value signed with another key is a forgery too
     other = RunStore.connect(node0.address, key=b"x" * 32)
     other.notify_drop("rollout-6", 1)
-    other.store.get("drop/rollout-6")    assert node1.dropped_pid("rollout-6") is None
+    other.store.get("drop/rollout-6")
+    assert node1.dropped_pid("rollout-6") is None
 
 
 def test_one_machine_run_store_is_a_file(tmp_path):
