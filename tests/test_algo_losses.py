@@ -185,3 +185,42 @@ def test_group_normalized_advantages():
     assert float(adv[0, 2]) == 0.0
     assert torch.all(adv[4:] == 0)  # all-equal group: no signal
     assert float(adv[:4, 0].sum()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_whitening_from_shard_statistics_matches_the_whole_batch():
+    """Two-pass statistics summed over shards (as the learner reduces them over ranks) whiten every shard
+    exactly like ``masked_whiten`` whitens the union (reference: a plain loop over valid entries)."""
+    from async_vapo.algo import masked_sq_dev, masked_sum_count, whiten_with
+
+    torch.manual_seed(3)
+    x = torch.randn(6, 5) * 3 + 1
+    mask = torch.rand(6, 5) > 0.3
+    vals = [float(x[i, j]) for i in range(6) for j in range(5) if mask[i, j]]
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    shards = [slice(0, 2), slice(2, 6)]
+    total, count = sum(masked_sum_count(x[s], mask[s]) for s in shards).unbind()
+    assert float(total / count) == pytest.approx(mean, rel=1e-5)
+    sq = sum(masked_sq_dev(x[s], mask[s], total / count) for s in shards)
+    assert float(sq / (count - 1)) == pytest.approx(var, rel=1e-5)
+    whole = masked_whiten(x, mask)
+    for s in shards:
+        torch.testing.assert_close(whiten_with(x[s], mask[s], total / count, sq / (count - 1)), whole[s])
+
+
+def test_group_normalized_advantages_keep_dtype():
+    scores = torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    adv = group_normalized_advantages(scores, torch.tensor([0, 0, 1, 1]), torch.ones(4, 2, dtype=torch.bool))
+    assert adv.dtype == torch.float64 and adv.device == scores.device
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_group_normalized_advantages_on_the_gpu():
+    """The value-free baseline used to allocate its group sums on the CPU and fail on GPU tensors."""
+    dev = torch.device("cuda")
+    scores = torch.tensor([1.0, 0.0, 1.0, 1.0], device=dev)
+    adv = group_normalized_advantages(
+        scores, torch.tensor([0, 0, 1, 1], device=dev), torch.ones(4, 3, dtype=torch.bool, device=dev)
+    )
+    assert adv.device.type == "cuda" and float(adv[2:].abs().sum()) == 0.0

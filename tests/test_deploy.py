@@ -83,3 +83,18 @@ def test_dry_run_refuses_32b_with_zero1_on_80gb():
     res = _dry_run("--rollout-gpus", "32", "--train-gpus", "32", "train.zero_stage=1")
     assert res.returncode == 2
     assert "IMPOSSIBLE" in res.stdout and "zero_stage" in res.stdout
+
+
+def test_dry_run_counts_the_publish_memory():
+    """The streamed publish fits the 32B recipe; a whole-model snapshot on rank 0 would not."""
+    ok = _dry_run("--rollout-gpus", "32", "--train-gpus", "32")
+    assert "publish 2.9" in ok.stdout and "weight_receive" in ok.stdout
+    res = _dry_run("--rollout-gpus", "32", "--train-gpus", "32", "train.publish=snapshot")
+    assert res.returncode == 2 and "train.publish=stream" in res.stdout
+
+
+def test_an_uneven_split_of_groups_is_a_config_error():
+    """512 groups cannot go evenly to 24 learner ranks x 16 mini-batches: refused before anything runs."""
+    res = _dry_run("--rollout-gpus", "32", "--train-gpus", "24")
+    assert res.returncode == 2
+    assert "train.groups_per_step (512) must be a multiple of the learner ranks (24)" in res.stderr

@@ -49,21 +49,21 @@ def test_two_nodes_train_end_to_end(tiny_model_dir, tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1")
     common = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
     cmd = [sys.executable, "-m", "async_vapo.launch", "--output-dir", str(out), *SMALL, "train.total_steps=2"]
+    err_files = [tmp_path / f"node{rank}.err" for rank in (1, 0)]  # files: a full pipe would block a node
     nodes = [
         subprocess.Popen(
             [*cmd, *common, "--node-rank", str(rank)],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=open(f, "w"),  # noqa: SIM115 (closed with the process)
             text=True,
             env=env,
         )
-        for rank in (1, 0)  # node 1 first: it must wait for node 0's store, not fail
+        for rank, f in zip((1, 0), err_files, strict=True)  # node 1 first: it must wait for node 0's store
     ]
     forged = forge_notices(out / "run" / "node1.json", port)
-    errs = []
     for p in nodes:
-        _, err = p.communicate(timeout=600)
-        errs.append(err)
+        p.wait(timeout=600)
+    errs = [f.read_text() for f in err_files]
     assert [p.returncode for p in nodes] == [0, 0], "\n\n".join(e[-3000:] for e in errs)
     # the forged drop notices for node 1's live worker changed nothing and were logged
     assert forged

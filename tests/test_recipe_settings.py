@@ -40,19 +40,22 @@ RECIPE_LIKE = [
 
 def launch_watching_listeners(out, *extra: str, timeout: float = 900):
     """The launcher as ``test_e2e.launch`` runs it, while every listening TCP socket of its process tree
-    (learner ranks, vLLM engines and their workers, verifier pools) is recorded once a second."""
+    (learner ranks, vLLM engines and their workers, verifier pools) is recorded once a second. Output goes
+    to files (a pipe nobody reads while the run goes on would fill and block it)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1")
     cmd = [sys.executable, "-m", "async_vapo.launch", "--output-dir", str(out), *SMALL, *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    logs = out.parent / "launcher.out", out.parent / "launcher.err"
     seen: set[tuple[str, int]] = set()
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
-        seen |= listening_sockets(process_tree(proc.pid))
-        time.sleep(1.0)
-    if proc.poll() is None:
-        proc.kill()
-    stdout, stderr = proc.communicate()
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), seen
+    with open(logs[0], "w") as so, open(logs[1], "w") as se:
+        proc = subprocess.Popen(cmd, stdout=so, stderr=se, text=True, env=env)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen |= listening_sockets(process_tree(proc.pid))
+            time.sleep(1.0)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, logs[0].read_text(), logs[1].read_text()), seen
 
 
 def test_recipe_settings_train_end_to_end(tiny_model_dir, tmp_path):
