@@ -58,9 +58,7 @@ def _rank(rank: int, port: int, mb: int, bucket_mb: float, cases: list, q: Any, 
             for k in range(n_engines):
                 spec = GroupSpec("127.0.0.1", _port(), 2, "gloo", 300.0)
                 stores.append(serve_store(spec))
-                targets.append(
-                    PublishTarget(f"e{k}", k % 2 if spread else 0, (spec.host, spec.port, 2, "gloo", 300.0))
-                )
+                targets.append(PublishTarget(f"e{k}", k % 2 if spread else 0, spec.as_tuple()))
                 q.put((case_i, spec.port, plan.buckets, reps))
         times = []
         for rep in range(reps):

@@ -102,16 +102,9 @@ def _receiver(port: int, q: Any, out: Any) -> None:
 def _rank(
     rank: int, port: int, wport: int, layers: int, bucket_mb: float, q: Any, out: Any, res: Any
 ) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "DS_ACCELERATOR": "cpu",
-        }
-    )
+    from async_vapo.learner.models import local_rank_env
+
+    os.environ.update(local_rank_env(rank, 2, port))
     torch.set_num_threads(1)
     import deepspeed
 

@@ -65,16 +65,9 @@ def make_groups(model_dir: str, n_groups: int, n: int, seed: int):
 
 
 def rank_main(rank: int, world: int, port: int, job: dict) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "DS_ACCELERATOR": "cpu",
-        }
-    )
+    from async_vapo.learner.models import local_rank_env
+
+    os.environ.update(local_rank_env(rank, world, port))
     torch.set_num_threads(1)
     torch.manual_seed(0)
     random.seed(0)

@@ -41,16 +41,9 @@ def _engine(model_dir: str, port: int, buckets, out, ready) -> None:
 
 
 def _rank(rank: int, port: int, model_dir: str, q, res, go) -> None:
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "DS_ACCELERATOR": "cpu",
-        }
-    )
+    from async_vapo.learner.models import local_rank_env
+
+    os.environ.update(local_rank_env(rank, 2, port))
     torch.set_num_threads(1)
     from async_vapo.learner.models import init_distributed, load_policy, make_engine
     from async_vapo.weight_sync.group import GroupSpec, serve_store
@@ -66,7 +59,7 @@ def _rank(rank: int, port: int, model_dir: str, q, res, go) -> None:
         for k in range(3):  # engines 0, 2 fed by rank 0; engine 1 by rank 1 (it never joins)
             spec = GroupSpec("127.0.0.1", free_port(), 2, "gloo", 5.0)
             stores.append(serve_store(spec))
-            targets.append(PublishTarget(f"e{k}", k % 2, (spec.host, spec.port, 2, "gloo", 5.0)))
+            targets.append(PublishTarget(f"e{k}", k % 2, spec.as_tuple()))
             q.put((k, spec.port, plan.buckets))
         pp = PublishPlan(1, targets, [t.worker_id for t in targets])
         go.wait(240)

@@ -269,7 +269,7 @@ class Controller:
             if w.owner != 0 and not w.owner_joined:  # its owner and its workers meet in a fresh group
                 spec = self._group_spec(w.worker_id, 1 + w.tp)
                 w.store = serve_store(spec)
-                join = (spec.host, spec.port, spec.world_size, spec.backend, spec.timeout_s, spec.store_file)
+                join = spec.as_tuple()
                 await self.control.send(w.worker_id, JoinGroup(*join))
             await self.control.send(w.worker_id, WeightUpdate(version, buckets))
             targets.append(StreamTarget(w, ack, join))
@@ -410,7 +410,7 @@ class Controller:
         connecting = asyncio.ensure_future(asyncio.to_thread(link.connect))
         await self.control.send(
             hello.worker_id,
-            JoinGroup(spec.host, spec.port, spec.world_size, spec.backend, spec.timeout_s, spec.store_file),
+            JoinGroup(*spec.as_tuple()),
         )
         try:
             await asyncio.wait_for(connecting, spec.timeout_s + 5)

@@ -60,6 +60,18 @@ def load_value(policy_path: str, value_path: str, dtype: torch.dtype) -> ValueMo
     return model
 
 
+def local_rank_env(rank: int, world: int, master_port: int) -> dict[str, str]:
+    """The torch.distributed environment of learner rank ``rank`` of ``world`` on this machine (CPU)."""
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(master_port),
+        "DS_ACCELERATOR": "cpu",
+    }
+
+
 def init_distributed(backend: str, file_store: str = "") -> None:
     """Single-process default (RANK 0 of 1) unless a launcher set the torch.distributed environment.
     ``file_store``: meet in a ``FileStore`` at that path instead of the TCPStore at MASTER_ADDR (one

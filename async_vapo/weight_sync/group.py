@@ -27,6 +27,10 @@ class GroupSpec:
     timeout_s: float = 60.0
     store_file: str = ""  # a FileStore path (one machine: no listener) instead of a TCPStore at host:port
 
+    def as_tuple(self) -> tuple[str, int, int, str, float, str]:
+        """The fields in order (``GroupSpec(*spec.as_tuple())``; ``PublishTarget.join``, ``JoinGroup``)."""
+        return (self.host, self.port, self.world_size, self.backend, self.timeout_s, self.store_file)
+
 
 def serve_store(spec: GroupSpec) -> dist.TCPStore | None:
     """The rendezvous store of a group whose members all join as clients (``join_group(..., serve=False)``):
