@@ -12,7 +12,7 @@ import pytest
 from async_vapo.protocol import unpack_i32
 from async_vapo.tasks.datasets import DatasetError, load_prompts
 
-AIME = Path(__file__).resolve().parents[2] / "shared" / "data" / "aime24.jsonl"
+AIME = Path(__file__).resolve().parents[1] / "data" / "aime24.jsonl"  # shipped with the repository
 
 
 class CharTokenizer:
@@ -58,3 +58,11 @@ def test_malformed_json_row_is_named(tmp_path):
     path.write_text('{"problem": "x", "answer": "1"}\n{not json\n')
     with pytest.raises(DatasetError, match="row 1 is not valid JSON"):
         load_prompts(path, CharTokenizer(), "{problem}", "problem", "answer")
+
+
+def test_shipped_aime_file_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    from async_vapo.tasks.datasets import read_rows
+
+    monkeypatch.chdir(tmp_path)
+    rows = read_rows("data/aime24.jsonl")
+    assert len(rows) == 30 and all(str(r["answer"]).strip() for r in rows)

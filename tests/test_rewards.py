@@ -11,7 +11,7 @@ import pytest
 
 from async_vapo.rewards import AdditionVerifier, MathVerifier, VerifierPool, extract_math_answer
 
-AIME = Path(__file__).resolve().parents[2] / "shared" / "data" / "aime24.jsonl"
+AIME = Path(__file__).resolve().parents[1] / "data" / "aime24.jsonl"  # shipped with the repository
 
 
 def aime_rows():

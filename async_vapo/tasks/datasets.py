@@ -19,8 +19,20 @@ class DatasetError(ValueError):
     pass
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """A relative path is taken from the working directory, else from the repository root, so that
+    ``data/aime24.jsonl`` (shipped with the repository) works from anywhere."""
     p = Path(path)
+    if p.is_absolute() or p.exists() or not (REPO_ROOT / p).exists():
+        return p
+    return REPO_ROOT / p
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    p = resolve_data_path(path)
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
 
