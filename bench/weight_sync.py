@@ -219,14 +219,19 @@ def main() -> None:
     if not args.no_zero3:
         from zero3_publish import zero3_publish
 
-        z3 = report["zero3_2ranks"] = zero3_publish(args.zero3_layers, args.bucket_mb)
+        # two proportions: the largest tensor (embedding / LM head) at 2.8% of the model, as in
+        # Qwen2.5-32B (2.4%), and at 10% (a 32k vocabulary on a small model): the floor is that tensor
+        for label, vocab in (("qwen32b_proportions", 8000), ("large_vocab", 32000)):
+            z3 = report[f"zero3_2ranks_{label}"] = zero3_publish(args.zero3_layers, args.bucket_mb, vocab)
+            print(
+                f"ZeRO-3 publish, 2 ranks, {z3['params_m']} M params ({z3['model_mb']} MB, largest tensor "
+                f"{z3['largest_tensor_mb']} MB): peak extra on rank 0 stream {z3['stream']['publish_peak_extra_mb']}"
+                f" MB ({z3['stream_extra_vs_model']:.0%} of the model), whole-model snapshot "
+                f"{z3['snapshot']['publish_peak_extra_mb']} MB ({z3['snapshot_extra_vs_model']:.0%})",
+                file=sys.stderr,
+            )
+        # the top-level figures are the less favourable case
         report["publish_peak_extra_mb"], report["model_mb"] = z3["publish_peak_extra_mb"], z3["model_mb"]
-        print(
-            f"ZeRO-3 publish, 2 ranks, {z3['params_m']} M params ({z3['model_mb']} MB): peak extra on rank 0 "
-            f"stream {z3['stream']['publish_peak_extra_mb']} MB ({z3['stream_extra_vs_model']:.0%} of the model), "
-            f"whole-model snapshot {z3['snapshot']['publish_peak_extra_mb']} MB",
-            file=sys.stderr,
-        )
     if not args.no_fanout:
         from fanout import fanout
 

@@ -100,7 +100,7 @@ def _receiver(port: int, q: Any, out: Any) -> None:
 
 
 def _rank(
-    rank: int, port: int, wport: int, layers: int, bucket_mb: float, q: Any, out: Any, res: Any
+    rank: int, port: int, wport: int, layers: int, vocab: int, bucket_mb: float, q: Any, out: Any, res: Any
 ) -> None:
     from async_vapo.learner.models import local_rank_env
 
@@ -115,7 +115,7 @@ def _rank(
 
     init_distributed("gloo")
     with deepspeed.zero.Init():  # built partitioned: no rank ever holds the whole model
-        model = synthetic_model(layers)
+        model = synthetic_model(layers, vocab=vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -174,7 +174,7 @@ def _rank(
         res.put(figures)
 
 
-def zero3_publish(layers: int = 18, bucket_mb: float = 64.0) -> dict[str, Any]:
+def zero3_publish(layers: int = 18, bucket_mb: float = 64.0, vocab: int = 32000) -> dict[str, Any]:
     """Runs the comparison (2 learner ranks + 1 receiver, spawned); returns rank 0's figures."""
     # glibc keeps freed allocations below its (self-raising) mmap threshold in the heap, where RSS would
     # not show them leave; a fixed 1 MiB threshold makes RSS follow the live tensors
@@ -184,7 +184,10 @@ def zero3_publish(layers: int = 18, bucket_mb: float = 64.0) -> dict[str, Any]:
     q, out, res = ctx.Queue(), ctx.Queue(), ctx.Queue()
     recv = ctx.Process(target=_receiver, args=(wport, q, out))
     recv.start()
-    ranks = [ctx.Process(target=_rank, args=(r, port, wport, layers, bucket_mb, q, out, res)) for r in (0, 1)]
+    ranks = [
+        ctx.Process(target=_rank, args=(r, port, wport, layers, vocab, bucket_mb, q, out, res))
+        for r in (0, 1)
+    ]
     for p in ranks:
         p.start()
     figures = res.get(timeout=1800)
@@ -195,6 +198,7 @@ def zero3_publish(layers: int = 18, bucket_mb: float = 64.0) -> dict[str, Any]:
     figures["stream_extra_vs_model"] = round(stream["publish_peak_extra_mb"] / figures["model_mb"], 3)
     figures["snapshot_extra_vs_model"] = round(snap["publish_peak_extra_mb"] / figures["model_mb"], 3)
     figures["bucket_mb"] = bucket_mb
+    figures["largest_tensor_mb"] = round(vocab * 1024 * 2 / MB, 1)  # embedding / head (bf16)
     return figures
 
 

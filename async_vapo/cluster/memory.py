@@ -8,8 +8,8 @@ checkpointing one bf16 hidden state per layer plus one layer's working set, with
 sizes per token per layer (Korthikanti et al.'s estimate with flash attention), plus the fp32 logits of
 the policy's LM head. vLLM engine: bf16 weights / TP, the rest of ``gpu_memory_utilization`` is KV cache.
 
-Publishing new weights (learner rank 0): a streamed publish holds one gathered bucket and its flat copy
-(2 x the larger of ``bucket_mb`` and the largest tensor, the embedding); a snapshot holds a full copy of
+Publishing new weights (learner rank 0): a streamed publish holds one flat bucket and one gathered
+parameter, or the largest tensor (the embedding) sent as it is; a snapshot holds a full copy of
 the bf16 weights (and, under ZeRO-3, the whole gathered model while it copies). The engine's workers
 receive a streamed update bucket by bucket (models up to 1 GiB keep their receive buffers).
 """
@@ -147,8 +147,9 @@ def estimate_memory(
     if zero_stage >= 3:  # one layer gathered at a time (DeepSpeed prefetch: about two)
         learner["zero3_gathered"] = 2 * 2.0 * (p / shape.layers) / GiB
     bucket = max(bucket_mb * 2**20, 2.0 * shape.vocab * shape.hidden)
-    if stream_publish:
-        learner["publish"] = 2 * bucket / GiB
+    if stream_publish:  # one flat bucket + one gathered parameter, or the embedding sent as it is
+        largest_in_layer = 2.0 * shape.intermediate * shape.hidden
+        learner["publish"] = max(bucket_mb * 2**20 + largest_in_layer, 2.0 * shape.vocab * shape.hidden) / GiB
     else:
         learner["publish"] = (2.0 * p * (2 if zero_stage >= 3 else 1)) / GiB
     engine_weights = 2.0 * p / tensor_parallel_size

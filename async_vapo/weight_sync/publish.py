@@ -2,11 +2,11 @@
 
 With ZeRO-3 no rank holds the whole model, and gathering all of it at once (then copying it into a
 snapshot) needs two full copies on one device: about 2 x 61 GiB for a 32B model in bf16. Here every learner
-rank walks the same bucket plan; for each bucket all ranks gather just that bucket's parameters
-(``deepspeed.zero.GatheredParameters``, a no-op for ZeRO 0-2), the sending rank copies them into one flat
-buffer, hands it to ``send`` (a broadcast to every engine that takes this update) and releases both before
-the next bucket. Peak extra memory on the sending rank: the gathered bucket + its flat copy, about
-2 x ``bucket_bytes`` (plus the largest single tensor, which gets a bucket of its own).
+rank walks the same bucket plan; for each bucket all ranks gather its parameters one at a time
+(``deepspeed.zero.GatheredParameters``, a no-op for ZeRO 0-2), the sending rank copies each into one flat
+buffer and hands the full buffer to ``send`` (a broadcast to every engine that takes this update) before
+the next bucket; a tensor larger than a bucket is sent from its gathered parameter, no copy. Peak extra
+memory on the sending rank: about one bucket plus one parameter, or the largest parameter.
 
 Training does not go on while a bucket is sent: the gather is a collective of the learner world, so a
 streamed publish is part of the step (``snapshot`` mode overlaps training instead, at the cost of a full
@@ -65,18 +65,37 @@ def stream_publish(
     device: torch.device | str,
     gather: Callable[[list[torch.nn.Parameter]], contextlib.AbstractContextManager[Any]] = zero3_gather,
 ) -> int:
-    """Walk the plan on every rank (``gather`` is a collective); the rank with ``send`` copies each
-    gathered bucket into a flat buffer and sends it before the next bucket is gathered. Returns the
-    bytes sent (0 on the other ranks)."""
+    """Walk the plan on every rank (``gather`` is a collective, so every rank runs the same gathers);
+    the rank with ``send`` sends each bucket before the next one is gathered. Returns the bytes sent (0
+    on the other ranks).
+
+    A bucket of one tensor (the embedding, the LM head: larger than a bucket) is sent straight from the
+    gathered parameter; a bucket of several is filled one gathered parameter at a time. So the sending rank
+    never holds more than one flat bucket plus one gathered parameter, or one large gathered parameter.
+    """
     sent = 0
     for meta, params in zip(plan.buckets, plan.params, strict=True):
-        with gather(params), torch.no_grad():
-            if send is None:
+        with torch.no_grad():
+            if len(params) == 1:
+                with gather(params):
+                    if send is not None:
+                        t = params[0].detach().reshape(-1)
+                        send(t if t.is_contiguous() else t.contiguous())
+                        sent += t.numel() * t.element_size()
                 continue
-            flat = empty_flat(meta, device)
-            for (_, view), p in zip(unpack(meta, flat), params, strict=True):
-                view.copy_(p.detach().reshape(view.shape))
-            send(flat)
-            sent += flat.numel() * flat.element_size()
+            flat = empty_flat(meta, device) if send is not None else None
+            for (_, view), p in zip(
+                unpack(meta, flat) if flat is not None else _none(meta), params, strict=True
+            ):
+                with gather([p]):
+                    if view is not None:
+                        view.copy_(p.detach().reshape(view.shape))
+            if send is not None and flat is not None:
+                send(flat)
+                sent += flat.numel() * flat.element_size()
             del flat
     return sent
+
+
+def _none(meta: BucketMeta) -> list[tuple[str, None]]:
+    return [(name, None) for name, _, _ in meta]
