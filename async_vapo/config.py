@@ -109,6 +109,12 @@ class TrainConfig(_Section, frozen=True):
     # streamed publish: engines are fed by all learner ranks in turn (engine k by its owner rank), not
     # all by rank 0; False = rank 0 feeds every engine
     weight_fanout: bool = True
+
+    @property
+    def streams_publish(self) -> bool:
+        """Whether new weights leave the learner bucket by bucket (``publish``: auto = under ZeRO-3)."""
+        return self.publish == "stream" or (self.publish == "auto" and self.zero_stage == 3)
+
     weight_sync_timeout_s: float = 60.0  # a sync not finished by then drops the worker (it is restarted)
     worker_timeout_s: float = 30.0  # a worker silent (no heartbeat) this long is dropped and restarted
     gradient_checkpointing: bool = False  # recompute activations in backward (long sequences)

@@ -480,7 +480,7 @@ def dry_run(cfg: Config, lay: Layout, card_gib: float) -> int:
         card_gib,
         cfg.algo.estimator == "gae",
         None if lay.on_gpu else float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")),
-        stream_publish=t.publish == "stream" or (t.publish == "auto" and t.zero_stage == 3),
+        stream_publish=t.streams_publish,
         bucket_mb=t.bucket_mb,
     )
     print(f"model {path}: {shape.params / 1e6:,.1f} M parameters, {shape.layers} layers")

@@ -227,9 +227,7 @@ class Controller:
                 # marked now, not when the task first runs: a second publish before that must not start
                 # a second sync (two broadcasts interleaved on one group corrupt both)
                 w.updating = True
-                task = asyncio.ensure_future(self._sync_worker(w))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._spawn(self._sync_worker(w))
 
     # ---- streamed publish (main thread; see async_vapo.weight_sync.publish) ---------------------------
     def begin_stream(self, version: int, buckets: list[BucketMeta]) -> tuple[list[StreamTarget], PublishPlan]:
@@ -308,6 +306,7 @@ class Controller:
                 w.updating = False
 
     def _spawn(self, coro: Any) -> None:
+        """Run ``coro`` on the loop as a background task (kept referenced until it ends)."""
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -375,9 +374,7 @@ class Controller:
             w = self.workers.get(wid)
             if isinstance(msg, Hello):
                 # in the background: the handshake waits for acks that this very loop must receive
-                task = asyncio.ensure_future(self._on_hello(msg))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._spawn(self._on_hello(msg))
                 continue
             if w is None:
                 self.counters["message_from_unknown_worker"] += 1
@@ -408,10 +405,7 @@ class Controller:
         spec = self._group_spec(hello.worker_id, 1 + hello.tensor_parallel_size)
         link = EngineLink(spec)
         connecting = asyncio.ensure_future(asyncio.to_thread(link.connect))
-        await self.control.send(
-            hello.worker_id,
-            JoinGroup(*spec.as_tuple()),
-        )
+        await self.control.send(hello.worker_id, JoinGroup(*spec.as_tuple()))
         try:
             await asyncio.wait_for(connecting, spec.timeout_s + 5)
         except Exception as exc:
@@ -479,11 +473,7 @@ class Controller:
         w = self.workers.pop(wid, None)
         if w is None:
             return
-        task = asyncio.ensure_future(
-            self.control.send(wid, Control("shutdown", "learner", time.time(), "dropped"))
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self.control.send(wid, Control("shutdown", "learner", time.time(), "dropped")))
         with self.ready:
             n = self.ledger.requeue_worker(wid, reason)
             self.staleness.on_dropped(n)

@@ -111,7 +111,7 @@ class Trainer:
         per_rank = max(1, t.groups_per_step * cfg.rollout.n_samples // (self.world * t.mini_batches))
         micro = min(t.micro_batch_size, per_rank)
         self.micro = micro
-        self.stream_publish = t.publish == "stream" or (t.publish == "auto" and t.zero_stage == 3)
+        self.stream_publish = t.streams_publish
         self._stream_plan: StreamPlan | None = None
         self.links = RankLinks(self.rank)  # the engines this rank feeds (streamed publish)
 

@@ -126,10 +126,14 @@ def micro_slices(n_rows: int, micro: int, n_passes: int) -> list[slice | None]:
     return real + [None] * (n_passes - len(real))
 
 
+def _rank_slices(n_rows: int, micro: int, device: torch.device) -> list[slice | None]:
+    """``micro_slices`` padded to the largest number of micro-batches of any rank (one small all-reduce)."""
+    return micro_slices(n_rows, micro, _all_max(-(-n_rows // micro), device))
+
+
 def _passes(b: Batch, micro: int) -> Iterator[tuple[Batch, bool]]:
     """(micro-batch, is_real) for a forward-only sweep, padded to the ranks' maximum number of passes."""
-    n = _all_max(-(-b.size // micro), b.input_ids.device)
-    for sl in micro_slices(b.size, micro, n):
+    for sl in _rank_slices(b.size, micro, b.input_ids.device):
         yield (b.select(sl), True) if sl is not None else (b.select(slice(0, 1)), False)
 
 
@@ -211,10 +215,10 @@ def run_update(
         ):
             mb = b.select(rows)
             loss_of = prepare(rows, mb)
-            n_passes = _all_max(-(-mb.size // sched.micro_batch_size), device)
+            slices = _rank_slices(mb.size, sched.micro_batch_size, device)
             parts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-            for i, sl in enumerate(micro_slices(mb.size, sched.micro_batch_size, n_passes)):
-                engine.set_gradient_accumulation_boundary(i == n_passes - 1)
+            for i, sl in enumerate(slices):
+                engine.set_gradient_accumulation_boundary(i == len(slices) - 1)
                 sub = rows[sl] if sl is not None else rows[:1]
                 loss, logged, m = loss_of(sub, b.select(sub))
                 weight = 1.0 if sl is not None else 0.0  # padding pass: same collectives, no gradient

@@ -112,9 +112,7 @@ class RolloutWorker:
                         msg.host, msg.port, msg.world_size, msg.backend, msg.timeout_s, msg.store_file
                     )
                     # an update that follows (a group joined for a streamed publish) waits for it
-                    self._joining = asyncio.create_task(self.engine.init_weight_group(spec))
-                    self._tasks.add(self._joining)
-                    self._joining.add_done_callback(self._done)
+                    self._joining = self._spawn(self.engine.init_weight_group(spec))
                 elif isinstance(msg, WeightUpdate):
                     self._spawn(self._update(msg))
                 elif isinstance(msg, Control):
@@ -132,10 +130,11 @@ class RolloutWorker:
                 t.cancel()
             self.close()
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
