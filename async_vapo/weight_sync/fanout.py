@@ -75,29 +75,36 @@ class RankLinks:
 
     def prepare(self, plan: PublishPlan) -> None:
         """Join the groups this rank owns and has not joined; a join that fails marks its target failed."""
-        for wid in [w for w in self.links if w not in set(plan.live)]:
-            self.links.pop(wid)
+        live = set(plan.live)
+        self.links = {wid: link for wid, link in self.links.items() if wid in live}
         self._active, self.outcomes = [], {}
         for i, t in enumerate(plan.targets):
             if t.owner != self.rank:
                 continue
             self.outcomes[i] = Outcome()
-            link = self.lookup(t.worker_id) if self.lookup is not None and t.join is None else None
             if t.join is not None:
-                link = EngineLink(GroupSpec(*t.join), serve_store=False)
-                t0 = time.perf_counter()
-                try:
-                    link.connect()
-                    self.links[t.worker_id] = link
-                except Exception as exc:
-                    self._fail(i, t.worker_id, exc)
-                    link = None
-                self.outcomes[i].seconds += time.perf_counter() - t0
-            elif link is None:
-                link = self.links.get(t.worker_id)
-            if link is None and self.outcomes[i].ok:
-                self._fail(i, t.worker_id, RuntimeError("no link to this engine on its owner rank"))
+                link = self._join(i, t.worker_id, GroupSpec(*t.join))
+            else:
+                link = (self.lookup(t.worker_id) if self.lookup is not None else None) or self.links.get(
+                    t.worker_id
+                )
+                if link is None:
+                    self._fail(i, t.worker_id, RuntimeError("no link to this engine on its owner rank"))
             self._active.append((i, t.worker_id, link))
+
+    def _join(self, i: int, wid: str, spec: GroupSpec) -> EngineLink | None:
+        """Rank 0 of a group whose store the controller serves; the time counts towards the target."""
+        link = EngineLink(spec, serve_store=False)
+        t0 = time.perf_counter()
+        try:
+            link.connect()
+            self.links[wid] = link
+        except Exception as exc:
+            self._fail(i, wid, exc)
+            return None
+        finally:
+            self.outcomes[i].seconds += time.perf_counter() - t0
+        return link
 
     @property
     def sending(self) -> bool:
