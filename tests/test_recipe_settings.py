@@ -1,5 +1,5 @@
 """The settings in which the 32B recipe differs from the embedded default, run for real on CPU through the
-launcher: two learner ranks (gloo), ZeRO-3 with the streamed publish, micro-batches of one sequence with
+launcher: two learner ranks (gloo), ZeRO-3 with the streamed publish, gradient checkpointing, micro-batches of one sequence with
 two mini-batches per step, two engines (each fed by its own learner rank), sampling temperature 0.7, a short response limit (truncated
 responses), and a broadcast every second version with max_staleness 1. While it runs, every listening
 socket of its processes is recorded: a single-machine run opens none beyond loopback. (TP > 1 engines: see
@@ -27,6 +27,7 @@ RECIPE_LIKE = [
     "train.zero_stage=3",
     "train.publish=auto",  # = stream under ZeRO-3
     "train.micro_batch_size=1",
+    "train.gradient_checkpointing=true",
     "train.mini_batches=2",
     "rollout.temperature=0.7",
     "rollout.max_tokens=40",
