@@ -80,7 +80,6 @@ class AlgoConfig(_Section, frozen=True):
     iw_cap: float = 2.0  # off-policy: truncation of pi_prox / mu
     decoupled: bool = True  # off-policy: AReaL's decoupled objective (False: ratio against mu directly)
     drop_truncated: bool = False  # truncated responses: False = terminal with their reward
-    entropy_coef: float = 0.0
 
 
 class TrainConfig(_Section, frozen=True):
@@ -219,7 +218,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config error at {where[1].rstrip('`')}: {where[0].strip(' -')}") from None
         raise ConfigError(f"config error: {msg}") from None
     return cfg.validate()
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    return msgspec.to_builtins(cfg)

@@ -30,7 +30,8 @@ import torch
 import zmq
 
 from async_vapo.buffer import PromptLedger
-from async_vapo.learner.controller import Controller, ControllerConfig
+from async_vapo.config import TrainConfig
+from async_vapo.controller import Controller, Wiring
 from async_vapo.protocol import (
     Assign,
     Codec,
@@ -167,7 +168,10 @@ def main() -> None:
     prompts = [Prompt(f"p{i}", pack_i32([1, 2, 3, i % 100]), "5") for i in range(10_000)]
     ledger = PromptLedger(prompts, seed=0)
     ctl = Controller(
-        ControllerConfig(data, control, args.groups_per_step, args.max_staleness, worker_timeout_s=30.0),
+        TrainConfig(
+            groups_per_step=args.groups_per_step, max_staleness=args.max_staleness, worker_timeout_s=30.0
+        ),
+        Wiring(data, control),
         ledger,
     )
     ctl.start()
@@ -211,15 +215,15 @@ def main() -> None:
             "rss_mb": {"learner_side": rss_mb(os.getpid())}
             | {f"worker{i}": rss_mb(p.pid) for i, p in enumerate(procs[:-1]) if p.pid}
             | {"flood": rss_mb(procs[-1].pid) if procs[-1].pid else float("nan")},
-            "queue_depth": m["buffer/queue_depth"],
+            "queue_depth": m.queue_depth,
             "outstanding": len(ledger.outstanding),
-            "admitted": m["buffer/admitted"],
-            "duplicate_or_unknown": m["buffer/duplicate"],
-            "rejected_frames": sum(m["rejected_frames"].values()),
-            "weight_syncs": m["weight_sync_count"],
-            "dropped": {k: v for k, v in m["counters"].items() if k.startswith("worker_dropped")},
-            "worker_versions": m["workers"],
-            "capacity": m["buffer/capacity"],
+            "admitted": m.admitted,
+            "duplicate_or_unknown": m.duplicate,
+            "rejected_frames": sum(m.rejected_frames.values()),
+            "weight_syncs": m.syncs.count,
+            "dropped": {k: v for k, v in m.counters.items() if k.startswith("worker_dropped")},
+            "worker_versions": m.worker_versions,
+            "capacity": m.capacity,
         }
         samples.append(row)
         print(

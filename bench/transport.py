@@ -17,6 +17,7 @@ import time
 import numpy as np
 import zmq
 
+from async_vapo.cluster.ports import free_port
 from async_vapo.protocol import Codec, Prompt, Response, TrajectoryGroup, pack_f32, pack_i32
 
 
@@ -76,7 +77,7 @@ def receiver(port: int, mode: str, count: int, q) -> None:
 
 def run(mode: str, group: TrajectoryGroup, count: int) -> tuple[float, int]:
     codec = Codec()
-    port = _free_port()
+    port = free_port()
     q = mp.get_context("spawn").Queue()
     proc = mp.get_context("spawn").Process(target=receiver, args=(port, mode, count, q))
     proc.start()
@@ -99,14 +100,6 @@ def run(mode: str, group: TrajectoryGroup, count: int) -> tuple[float, int]:
     s.close(0)
     ctx.term()
     return seconds, size
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        return int(sk.getsockname()[1])
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from async_vapo.cluster.ports import free_port
 from async_vapo.weight_sync.broadcast import EngineLink, snapshot
 from async_vapo.weight_sync.buckets import BucketMeta, FlatPool, plan_buckets, unpack
 from async_vapo.weight_sync.group import GroupSpec, broadcast, join_group
@@ -138,7 +139,7 @@ def engine_pause(bucket_mb: float, reps: int) -> dict[str, float]:
     path = str(ensure_tiny_model(progress=False))
     state = tiny()
     engine = RolloutEngine(EngineConfig(path, dtype="float32"))
-    spec = GroupSpec("127.0.0.1", _free_port(), 2, "gloo", 60.0)
+    spec = GroupSpec("127.0.0.1", free_port(), 2, "gloo", 60.0)
     link = EngineLink(spec)
     loop = asyncio.new_event_loop()
     connect = threading.Thread(target=link.connect)
@@ -167,14 +168,6 @@ def engine_pause(bucket_mb: float, reps: int) -> dict[str, float]:
     }
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
@@ -188,7 +181,7 @@ def main() -> None:
     torch.set_num_threads(1)
     states = {"tiny": tiny(), f"synthetic_{args.synthetic_mb}mb": synthetic(args.synthetic_mb)}
     sizes = {k: sum(t.numel() * t.element_size() for t in s.values()) for k, s in states.items()}
-    spec = GroupSpec("127.0.0.1", _free_port(), 2, "gloo", 600.0)
+    spec = GroupSpec("127.0.0.1", free_port(), 2, "gloo", 600.0)
     ctx = mp.get_context("spawn")
     payloads = {k: plans(s, args.bucket_mb) for k, s in states.items()}
     recv = ctx.Process(target=receiver, args=(spec, payloads, sizes, args.reps))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 from async_vapo.protocol import Prompt, Response, TrajectoryGroup, pack_f32, pack_i32
@@ -16,6 +15,7 @@ def make_group(
     rewards=None,
     worker: str = "w0",
     seq: int = 0,
+    eval_round: int = 0,
 ) -> TrajectoryGroup:
     rewards = rewards if rewards is not None else [float(i % 2) for i in range(n)]
     responses = [
@@ -30,13 +30,8 @@ def make_group(
         )
         for i in range(n)
     ]
-    return TrajectoryGroup(Prompt(uid, pack_i32([1, 2, 3]), "42"), responses, worker, time.time())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    prompt = Prompt(uid, pack_i32([1, 2, 3]), "42")
+    return TrajectoryGroup(prompt, responses, worker, time.time(), eval_round=eval_round)
 
 
 def process_tree(root: int) -> set[int]:

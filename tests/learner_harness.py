@@ -71,7 +71,7 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     random.seed(0)
-    from async_vapo.config import AlgoConfig
+    from async_vapo.config import AlgoConfig, TrainConfig
     from async_vapo.learner import checkpoint
     from async_vapo.learner.batch import collate
     from async_vapo.learner.models import init_distributed, load_policy, load_value, make_engine
@@ -89,17 +89,9 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
 
     def engines(warmup: int = 0):
         torch.manual_seed(0)
-        pol = make_engine(
-            load_policy(model_dir, torch.float32),
-            job.get("actor_lr", 1e-4),
-            warmup,
-            0.0,
-            1.0,
-            stage,
-            False,
-            64,
-        )
-        val = make_engine(load_value(model_dir, "", torch.float32), 1e-3, warmup, 0.0, 1.0, stage, False, 64)
+        train = TrainConfig(warmup_steps=warmup, zero_stage=stage)
+        pol = make_engine(load_policy(model_dir, torch.float32), job.get("actor_lr", 1e-4), train, False, 64)
+        val = make_engine(load_value(model_dir, "", torch.float32), 1e-3, train, False, 64)
         return pol, val
 
     def step(pol, val, k, micro=64, mini_batches=1):

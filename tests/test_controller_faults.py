@@ -14,29 +14,29 @@ import zmq
 
 from async_vapo.buffer import PromptLedger
 from async_vapo.cluster import RunStore
-from async_vapo.learner.controller import Controller, ControllerConfig
+from async_vapo.cluster.ports import free_port
+from async_vapo.config import TrainConfig
+from async_vapo.controller import Controller, Wiring
 from async_vapo.protocol import Control, Hello, JoinGroup, Prompt, pack_i32
 from async_vapo.protocol.codec import Codec
 from async_vapo.weight_sync.broadcast import snapshot
 from async_vapo.weight_sync.group import GroupSpec, join_group
-from tests.helpers import free_port
 
 TIMEOUT_S = 3.0
 
 
 def _controller(
-    n_prompts: int, groups_per_step: int = 1, max_staleness: int = 0, **kw
-) -> tuple[Controller, ControllerConfig, PromptLedger]:
+    n_prompts: int, groups_per_step: int = 1, max_staleness: int = 0, store_address: str = "", **train
+) -> tuple[Controller, Wiring, PromptLedger]:
     """A real controller on fresh loopback ports (not started), over ``n_prompts`` small prompts."""
     ledger = PromptLedger([Prompt(f"p{i}", pack_i32([1, 2, 3]), "5") for i in range(n_prompts)], seed=0)
-    cfg = ControllerConfig(
+    wiring = Wiring(
         data_endpoint=f"tcp://127.0.0.1:{free_port()}",
         control_endpoint=f"tcp://127.0.0.1:{free_port()}",
-        groups_per_step=groups_per_step,
-        max_staleness=max_staleness,
-        **kw,
+        store_address=store_address,
     )
-    return Controller(cfg, ledger), cfg, ledger
+    cfg = TrainConfig(groups_per_step=groups_per_step, max_staleness=max_staleness, **train)
+    return Controller(cfg, wiring, ledger), wiring, ledger
 
 
 def test_worker_that_stops_answering_a_weight_sync_is_dropped_in_time():
@@ -70,13 +70,13 @@ def test_worker_that_stops_answering_a_weight_sync_is_dropped_in_time():
         model = torch.nn.Linear(256, 256)
         t0 = time.monotonic()
         controller.publish(snapshot(1, model.named_parameters(), 2**16))
-        while controller.metrics()["workers"] and time.monotonic() - t0 < 4 * TIMEOUT_S + 10:
+        while controller.metrics().worker_versions and time.monotonic() - t0 < 4 * TIMEOUT_S + 10:
             time.sleep(0.05)
         elapsed = time.monotonic() - t0
         m = controller.metrics()
-        assert m["workers"] == {}, "the silent worker was not dropped"
+        assert m.worker_versions == {}, "the silent worker was not dropped"
         assert elapsed < 2 * TIMEOUT_S + 3, elapsed  # the broadcast, then the ack, each bounded
-        assert m["counters"]["worker_dropped_weight_sync_failed"] == 1
+        assert m.counters["worker_dropped_weight_sync_failed"] == 1
         assert not ledger.outstanding and len(ledger.requeued) > 0  # its prompts wait for someone else
         assert store.dropped_pid("w-hang") == os.getpid()  # its launcher is told to kill it
         # and the worker itself is told to exit (if it can still listen)
@@ -132,17 +132,17 @@ def test_back_to_back_publishes_never_interleave_two_broadcasts():
     th.start()
     try:
         deadline = time.monotonic() + 30
-        while controller.metrics()["workers"].get("w-ok") != 0 and time.monotonic() < deadline:
+        while controller.metrics().worker_versions.get("w-ok") != 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
         for v in range(1, 21):
             controller.publish(snapshot(v, model.named_parameters(), 2**18))  # 2 publishes per loop turn
         deadline = time.monotonic() + 30
-        while controller.metrics()["workers"].get("w-ok") != 20 and time.monotonic() < deadline:
+        while controller.metrics().worker_versions.get("w-ok") != 20 and time.monotonic() < deadline:
             time.sleep(0.05)
         m = controller.metrics()
-        assert m["workers"] == {"w-ok": 20}, m["counters"]
-        assert "weight_sync_failed" not in m["counters"]
+        assert m.worker_versions == {"w-ok": 20}, m.counters
+        assert "weight_sync_failed" not in m.counters
         assert acked == sorted(acked) and acked[-1] == 20  # only ever forward, newest last
     finally:
         stop.set()
@@ -209,7 +209,8 @@ def test_first_evaluation_waits_for_an_engine():
                 join_group(spec, 1)
             elif isinstance(msg, Assign) and msg.sampling is not None:
                 for p in msg.prompts:
-                    push.send(bytes(codec.encode(make_group(p.uid, n=msg.sampling.n))))
+                    group = make_group(p.uid, n=msg.sampling.n, eval_round=msg.eval_round)
+                    push.send(bytes(codec.encode(group)))
         ctl.close(0)
         push.close(0)
         ctx.term()
@@ -220,7 +221,9 @@ def test_first_evaluation_waits_for_an_engine():
         prompts = [Prompt(f"e{i}", pack_i32([1, 2]), "3") for i in range(3)]
         groups = controller.evaluate(prompts, Sampling(2, 1.0, 1.0, 8), timeout_s=30)
         assert len(groups) == 3 and all(isinstance(g, TrajectoryGroup) for g in groups)
-        assert sorted(g.prompt.uid.split(":", 1)[1] for g in groups) == ["e0", "e1", "e2"]
+        assert sorted(g.prompt.uid for g in groups) == ["e0", "e1", "e2"]
+        m = controller.metrics()
+        assert m.admitted == 0 and m.queue_depth == 0  # evaluation groups never reach the buffer
     finally:
         stop.set()
         th.join(5)

@@ -32,7 +32,7 @@ import msgspec
 import pytest
 import zmq
 
-from async_vapo.protocol.fuzz import hostile_frames
+from tests.fuzz import hostile_frames
 from tests.test_e2e import SMALL, _run_processes, rows
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from tests.helpers import free_port
+from async_vapo.cluster.ports import free_port
 from tests.learner_harness import rank_main
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.helpers import free_port
+from async_vapo.cluster.ports import free_port
 from tests.test_e2e import SMALL, rows
 
 pytestmark = pytest.mark.slow

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from async_vapo.protocol import (
+    PROTOCOL_VERSION,
     Assign,
     Codec,
     Control,
@@ -39,7 +40,7 @@ codec = Codec(max_frame_bytes=1 << 20)
         WeightUpdate(3, [[("model.w", "float32", [2, 3])]]),
         WeightAck("w1", 3, 0.1),
         Hello("w1", 0, 123),
-        Control("heartbeat", "w1", 1.0),
+        Control("shutdown", "w1", 1.0, "dropped"),
     ],
 )
 def test_round_trip(msg):
@@ -72,7 +73,8 @@ def test_rejections_name_their_reason():
     assert reject_reason(b"XY" + good[2:]) == "bad_magic"
     assert reject_reason(good[:2] + struct.pack("<H", 99) + good[4:]) == "bad_version"
     assert reject_reason(good[: len(good) // 2]) == "malformed"
-    assert reject_reason(b"AV\x01\x00" + msgspec.msgpack.encode(["nosuchtype", 1])) == "malformed"
+    header = b"AV" + struct.pack("<H", PROTOCOL_VERSION)
+    assert reject_reason(header + msgspec.msgpack.encode(["nosuchtype", 1])) == "malformed"
     assert reject_reason(b"\0" * (2 << 20)) == "too_large"
 
 
@@ -115,7 +117,7 @@ def test_empty_group_rejected():
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=512))
 def test_random_bytes_never_escape_as_other_errors(data):
-    for frame in (data, b"AV\x01\x00" + data):
+    for frame in (data, b"AV" + struct.pack("<H", PROTOCOL_VERSION) + data):
         with contextlib.suppress(ProtocolError):
             codec.decode(frame)
 

@@ -14,6 +14,8 @@ import uvloop
 import zmq.asyncio
 
 from async_vapo.algo import token_logprobs
+from async_vapo.cluster.ports import free_port
+from async_vapo.config import RolloutConfig
 from async_vapo.protocol import (
     Assign,
     Control,
@@ -35,7 +37,6 @@ from async_vapo.tasks.arithmetic import AdditionTask
 from async_vapo.tasks.tiny_model import prompt_ids
 from async_vapo.weight_sync.broadcast import EngineLink, snapshot
 from async_vapo.weight_sync.group import GroupSpec
-from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +77,7 @@ class LearnerSide:
 def start_worker(model_dir, tp: int = 1, env: dict | None = None):
     """A real rollout worker process (vLLM engine with ``tp`` workers) joined to a weight group of
     world 1 + tp whose learner end is returned: (side, link, proc)."""
-    from async_vapo.launch import _worker_entry
+    from async_vapo.launch.supervisor import _worker_entry
 
     side = LearnerSide()
     cfg = WorkerConfig(
@@ -84,9 +85,7 @@ def start_worker(model_dir, tp: int = 1, env: dict | None = None):
         data_endpoint=side.data.endpoint,
         control_endpoint=side.control.endpoint,
         engine=EngineConfig(str(model_dir), seed=0, tensor_parallel_size=tp),
-        n_samples=4,
-        max_tokens=80,
-        verifier_timeout_s=5.0,
+        rollout=RolloutConfig(n_samples=4, max_tokens=80, verifier_timeout_s=5.0),
     )
     proc = mp.get_context("spawn").Process(target=_worker_entry, args=(env or {}, [], cfg))
     proc.start()

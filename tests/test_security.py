@@ -8,12 +8,13 @@ import ast
 import asyncio
 import os
 import pickle
+import struct
 from pathlib import Path
 
 import zmq
 import zmq.asyncio
 
-from async_vapo.protocol import Control, Hello
+from async_vapo.protocol import PROTOCOL_VERSION, Control, Hello
 from async_vapo.protocol.codec import Codec
 from async_vapo.protocol.keys import client_security, ensure_keys, server_security
 from async_vapo.protocol.transport import ControlClient, ControlServer, GroupReceiver, Security
@@ -71,11 +72,11 @@ def test_a_pickle_exploit_on_the_live_sockets_does_nothing(tmp_path, monkeypatch
         dealer = ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.IDENTITY, b"attacker")
         dealer.connect(control.endpoint)
-        framed = b"AV\x01\x00" + payload  # even behind our header
+        framed = b"AV" + struct.pack("<H", PROTOCOL_VERSION) + payload  # even behind our header
         for frame in (payload, framed):
             await push.send(frame)
             await dealer.send(frame)
-        await push.send(bytes(Codec().encode(Control("heartbeat"))))  # then something valid
+        await push.send(bytes(Codec().encode(Control("shutdown"))))  # then something valid
         await dealer.send(bytes(Codec().encode(Hello("attacker", 0, 1))))
         got_data = await asyncio.wait_for(data.recv(), 5)
         got_control = await asyncio.wait_for(control.recv(), 5)
@@ -113,7 +114,10 @@ def test_curve_control_road_nothing_in_nothing_out(tmp_path):
                 heard.append((await asyncio.wait_for(server.recv(), 2.0))[0])
             except asyncio.TimeoutError:
                 break
-        sent = {c.worker_id: await server.send(c.worker_id, Control("pause")) for c in (good, wrong, plain)}
+        sent = {
+            c.worker_id: await server.send(c.worker_id, Control("shutdown", reason="finished"))
+            for c in (good, wrong, plain)
+        }
         got = {c.worker_id: await c.recv_timeout(1.0) for c in (good, wrong, plain)}
         for c in (good, wrong, plain):
             c.close()
@@ -124,7 +128,11 @@ def test_curve_control_road_nothing_in_nothing_out(tmp_path):
     heard, sent, got = run_async(main())
     assert heard == ["good"]  # nothing in
     assert sent == {"good": True, "wrong": False, "plain": False}  # not even routable
-    assert got["good"] == Control("pause") and got["wrong"] is None and got["plain"] is None  # nothing out
+    assert (
+        got["good"] == Control("shutdown", reason="finished")
+        and got["wrong"] is None
+        and got["plain"] is None
+    )  # nothing out
 
 
 def test_insecure_bind_warns_and_no_secret_reaches_the_logs(tmp_path, capfd):

@@ -157,13 +157,13 @@ def test_control_round_trip_and_unknown_worker():
         ctx = zmq.asyncio.Context()
         server = ControlServer(ctx)
         client = ControlClient(ctx, server.endpoint, "w7")
-        await client.send(Control("heartbeat", "w7", 1.0))
+        await client.send(Control("shutdown", "w7", 1.0, "finished"))
         who, msg = await asyncio.wait_for(server.recv(), 5)
         assert who == "w7" and isinstance(msg, Control)
-        assert await server.send("w7", Control("pause"))
+        assert await server.send("w7", Control("shutdown", reason="finished"))
         back = await asyncio.wait_for(client.recv(), 5)
-        assert isinstance(back, Control) and back.kind == "pause"
-        assert not await server.send("nobody", Control("pause"))
+        assert isinstance(back, Control) and back.kind == "shutdown"
+        assert not await server.send("nobody", Control("shutdown", reason="finished"))
         client.close()
         server.close()
         ctx.term()

@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
+from async_vapo.cluster.ports import free_port
 from async_vapo.protocol.messages import PublishPlan, PublishTarget
 from async_vapo.weight_sync.fanout import Outcome, RankLinks, gather_status, share_plan
 from async_vapo.weight_sync.publish import StreamPlan, full_shape, stream_publish
-from tests.helpers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +45,12 @@ def _rank(rank: int, port: int, model_dir: str, q, res, go) -> None:
 
     os.environ.update(local_rank_env(rank, 2, port))
     torch.set_num_threads(1)
+    from async_vapo.config import TrainConfig
     from async_vapo.learner.models import init_distributed, load_policy, make_engine
     from async_vapo.weight_sync.group import GroupSpec, serve_store
 
     init_distributed("gloo")
-    engine = make_engine(load_policy(model_dir, torch.float32), 1e-4, 0, 0.0, 1.0, 3, False, 4)
+    engine = make_engine(load_policy(model_dir, torch.float32), 1e-4, TrainConfig(zero_stage=3), False, 4)
     named = list(engine.module.named_parameters())
     assert any(p.numel() == 0 for _, p in named)  # really partitioned: ZeRO-3 holds shards only
     plan = StreamPlan.of(named, 256 * 1024)

@@ -27,16 +27,6 @@ class BufferMetrics:
     duplicate: int = 0
     staleness_hist: Counter[int] = field(default_factory=Counter)
 
-    def as_dict(self, queue_depth: int) -> dict[str, object]:
-        return {
-            "buffer/queue_depth": queue_depth,
-            "buffer/admitted": self.admitted,
-            "buffer/rejected_stale": self.stale,
-            "buffer/filtered": self.filtered,
-            "buffer/duplicate": self.duplicate,
-            "buffer/staleness_hist": {str(k): v for k, v in sorted(self.staleness_hist.items())},
-        }
-
 
 class GroupBuffer:
     def __init__(
@@ -113,6 +103,3 @@ class GroupBuffer:
         for g in batch:
             self.ledger.finish(g.prompt.uid, "trained")
         self.staleness.on_consumed(len(batch))
-
-    def metrics_dict(self) -> dict[str, object]:
-        return self.metrics.as_dict(len(self.queue))

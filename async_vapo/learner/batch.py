@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+import torch.distributed as dist
 
 from async_vapo.protocol import TrajectoryGroup, unpack_f32, unpack_i32
 
@@ -92,3 +93,45 @@ def collate(groups: list[TrajectoryGroup], pad_id: int) -> Batch:
         truncated=torch.tensor([r[7] for r in rows], dtype=torch.bool),
         group_ids=torch.tensor([r[0] for r in rows], dtype=torch.long),
     )
+
+
+# ---- rank 0 -> other learner ranks (torch.distributed point-to-point) ----------------------------------
+
+_FIELDS: dict[str, tuple[torch.dtype, int]] = {  # Batch field -> (dtype, number of dimensions)
+    "input_ids": (torch.long, 2),
+    "attention_mask": (torch.long, 2),
+    "resp_index": (torch.long, 2),
+    "response_ids": (torch.long, 2),
+    "mask": (torch.bool, 2),
+    "behaviour_logprobs": (torch.float32, 2),
+    "versions": (torch.long, 2),
+    "scores": (torch.float32, 1),
+    "correct": (torch.bool, 1),
+    "truncated": (torch.bool, 1),
+    "group_ids": (torch.long, 1),
+}
+
+
+def send_batch(b: Batch, dst: int, device: torch.device) -> None:
+    """Rank 0 -> rank ``dst``: shapes first, then every tensor (on the communication device: NCCL
+    cannot send host tensors). Only the two ranks take part; the others go on."""
+    shapes = torch.zeros(len(_FIELDS), 2, dtype=torch.long)
+    for i, n in enumerate(_FIELDS):
+        t = getattr(b, n)
+        shapes[i, : t.dim()] = torch.tensor(t.shape)
+    dist.send(shapes.to(device), dst)
+    for n in _FIELDS:
+        t = getattr(b, n).contiguous()
+        dist.send((t.to(torch.uint8) if t.dtype == torch.bool else t).to(device), dst)
+
+
+def recv_batch(device: torch.device) -> Batch:
+    shapes = torch.zeros(len(_FIELDS), 2, dtype=torch.long, device=device)
+    dist.recv(shapes, 0)
+    out = {}
+    for i, (n, (dtype, dim)) in enumerate(_FIELDS.items()):
+        shape = [int(x) for x in shapes[i, :dim].tolist()]
+        t = torch.empty(shape, dtype=torch.uint8 if dtype == torch.bool else dtype, device=device)
+        dist.recv(t, 0)
+        out[n] = t.bool() if dtype == torch.bool else t
+    return Batch(**out)

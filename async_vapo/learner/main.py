@@ -6,10 +6,10 @@ update -> version += 1 -> publish weights -> metrics / eval / checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,18 @@ import torch
 import torch.distributed as dist
 
 from async_vapo.buffer import PromptLedger
-from async_vapo.config import Config, check_learner_split
+from async_vapo.controller import ControllerMetrics, RolloutTotals
 from async_vapo.learner import checkpoint
-from async_vapo.learner.batch import Batch, collate
-from async_vapo.learner.controller import Controller, ControllerConfig
-from async_vapo.learner.models import init_distributed, load_policy, load_value, make_engine, torch_dtype
+from async_vapo.learner.batch import Batch, collate, recv_batch, send_batch
+from async_vapo.learner.setup import (
+    LearnerArgs,
+    build_models,
+    build_prompts,
+    init_rank,
+    micro_batch_size,
+    restore,
+    start_controller,
+)
 from async_vapo.learner.step import (
     Timer,
     UpdateSchedule,
@@ -32,27 +39,13 @@ from async_vapo.learner.step import (
     value_update,
 )
 from async_vapo.metrics import MetricsWriter
-from async_vapo.protocol import Prompt, Sampling
+from async_vapo.protocol import Sampling
 from async_vapo.weight_sync.broadcast import snapshot
 from async_vapo.weight_sync.fanout import RankLinks, gather_status, share_plan
 from async_vapo.weight_sync.publish import StreamPlan, stream_publish
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class LearnerArgs:
-    cfg: Config
-    model_path: str
-    data_endpoint: str
-    control_endpoint: str
-    resume: bool = False
-    cpu_affinity: tuple[int, ...] = ()
-    weight_host: str = "127.0.0.1"  # where rollout workers reach this rank's weight-sync stores
-    store_address: str = ""  # the run's rendezvous store (host:port or file:path): rank 0 reports drops there
-    store_key_dir: str = ""  # multi-node: where the run store's signing key is
-    world_store: str = ""  # one machine: the learner world meets in this FileStore (no TCP listener)
-    group_store_dir: str = ""  # one machine: weight groups meet in FileStores in this directory
+__all__ = ["LearnerArgs", "Trainer", "learner_main"]
 
 
 class _Cmd:
@@ -61,114 +54,42 @@ class _Cmd:
     WAIT, BATCH, PUBLISH, STOP = range(4)
 
 
-def build_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Prompt]]:
-    """Training and held-out prompts; ``data.verifier`` (if set) names the verifier of every prompt."""
-    train, evals = _task_prompts(cfg, tokenizer)
-    if cfg.data.verifier:
-        train = [Prompt(p.uid, p.token_ids, p.answer, cfg.data.verifier) for p in train]
-        evals = [Prompt(p.uid, p.token_ids, p.answer, cfg.data.verifier) for p in evals]
-    return train, evals
-
-
-def _task_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Prompt]]:
-    from async_vapo.tasks.datasets import addition_prompts, load_prompts
-
-    d = cfg.data
-    if d.task == "addition":
-        return (
-            addition_prompts(tokenizer, d.n_train, d.seed, "train-"),
-            addition_prompts(tokenizer, d.n_eval, d.seed + 99_991, "eval-"),
-        )
-    train = load_prompts(d.train_file, tokenizer, d.prompt_template, d.prompt_field, d.answer_field, "math")
-    evals = (
-        load_prompts(d.eval_file, tokenizer, d.prompt_template, d.prompt_field, d.answer_field, "math")
-        if d.eval_file
-        else train[: d.n_eval]
-    )
-    return train, evals
-
-
 class Trainer:
+    """One learner rank's training loop (set-up in ``learner/setup.py``)."""
+
     def __init__(self, args: LearnerArgs) -> None:
         from transformers import AutoTokenizer
 
-        self.args = args
-        cfg = self.cfg = args.cfg
-        self.on_gpu = torch.cuda.is_available()
-        if self.on_gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        self.device = torch.device("cuda") if self.on_gpu else torch.device("cpu")
-        init_distributed("nccl" if self.on_gpu else "gloo", args.world_store)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        check_learner_split(cfg, self.world)  # before any collective of the training loop
-        self.comm_device = self.device  # gloo on CPU, NCCL (device tensors) on GPUs
-        torch.manual_seed(cfg.train.seed + self.rank)
-        self.out = Path(cfg.output_dir)
+        self.args, self.cfg = args, args.cfg
+        self.out = Path(self.cfg.output_dir)
+        r = self.placement = init_rank(args)
+        self.rank, self.world, self.device = r.rank, r.world, r.device
+        self.micro = micro_batch_size(self.cfg, self.world)
         self.tokenizer = AutoTokenizer.from_pretrained(args.model_path)
-        dtype = torch_dtype(cfg.model.dtype, self.on_gpu)
-        bf16 = dtype == torch.bfloat16
-        t = cfg.train
-        per_rank = max(1, t.groups_per_step * cfg.rollout.n_samples // (self.world * t.mini_batches))
-        micro = min(t.micro_batch_size, per_rank)
-        self.micro = micro
-        self.stream_publish = t.streams_publish
+        self.policy, self.value = build_models(self.cfg, args.model_path, r.on_gpu, self.micro)
+        self.train_prompts, self.eval_prompts = build_prompts(self.cfg, self.tokenizer)
+        self.ledger = PromptLedger(self.train_prompts, seed=self.cfg.data.seed)
+        self.progress = restore(self.cfg, args.resume, self.policy, self.value, self.ledger)
+        self.stream_publish = self.cfg.train.streams_publish
         self._stream_plan: StreamPlan | None = None
         self.links = RankLinks(self.rank)  # the engines this rank feeds (streamed publish)
-
-        def engine(model: Any, lr: float) -> Any:
-            if t.gradient_checkpointing:
-                getattr(model, "backbone", model).gradient_checkpointing_enable()
-            return make_engine(
-                model, lr, t.warmup_steps, t.weight_decay, t.grad_clip, t.zero_stage, bf16, micro
-            )
-
-        self.policy = engine(load_policy(args.model_path, dtype), t.actor_lr)
-        self.value = None
-        if cfg.algo.estimator == "gae":
-            self.value = engine(load_value(args.model_path, cfg.model.value_path, dtype), t.critic_lr)
-        self.train_prompts, self.eval_prompts = build_prompts(cfg, self.tokenizer)
-        self.ledger = PromptLedger(self.train_prompts, seed=cfg.data.seed)
-        self.step = 0
-        self.version = 0
-        self.value_pretrained = cfg.algo.value_pretrain_steps == 0 or self.value is None
-        if args.resume and (ck := checkpoint.latest(self.out / "checkpoints")) is not None:
-            state = checkpoint.load(ck, self.policy, self.value)
-            self.step, self.version = int(state["step"]), int(state["version"])
-            self.ledger.load_state_dict(state["ledger"])
-            self.value_pretrained = bool(state["value_pretrained"])
-            log.info("resumed", checkpoint=str(ck), next_step=self.step, version=self.version)
-        self.controller: Controller | None = None
-        if self.rank == 0:
-            self.controller = Controller(
-                ControllerConfig(
-                    data_endpoint=args.data_endpoint,
-                    control_endpoint=args.control_endpoint,
-                    groups_per_step=t.groups_per_step,
-                    max_staleness=t.max_staleness,
-                    filter_uniform_rewards=t.filter_uniform_rewards,
-                    weight_backend="nccl" if self.on_gpu else "gloo",
-                    weight_sync_timeout_s=t.weight_sync_timeout_s,
-                    worker_timeout_s=t.worker_timeout_s,
-                    weight_host=args.weight_host,
-                    insecure=cfg.insecure,
-                    curve_dir=cfg.curve_dir,
-                    store_address=args.store_address,
-                    store_key_dir=args.store_key_dir,
-                    store_dir=args.group_store_dir,
-                    fanout_ranks=self.world if self.stream_publish and t.weight_fanout else 1,
-                ),
-                self.ledger,
-                self.version,
-            )
-            self.controller.start()
+        self.controller = start_controller(args, r, self.ledger, self.version) if self.rank == 0 else None
         if self.version > 0 and not self.stream_publish:  # resumed: the snapshot for (re)joining engines
             self._publish()  # (every rank: ZeRO-3 gathers are collectives)
-        self.metrics = MetricsWriter(self.out, t.total_steps) if self.rank == 0 else None
+        self.metrics = MetricsWriter(self.out, self.cfg.train.total_steps) if self.rank == 0 else None
         if self.metrics is not None and args.resume:
             self.metrics.rewind(self.step)
         self.stop_requested = False
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @property
+    def version(self) -> int:
+        return self.progress.version
 
     def schedule(self, seed: int) -> UpdateSchedule:
         t = self.cfg.train
@@ -194,14 +115,13 @@ class Trainer:
             if cmd == _Cmd.BATCH:
                 break
         if self.rank != 0:
-            return _recv_batch(self.comm_device).to(self.device), []
+            return recv_batch(self.device), []
         assert got is not None
-        groups = got
         # group i goes to rank i % world; each share is padded to its own longest row
-        shares = [collate(groups[r :: self.world], self.tokenizer.pad_token_id) for r in range(self.world)]
+        shares = [collate(got[r :: self.world], self.tokenizer.pad_token_id) for r in range(self.world)]
         for r in range(1, self.world):
-            _send_batch(shares[r], r, self.comm_device)
-        return shares[0].to(self.device), groups
+            send_batch(shares[r], r, self.device)
+        return shares[0].to(self.device), got
 
     def _poll(self) -> tuple[int, list[Any] | None]:
         assert self.controller is not None
@@ -217,7 +137,7 @@ class Trainer:
     def _share(self, cmd: int) -> int:
         if self.world == 1:
             return cmd
-        t = torch.tensor([cmd], dtype=torch.long, device=self.comm_device)
+        t = torch.tensor([cmd], dtype=torch.long, device=self.device)
         dist.broadcast(t, 0)
         return int(t.item())
 
@@ -231,59 +151,43 @@ class Trainer:
             m = value_update(self.value, b, targets, a, self.schedule(t.seed + k))
             if self.controller is not None:
                 self.controller.mark_trained(groups)
-            row = {
-                "phase": "value_pretrain",
-                "step": k - a.value_pretrain_steps,
-                "policy_version": self.version,
-                **batch_metrics(b, self.cfg.rollout.max_tokens, self.version),
-                **targets.metrics,
-                **m,
-                "step_seconds": time.perf_counter() - t0,
-            }
             if self.metrics is not None:
-                self.metrics.write(row)
+                self.metrics.write(
+                    {
+                        "phase": "value_pretrain",
+                        "step": k - a.value_pretrain_steps,
+                        "policy_version": self.version,
+                        **batch_metrics(b, self.cfg.rollout.max_tokens, self.version),
+                        **targets.metrics,
+                        **m,
+                        "step_seconds": time.perf_counter() - t0,
+                    }
+                )
+                ev = targets.metrics.get("explained_variance", 0.0)
                 log.info(
                     "value pretraining",
                     step=k + 1,
                     of=a.value_pretrain_steps,
                     value_loss=round(m["value_loss"], 4),
-                    explained_variance=round(targets.metrics.get("explained_variance", 0.0), 3),
+                    explained_variance=round(ev, 3),
                 )
-        self.value_pretrained = True
+        self.progress.value_pretrained = True
         if self.value is not None:
             self._save_value(self.out / "value_pretrained")
 
     def train(self) -> None:
-        a, t = self.cfg.algo, self.cfg.train
+        t = self.cfg.train
         first = self.step
         if self.step == 0 and t.eval_every:
             self.evaluate()  # the starting point of the learning curve
-        busy0 = self._rollout_busy()
+        busy0 = self._rollout_totals()
         while self.step < t.total_steps and not self.stop_requested:
-            timer = Timer()
-            t0 = time.perf_counter()
+            timer, t0 = Timer(), time.perf_counter()
             with timer("wait_data"):
                 b, groups = self.next_batch()
-            with timer("targets"):
-                targets = compute_targets(
-                    self.policy, self.value, b, a, self.cfg.rollout.temperature, self.micro
-                )
-            m: dict[str, Any] = dict(targets.metrics)
-            m["trained_sequences"] = int(b.mask.shape[0]) * self.world
-            with timer("value_update"):
-                if self.value is not None:
-                    m |= value_update(self.value, b, targets, a, self.schedule(t.seed + self.step))
-            with timer("policy_update"):
-                m |= policy_update(
-                    self.policy,
-                    b,
-                    targets,
-                    a,
-                    self.cfg.rollout.temperature,
-                    self.schedule(t.seed + self.step),
-                )
             stats = batch_metrics(b, self.cfg.rollout.max_tokens, self.version)
-            self.version += 1
+            m = self._update(b, timer)
+            self.progress.version += 1
             if self.controller is not None:  # staleness is judged against the learner, not the engines
                 self.controller.set_version(self.version)
             with timer("broadcast"):
@@ -291,54 +195,61 @@ class Trainer:
                     self._publish()
             if self.controller is not None:
                 self.controller.mark_trained(groups)
-            wall = time.perf_counter() - t0
-            busy1 = self._rollout_busy()
-            self._log_step(stats, m, timer, wall, int(b.mask.sum()) * self.world, busy0, busy1)
+            busy1 = self._rollout_totals()
+            self._log_step(
+                stats | m, timer, time.perf_counter() - t0, int(b.mask.sum()) * self.world, busy0, busy1
+            )
             busy0 = busy1
             if t.eval_every and (self.step + 1) % t.eval_every == 0:
                 self.evaluate()
-            self.step += 1
+            self.progress.step += 1
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.total_steps:
                 self.save()
-        log.info(
-            "training finished" if not self.stop_requested else "stopping on request", step=self.step - first
-        )
+        done = "training finished" if not self.stop_requested else "stopping on request"
+        log.info(done, step=self.step - first)
 
-    def _rollout_busy(self) -> tuple[float, float, int]:
-        return self.controller.rollout_busy() if self.controller is not None else (0.0, 0.0, 0)
+    def _update(self, b: Batch, timer: Timer) -> dict[str, Any]:
+        """Targets, then the value update, then the policy update, on one batch."""
+        a, seed, temperature = self.cfg.algo, self.cfg.train.seed + self.step, self.cfg.rollout.temperature
+        with timer("targets"):
+            targets = compute_targets(self.policy, self.value, b, a, temperature, self.micro)
+        m: dict[str, Any] = dict(targets.metrics)
+        m["trained_sequences"] = int(b.mask.shape[0]) * self.world
+        with timer("value_update"):
+            if self.value is not None:
+                m |= value_update(self.value, b, targets, a, self.schedule(seed))
+        with timer("policy_update"):
+            m |= policy_update(self.policy, b, targets, a, temperature, self.schedule(seed))
+        return m
 
-    def _log_step(self, stats, m, timer, wall, tokens, busy0, busy1) -> None:
+    def _rollout_totals(self) -> RolloutTotals:
+        return self.controller.rollout_totals() if self.controller is not None else RolloutTotals()
+
+    def _log_step(
+        self,
+        m: dict[str, Any],
+        timer: Timer,
+        wall: float,
+        tokens: int,
+        busy0: RolloutTotals,
+        busy1: RolloutTotals,
+    ) -> None:
         if self.metrics is None or self.controller is None:
             return
-        d_busy, d_alive = busy1[0] - busy0[0], busy1[1] - busy0[1]
-        cm = self.controller.metrics()
+        d_busy, d_alive = busy1.busy_s - busy0.busy_s, busy1.alive_s - busy0.alive_s
         row = {
             "phase": "train",
             "step": self.step,
             "policy_version": self.version,
-            **stats,
             **m,
             "learner_idle_frac": timer.spent["wait_data"] / wall,
             "rollout_idle_frac": (1 - d_busy / d_alive) if d_alive > 0 else None,
             "trained_tokens": tokens,
             "trained_tokens_per_s": tokens / wall,
-            "generated_tokens_total": busy1[2],
+            "generated_tokens_total": busy1.tokens,
             "step_seconds": wall,
             **{f"time_{k}": v for k, v in timer.spent.items()},
-            "staleness_hist": cm["buffer/staleness_hist"],
-            "buffer_queue_depth": cm["buffer/queue_depth"],
-            "rejected_stale": cm["buffer/rejected_stale"],
-            "filtered": cm["buffer/filtered"],
-            "rejected_frames": sum(cm["rejected_frames"].values()),
-            "rejected_frames_by_reason": cm["rejected_frames"],
-            "weight_syncs": cm["weight_sync_count"],
-            "worker_versions": cm["workers"],
-            "worker_owners": cm["worker_owners"],  # the learner rank feeding each engine (fan-out)
-            "groups_by_worker": cm["groups_by_worker"],
-            "controller_counters": cm["counters"],
-            "ledger": cm["ledger"],
-            "weight_sync_s_per_MB": cm["weight_sync_seconds_total"]
-            / max(1e-9, cm["weight_sync_bytes_total"] / 2**20),
+            **_controller_fields(self.controller.metrics()),
             "time": time.time(),
         }
         self.metrics.write(row)
@@ -368,6 +279,7 @@ class Trainer:
         log.info("evaluation", step=self.step, accuracy=round(row["eval_accuracy"], 4), problems=len(groups))
         return row
 
+    # ---- weights out ---------------------------------------------------------------------------------
     def _publish(self) -> None:
         """New weights to the engines, the way ``train.publish`` says (every rank takes part: ZeRO-3
         gathers are collectives)."""
@@ -395,7 +307,7 @@ class Trainer:
             )
         ctl = self.controller
         targets, plan = ctl.begin_stream(self.version, self._stream_plan.buckets) if ctl else ([], None)
-        plan = share_plan(plan, self.comm_device)
+        plan = share_plan(plan, self.device)
         if not plan.targets:  # no engine can take it now (joining ones get the next publish)
             return
         if ctl is not None:  # rank 0's groups are the controller's links
@@ -403,17 +315,19 @@ class Trainer:
             self.links.lookup = own.get
         self.links.prepare(plan)
         stream_publish(self._stream_plan, self.links.send if self.links.sending else None, self.device)
-        outcomes = gather_status(plan, self.links.outcomes, self.comm_device)
+        outcomes = gather_status(plan, self.links.outcomes, self.device)
         if ctl is not None:
             ctl.end_stream(self.version, targets, outcomes)
 
+    # ---- state out -----------------------------------------------------------------------------------
     def save(self) -> Path:
         """Checkpoint; ``step`` in it is the next step to run."""
         state = {
             "ledger": self.ledger.state_dict() if self.rank == 0 else {},
-            "value_pretrained": self.value_pretrained,
+            "value_pretrained": self.progress.value_pretrained,
         }
-        with self._ledger_lock():
+        lock = self.controller.lock if self.controller is not None else contextlib.nullcontext()
+        with lock:
             path = checkpoint.save(
                 self.out / "checkpoints",
                 self.step,
@@ -425,11 +339,6 @@ class Trainer:
             )
         log.info("checkpoint saved", path=str(path), step=self.step)
         return path
-
-    def _ledger_lock(self):
-        import contextlib
-
-        return self.controller.lock if self.controller is not None else contextlib.nullcontext()
 
     def _save_value(self, out: Path) -> None:
         import deepspeed
@@ -447,44 +356,23 @@ class Trainer:
             self.controller.stop()
 
 
-_FIELDS: dict[str, tuple[torch.dtype, int]] = {  # Batch field -> (dtype, number of dimensions)
-    "input_ids": (torch.long, 2),
-    "attention_mask": (torch.long, 2),
-    "resp_index": (torch.long, 2),
-    "response_ids": (torch.long, 2),
-    "mask": (torch.bool, 2),
-    "behaviour_logprobs": (torch.float32, 2),
-    "versions": (torch.long, 2),
-    "scores": (torch.float32, 1),
-    "correct": (torch.bool, 1),
-    "truncated": (torch.bool, 1),
-    "group_ids": (torch.long, 1),
-}
-
-
-def _send_batch(b: Batch, dst: int, device: torch.device) -> None:
-    """Rank 0 -> rank ``dst``: shapes first, then every tensor (on the communication device: NCCL
-    cannot send host tensors). Only the two ranks take part; the others go on."""
-    shapes = torch.zeros(len(_FIELDS), 2, dtype=torch.long)
-    for i, n in enumerate(_FIELDS):
-        t = getattr(b, n)
-        shapes[i, : t.dim()] = torch.tensor(t.shape)
-    dist.send(shapes.to(device), dst)
-    for n in _FIELDS:
-        t = getattr(b, n).contiguous()
-        dist.send((t.to(torch.uint8) if t.dtype == torch.bool else t).to(device), dst)
-
-
-def _recv_batch(device: torch.device) -> Batch:
-    shapes = torch.zeros(len(_FIELDS), 2, dtype=torch.long, device=device)
-    dist.recv(shapes, 0)
-    out = {}
-    for i, (n, (dtype, dim)) in enumerate(_FIELDS.items()):
-        shape = [int(x) for x in shapes[i, :dim].tolist()]
-        t = torch.empty(shape, dtype=torch.uint8 if dtype == torch.bool else dtype, device=device)
-        dist.recv(t, 0)
-        out[n] = t.bool() if dtype == torch.bool else t
-    return Batch(**out)
+def _controller_fields(cm: ControllerMetrics) -> dict[str, Any]:
+    """The controller's side of a step's metrics row."""
+    return {
+        "staleness_hist": cm.staleness_hist,
+        "buffer_queue_depth": cm.queue_depth,
+        "rejected_stale": cm.rejected_stale,
+        "filtered": cm.filtered,
+        "rejected_frames": sum(cm.rejected_frames.values()),
+        "rejected_frames_by_reason": cm.rejected_frames,
+        "weight_syncs": cm.syncs.count,
+        "worker_versions": cm.worker_versions,
+        "worker_owners": cm.worker_owners,  # the learner rank feeding each engine (fan-out)
+        "groups_by_worker": cm.groups_by_worker,
+        "controller_counters": cm.counters,
+        "ledger": cm.ledger,
+        "weight_sync_s_per_MB": cm.syncs.seconds_per_mb,
+    }
 
 
 def learner_main(args: LearnerArgs) -> None:
@@ -497,7 +385,7 @@ def learner_main(args: LearnerArgs) -> None:
         torch.set_num_threads(args.cfg.train.learner_threads)
     trainer = Trainer(args)
     try:
-        if not trainer.value_pretrained:
+        if not trainer.progress.value_pretrained:
             trainer.value_pretrain()
         trainer.train()
         t = args.cfg.train

@@ -14,6 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from async_vapo.cluster.ports import free_port
+from async_vapo.config import TrainConfig
+
 VALUE_HEAD = "value_head.pt"
 
 
@@ -83,11 +86,7 @@ def init_distributed(backend: str, file_store: str = "") -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     if file_store:
         deepspeed.init_distributed(
             dist_backend=backend,
@@ -99,29 +98,26 @@ def init_distributed(backend: str, file_store: str = "") -> None:
         deepspeed.init_distributed(dist_backend=backend)
 
 
-def make_engine(
-    model: nn.Module,
-    lr: float,
-    warmup_steps: int,
-    weight_decay: float,
-    grad_clip: float,
-    zero_stage: int,
-    bf16: bool,
-    micro_batch_size: int,
-) -> Any:
-    """A DeepSpeed engine with torch AdamW and a warmup-constant schedule (the paper's)."""
+def make_engine(model: nn.Module, lr: float, train: TrainConfig, bf16: bool, micro_batch_size: int) -> Any:
+    """A DeepSpeed engine with torch AdamW and a warmup-constant schedule (the paper's); ``train`` gives
+    the ZeRO stage, warm-up, weight decay, clipping and gradient checkpointing."""
     import deepspeed
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), eps=1e-8)
-    warm = max(1, warmup_steps)
+    if train.gradient_checkpointing:
+        core: Any = getattr(model, "backbone", model)  # the value model's transformer, or the policy
+        core.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=lr, weight_decay=train.weight_decay, betas=(0.9, 0.95), eps=1e-8
+    )
+    warm = max(1, train.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "train_batch_size": micro_batch_size * world,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,

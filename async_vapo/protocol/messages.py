@@ -14,15 +14,24 @@ Invariants (checked by ``validate`` on every decoded message):
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: evaluation rounds are numbered (Assign / TrajectoryGroup.eval_round)
 
 FinishReason = Literal["stop", "length", "abort"]
-ControlKind = Literal["pause", "resume", "shutdown", "heartbeat"]
+ControlKind = Literal["shutdown"]
+# what a verifier concluded; ``Response.verdict`` is one of these, optionally followed by ": detail"
+VerdictKind = Literal["ok", "wrong", "no_answer", "timeout", "error", "bad_output"]
+VERDICT_KINDS: frozenset[str] = frozenset(get_args(VerdictKind))
+
+
+def verdict_kind(verdict: str) -> str:
+    """The ``VerdictKind`` a verdict string starts with, or ``"other"`` (a peer cannot invent kinds)."""
+    kind = verdict.split(":", 1)[0]
+    return kind if kind in VERDICT_KINDS else "other"
 
 
 class ProtocolError(ValueError):
@@ -72,7 +81,7 @@ class Response(msgspec.Struct, array_like=True, gc=False, frozen=True):
     finish_reason: FinishReason
     reward: float
     correct: bool
-    verdict: str = ""  # verifier detail: "ok", "wrong", "no_answer", "timeout", "error"
+    verdict: str = ""  # a VerdictKind, optionally followed by ": detail"
 
     @property
     def n_tokens(self) -> int:
@@ -104,6 +113,7 @@ class TrajectoryGroup(_Wire, tag="group", frozen=True):
     sent_at: float
     gen_seconds: float = 0.0
     verify_seconds: float = 0.0
+    eval_round: int = 0  # the Assign's evaluation round; 0 = training
 
     def validate(self) -> None:
         if not self.responses:
@@ -137,7 +147,8 @@ class Assign(_Wire, tag="assign", frozen=True):
     """Learner side -> one rollout worker: prompts to sample (each one is a credit for one group)."""
 
     prompts: list[Prompt]
-    sampling: Sampling | None = None
+    sampling: Sampling | None = None  # None: the worker's training settings
+    eval_round: int = 0  # > 0: an evaluation round (the groups carry it back; they are not trained on)
 
 
 class JoinGroup(_Wire, tag="join", frozen=True):
@@ -197,7 +208,7 @@ class Hello(_Wire, tag="hello", frozen=True):
 
 
 class Control(_Wire, tag="control", frozen=True):
-    """Either direction: pause / resume / shutdown / heartbeat."""
+    """Learner -> rollout worker: shut down (``reason`` says whether to come back)."""
 
     kind: ControlKind
     sender: str = ""

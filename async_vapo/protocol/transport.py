@@ -179,10 +179,6 @@ class _Receiving:
         return msg
 
 
-def bound_port(sock: zmq.Socket) -> int:
-    return int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
-
-
 class _BoundServer(_Receiving):
     """A receiving socket bound on the learner side: bind policy, frame-size limit, CURVE, close."""
 

@@ -13,7 +13,7 @@ import msgspec
 
 class Verdict(msgspec.Struct, frozen=True):
     correct: bool
-    detail: str  # "ok", "wrong", "no_answer", "timeout", "error", "bad_output"
+    detail: str  # a protocol.VerdictKind, optionally followed by ": detail"
 
 
 class Verifier(Protocol):

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
+from async_vapo.protocol.messages import verdict_kind
 from async_vapo.rewards.base import Verdict
 
 
@@ -128,7 +129,7 @@ class VerifierPool:
         finally:
             self._release(w)
         self.seconds += time.perf_counter() - t0
-        self.counts[verdict.detail.split(":")[0]] += 1
+        self.counts[verdict_kind(verdict.detail)] += 1
         return verdict
 
     def score(self, items: Sequence[tuple[str, str, str]]) -> list[Verdict]:

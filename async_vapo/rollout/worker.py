@@ -18,11 +18,12 @@ import asyncio
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 import zmq.asyncio
 
+from async_vapo.config import RolloutConfig
 from async_vapo.protocol import (
     Assign,
     Control,
@@ -50,21 +51,16 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    """One worker's wiring; what it samples and how it scores come from the recipe's ``rollout`` section."""
+
     worker_id: str
     data_endpoint: str
     control_endpoint: str
     engine: EngineConfig
-    n_samples: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 96
-    correct_reward: float = 1.0
-    wrong_reward: float = 0.0
-    verifier_processes: int = 1
-    verifier_timeout_s: float = 5.0
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    curve_dir: str = ""  # CURVE keys when the learner is beyond loopback
     heartbeat_s: float = 2.0
     initial_version: int = 0
-    curve_dir: str = ""  # CURVE keys when the learner is beyond loopback
 
 
 EXIT_DROPPED = 75  # told to exit by the controller: the launcher restarts the worker
@@ -78,7 +74,7 @@ class RolloutWorker:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.engine.model)
-        self.pool = VerifierPool(cfg.verifier_processes, cfg.verifier_timeout_s)
+        self.pool = VerifierPool(cfg.rollout.verifier_processes, cfg.rollout.verifier_timeout_s)
         self.ctx = zmq.asyncio.Context()
         security = client_security(cfg.curve_dir) if cfg.curve_dir else None
         self.control = ControlClient(self.ctx, cfg.control_endpoint, cfg.worker_id, security)
@@ -106,7 +102,7 @@ class RolloutWorker:
                 msg = await self.control.recv()
                 if isinstance(msg, Assign):
                     for p in msg.prompts:
-                        self._spawn(self._rollout(p, msg.sampling))
+                        self._spawn(self._rollout(p, msg.sampling, msg.eval_round))
                 elif isinstance(msg, JoinGroup):
                     spec = GroupSpec(
                         msg.host, msg.port, msg.world_size, msg.backend, msg.timeout_s, msg.store_file
@@ -115,15 +111,10 @@ class RolloutWorker:
                     self._joining = self._spawn(self.engine.init_weight_group(spec))
                 elif isinstance(msg, WeightUpdate):
                     self._spawn(self._update(msg))
-                elif isinstance(msg, Control):
-                    if msg.kind == "shutdown":
-                        self.exit_code = EXIT_DROPPED if msg.reason == "dropped" else 0
-                        log.info("shutting down", worker=self.cfg.worker_id, reason=msg.reason)
-                        break
-                    if msg.kind == "pause":
-                        self._gate.clear()
-                    elif msg.kind == "resume":
-                        self._gate.set()
+                elif isinstance(msg, Control) and msg.kind == "shutdown":
+                    self.exit_code = EXIT_DROPPED if msg.reason == "dropped" else 0
+                    log.info("shutting down", worker=self.cfg.worker_id, reason=msg.reason)
+                    break
         finally:
             heartbeat.cancel()
             for t in list(self._tasks):
@@ -157,10 +148,9 @@ class RolloutWorker:
                 )
             )
 
-    async def _rollout(self, prompt: Prompt, sampling: Sampling | None = None) -> None:
-        sp = sampling or Sampling(
-            self.cfg.n_samples, self.cfg.temperature, self.cfg.top_p, self.cfg.max_tokens
-        )
+    async def _rollout(self, prompt: Prompt, sampling: Sampling | None = None, eval_round: int = 0) -> None:
+        r = self.cfg.rollout
+        sp = sampling or Sampling(r.n_samples, r.temperature, r.top_p, r.max_tokens)
         while not self._gate.is_set():
             await self._gate.wait()
         if self._in_flight == 0:
@@ -193,13 +183,13 @@ class RolloutWorker:
                     logprobs=pack_f32(s.logprobs),
                     versions=pack_i32([version] * len(s.token_ids)),
                     finish_reason=s.finish_reason if s.finish_reason in ("stop", "length") else "abort",  # type: ignore[arg-type]
-                    reward=reward_of(v, self.cfg.correct_reward, self.cfg.wrong_reward),
+                    reward=reward_of(v, r.correct_reward, r.wrong_reward),
                     correct=v.correct,
                     verdict=v.detail,
                 )
             )
         group = TrajectoryGroup(
-            prompt, responses, self.cfg.worker_id, time.time(), gen_s, time.perf_counter() - t1
+            prompt, responses, self.cfg.worker_id, time.time(), gen_s, time.perf_counter() - t1, eval_round
         )
         await self.sender.send(group)
 

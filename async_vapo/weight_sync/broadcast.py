@@ -37,10 +37,6 @@ class Snapshot:
     def nbytes(self) -> int:
         return sum(f.numel() * f.element_size() for f in self.flats)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Views of the snapshot's tensors by name."""
-        return {n: t for b, f in zip(self.buckets, self.flats, strict=True) for n, t in unpack(b, f)}
-
 
 def snapshot(version: int, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Snapshot:
     """Copy the tensors once, straight into their bucket buffers (on the tensors' device), so training

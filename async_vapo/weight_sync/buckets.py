@@ -48,10 +48,6 @@ def plan_bucket_meta(
     return buckets
 
 
-def pack(bucket: BucketMeta, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([tensors[name].detach().reshape(-1) for name, _, _ in bucket])
-
-
 def bucket_nbytes(bucket: BucketMeta) -> int:
     return sum(_numel(shape) * _DTYPES[dt].itemsize for _, dt, shape in bucket)
 

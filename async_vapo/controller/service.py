@@ -1,0 +1,348 @@
+"""The controller thread and its main-thread API.
+
+It runs an asyncio (uvloop) loop in a background thread of learner rank 0, so the training loop in the
+main thread never blocks it. The loop owns the sockets, the worker registry, the weight publisher and the
+evaluation rounds; the buffer and the ledger are shared with the main thread under ``lock``. The main
+thread calls only the methods below ``main-thread API``; each either takes the lock or hands work to the
+loop (``call_soon_threadsafe`` / ``run_coroutine_threadsafe``).
+
+Three coroutines serve the run: ``_recv_data`` (groups into the buffer or an evaluation round),
+``_recv_control`` (hellos, heartbeats, acks) and ``_dispatch`` (every ``dispatch_interval_s``: drop silent
+workers, hand out as many prompts as the staleness bound allows, see ``controller.dispatch``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import uvloop
+import zmq.asyncio
+
+from async_vapo.buffer import GroupBuffer, PromptLedger, StalenessManager
+from async_vapo.cluster.rendezvous import RunStore, load_store_key
+from async_vapo.config import TrainConfig
+from async_vapo.controller.dispatch import eligible, share_out
+from async_vapo.controller.evaluation import EvalRounds
+from async_vapo.controller.metrics import ControllerMetrics
+from async_vapo.controller.registry import RolloutTotals, WorkerRegistry
+from async_vapo.controller.weights import GroupSettings, StreamTarget, WeightPublisher
+from async_vapo.protocol import (
+    Assign,
+    Control,
+    Hello,
+    Prompt,
+    Sampling,
+    TrajectoryGroup,
+    WeightAck,
+    WorkerStats,
+)
+from async_vapo.protocol.keys import server_security
+from async_vapo.protocol.messages import PublishPlan, verdict_kind
+from async_vapo.protocol.transport import ControlServer, GroupReceiver
+from async_vapo.weight_sync.broadcast import Snapshot
+from async_vapo.weight_sync.buckets import BucketMeta
+from async_vapo.weight_sync.fanout import Outcome
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Where the controller listens and whom it tells: the run's addresses, not its recipe."""
+
+    data_endpoint: str
+    control_endpoint: str
+    groups: GroupSettings = field(default_factory=GroupSettings)
+    insecure: bool = False
+    curve_dir: str = ""  # CURVE keys for sockets beyond loopback (async_vapo.protocol.keys)
+    store_address: str = ""  # the run's rendezvous store: drop notices for the launchers, "done"
+    store_key_dir: str = ""  # where the run store's signing key is (multi-node runs)
+    fanout_ranks: int = 1  # streamed publish: engines are spread over this many learner ranks
+    dispatch_interval_s: float = 0.01
+    max_outstanding_per_worker: int = 256
+
+
+class _Version:
+    """The learner's policy version (``StalenessManager``'s version source), set by the main thread."""
+
+    def __init__(self, v: int) -> None:
+        self.v = v
+
+    def current_version(self) -> int:
+        return self.v
+
+
+class Controller:
+    def __init__(self, train: TrainConfig, wiring: Wiring, ledger: PromptLedger, initial_version: int = 0):
+        self.train, self.wiring = train, wiring
+        self.version = _Version(initial_version)
+        self.ledger = ledger
+        self.staleness = StalenessManager(train.groups_per_step, train.max_staleness, self.version)
+        self.buffer = GroupBuffer(ledger, self.staleness, train.filter_uniform_rewards)
+        self.lock = threading.Lock()  # buffer, ledger, staleness: shared with the main thread
+        self.ready = threading.Condition(self.lock)
+        self.counters: Counter[str] = Counter()
+        self.groups_by_worker: Counter[str] = Counter()
+        self.registry = WorkerRegistry(wiring.fanout_ranks)
+        self.evals = EvalRounds()
+        self.weights = WeightPublisher(
+            train,
+            wiring.groups,
+            self.registry,
+            self.counters,
+            self._drop_worker,
+            self._spawn,
+            initial_version,
+        )
+        self.failure: BaseException | None = None
+        self._background: set[asyncio.Future] = set()
+        self._stop = threading.Event()
+        self._started = threading.Event()
+        self._loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
+        key = load_store_key(wiring.store_key_dir) if wiring.store_key_dir else None
+        self._store = RunStore.connect(wiring.store_address, key) if wiring.store_address else None
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        if not self._started.wait(30):
+            raise RuntimeError("controller loop did not start")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                self._store.mark_done()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        ctx = zmq.asyncio.Context()
+        w = self.wiring
+        security = server_security(w.curve_dir) if w.curve_dir else None
+        self.data = GroupReceiver(ctx, w.data_endpoint, security=security, insecure=w.insecure)
+        self.control = self.weights.control = ControlServer(
+            ctx, w.control_endpoint, security=security, insecure=w.insecure
+        )
+        self._started.set()
+        tasks = [asyncio.create_task(c) for c in (self._recv_data(), self._recv_control(), self._dispatch())]
+        for t in tasks:
+            t.add_done_callback(self._on_loop_task_done)
+        while not self._stop.is_set():
+            await asyncio.sleep(0.05)
+        for wid in self.registry.ids():
+            await self.control.send(wid, Control("shutdown", "learner", time.time(), "finished"))
+        await asyncio.sleep(0.2)
+        for t in tasks:
+            t.cancel()
+        self.data.close()
+        self.control.close()
+        ctx.term()
+
+    def _on_loop_task_done(self, task: asyncio.Task) -> None:
+        """A serving loop must never end on its own: if one dies, the learner is told at once (its next
+        ``take_batch`` raises) instead of waiting forever for data that will never come."""
+        if task.cancelled() or self._stop.is_set():
+            return
+        exc = task.exception()
+        self.failure = exc if exc is not None else RuntimeError(f"controller task {task.get_name()} ended")
+        log.error("a controller loop died", error=repr(self.failure)[:300])
+        with self.ready:
+            self.ready.notify_all()
+
+    def _spawn(self, coro: Any) -> None:
+        """Run ``coro`` on the loop as a background task (kept referenced until it ends)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- main-thread API ----------------------------------------------------------------------------
+    def take_batch(self, n_groups: int, timeout_s: float | None = None) -> list[TrajectoryGroup] | None:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self.ready:
+            while True:
+                if self.failure is not None:
+                    raise RuntimeError("the controller failed") from self.failure
+                batch = self.buffer.take_batch(n_groups)
+                if batch is not None:
+                    return batch
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self.ready.wait(0.5 if remaining is None else min(0.5, remaining))
+
+    def mark_trained(self, batch: list[TrajectoryGroup]) -> None:
+        with self.lock:
+            self.buffer.mark_trained(batch)
+
+    def set_version(self, version: int) -> None:
+        """The learner's policy version: staleness is judged against it, not against the engines."""
+        with self.lock:
+            self.version.v = version
+
+    def publish(self, snap: Snapshot) -> None:
+        """Snapshot mode: queue new weights for every worker."""
+        self._loop.call_soon_threadsafe(self.weights.publish, snap)
+
+    def begin_stream(self, version: int, buckets: list[BucketMeta]) -> tuple[list[StreamTarget], PublishPlan]:
+        """Stream mode: the workers taking ``version`` now and the plan every learner rank follows."""
+        fut = asyncio.run_coroutine_threadsafe(self.weights.begin_stream(version, buckets), self._loop)
+        return fut.result(self.train.weight_sync_timeout_s + 30)
+
+    def end_stream(self, version: int, targets: list[StreamTarget], outcomes: list[Outcome]) -> None:
+        """Stream mode: how the sends went (every rank's outcome); acks are awaited in the background."""
+        self.weights.record_outcomes(targets, outcomes)
+        self._loop.call_soon_threadsafe(self._spawn, self.weights.end_stream(version, targets))
+
+    def engines_behind(self) -> bool:
+        return self.weights.engines_behind()
+
+    def evaluate(
+        self, prompts: list[Prompt], sampling: Sampling, timeout_s: float = 600.0
+    ) -> list[TrajectoryGroup]:
+        fut = asyncio.run_coroutine_threadsafe(self._evaluate(prompts, sampling, timeout_s), self._loop)
+        return fut.result(timeout_s + 30)
+
+    def metrics(self) -> ControllerMetrics:
+        with self.lock:
+            b = self.buffer.metrics
+            return ControllerMetrics(
+                queue_depth=len(self.buffer.queue),
+                admitted=b.admitted,
+                rejected_stale=b.stale,
+                filtered=b.filtered,
+                duplicate=b.duplicate,
+                staleness_hist={str(k): v for k, v in sorted(b.staleness_hist.items())},
+                capacity=self.staleness.capacity(),
+                running=self.staleness.running,
+                ledger=dict(self.ledger.counts),
+                rejected_frames=dict(self.data.rejected)
+                | {f"control_{k}": v for k, v in self.control.rejected.items()},
+                worker_versions=self.registry.versions(),
+                worker_owners=self.registry.owners(),
+                counters=dict(self.counters),
+                groups_by_worker=dict(self.groups_by_worker),
+                syncs=self.weights.totals,
+            )
+
+    def rollout_totals(self) -> RolloutTotals:
+        return self.registry.rollout_totals()
+
+    # ---- loops --------------------------------------------------------------------------------------
+    async def _recv_data(self) -> None:
+        while True:
+            msg = await self.data.recv()
+            if not isinstance(msg, TrajectoryGroup):
+                self.counters["unexpected_on_data"] += 1
+            elif msg.eval_round:
+                self.evals.collect(msg)
+            else:
+                self._admit(msg)
+
+    def _admit(self, group: TrajectoryGroup) -> None:
+        with self.ready:
+            verdict = self.buffer.put(group)
+            self.counters[f"group_{verdict}"] += 1
+            if verdict == "admitted" and self.registry.get(group.worker_id) is not None:
+                self.groups_by_worker[group.worker_id] += 1
+            self.ready.notify_all()
+        if verdict != "duplicate":  # verifier outcomes of groups for prompts we issued
+            for r in group.responses:  # (a fixed set of names: a peer cannot grow the counters)
+                self.counters[f"verdict_{verdict_kind(r.verdict)}"] += 1
+
+    async def _recv_control(self) -> None:
+        while True:
+            wid, msg = await self.control.recv()
+            if isinstance(msg, Hello):
+                # in the background: the handshake waits for acks that this very loop must receive
+                self._spawn(self._on_hello(msg))
+                continue
+            w = self.registry.get(wid)
+            if w is None:
+                self.counters["message_from_unknown_worker"] += 1
+                continue
+            w.last_seen = time.monotonic()
+            if isinstance(msg, WorkerStats):
+                w.stats = msg
+            elif isinstance(msg, WeightAck):
+                self.weights.on_ack(msg)
+
+    async def _on_hello(self, hello: Hello) -> None:
+        w, old = self.registry.add(hello)
+        if old is not None:
+            with self.lock:
+                n = self.ledger.requeue_worker(hello.worker_id, "worker_restarted")
+            log.warning("worker reconnected; its prompts were requeued", worker=hello.worker_id, requeued=n)
+        if await self.weights.welcome(w, hello, self.version.v):
+            log.info("worker ready", worker=w.worker_id, pid=w.pid, version=w.version, owner=w.owner)
+        elif self.registry.is_current(w):
+            self.registry.remove(w.worker_id)
+
+    def _drop_worker(self, wid: str, reason: str) -> None:
+        """Forget a worker and requeue its prompts. If it is alive it is told to exit, so that the
+        supervisor restarts it and it comes back through the Hello handshake with current weights."""
+        w = self.registry.remove(wid)
+        if w is None:
+            return
+        self._spawn(self.control.send(wid, Control("shutdown", "learner", time.time(), "dropped")))
+        with self.ready:
+            n = self.ledger.requeue_worker(wid, reason)
+            self.staleness.on_dropped(n)
+        self.counters[f"worker_dropped_{reason}"] += 1
+        if self._store is not None:  # a wedged worker cannot be trusted to exit: its launcher kills it
+            try:
+                self._store.notify_drop(wid, w.pid)
+            except Exception as exc:
+                log.error("could not tell the launcher about a dropped worker", error=repr(exc)[:200])
+
+    async def _dispatch(self) -> None:
+        while True:
+            await asyncio.sleep(self.wiring.dispatch_interval_s)
+            for w in self.registry.silent(time.monotonic(), self.train.worker_timeout_s):
+                log.error("worker missed heartbeats; dropping it", worker=w.worker_id)
+                self._drop_worker(w.worker_id, "heartbeat")
+            live = eligible(self.registry, self.version.v, self.weights.newest_sent, self.train.max_staleness)
+            if not live:
+                continue
+            with self.lock:
+                outstanding = Counter(wid for wid, _ in self.ledger.outstanding.values())
+                plan = share_out(
+                    self.staleness.capacity(),
+                    [w.worker_id for w in live],
+                    outstanding,
+                    self.wiring.max_outstanding_per_worker,
+                )
+                assigned = [(wid, self.ledger.take(n, wid)) for wid, n in plan]
+                self.staleness.on_started(sum(n for _, n in plan))
+            for wid, prompts in assigned:
+                if not await self.control.send(wid, Assign(prompts)):
+                    self._drop_worker(wid, "unreachable")
+
+    async def _evaluate(
+        self, prompts: list[Prompt], sampling: Sampling, timeout_s: float
+    ) -> list[TrajectoryGroup]:
+        deadline = time.monotonic() + timeout_s
+        while not (live := self.registry.ready()):
+            if time.monotonic() > deadline:  # e.g. the first evaluation, before any engine is up
+                raise RuntimeError(f"no rollout worker became available for evaluation in {timeout_s:.0f} s")
+            await asyncio.sleep(0.2)
+        done = self._loop.create_future()
+        number = self.evals.open([p.uid for p in prompts], done)
+        try:
+            for i, w in enumerate(live):
+                if chunk := prompts[i :: len(live)]:
+                    await self.control.send(w.worker_id, Assign(chunk, sampling, number))
+            return await asyncio.wait_for(done, timeout_s)
+        finally:
+            self.evals.close(number)

@@ -1,0 +1,7 @@
+"""``python -m async_vapo.launch``."""
+
+import sys
+
+from async_vapo.launch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,131 @@
+"""``python -m async_vapo.launch``: parse the command line, plan this node, supervise it (or --dry-run)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import msgspec
+import structlog
+import yaml
+
+from async_vapo.cluster import Layout, NodeInfo, layout, node_info
+from async_vapo.cluster.placement import PlacementError
+from async_vapo.config import Config, ConfigError, check_learner_split, load_config
+from async_vapo.logging import configure_logging
+
+log = structlog.get_logger("async_vapo.launch")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "embedded_default.yaml"
+_DESCRIPTION = "Start and supervise this node's share of a run."
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m async_vapo.launch",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML recipe from configs/ (default: the embedded default)")
+    p.add_argument("--rollout-gpus", type=int, default=0, help="GPUs for vLLM engines, all nodes (0: CPU)")
+    p.add_argument("--train-gpus", type=int, default=0, help="GPUs for learner ranks, all nodes (0: CPU)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="per card, for --dry-run's estimate")
+    p.add_argument("--learner-ranks", type=int, default=1, help="CPU only: learner ranks per node (gloo)")
+    p.add_argument("--nnodes", type=int, help="nodes in the run (default: torchrun/Slurm env, else 1)")
+    p.add_argument("--node-rank", type=int, help="this node's rank (node 0 hosts learner rank 0)")
+    p.add_argument("--master-addr", help="node 0's address (rendezvous store, learner sockets)")
+    p.add_argument("--master-port", type=int, help="port of the rendezvous store on node 0")
+    p.add_argument("--dry-run", action="store_true", help="print placement and memory estimate, then exit")
+    p.add_argument("--output-dir", help="overrides output_dir")
+    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/latest")
+    p.add_argument("--insecure", action="store_true", help="allow non-loopback sockets without CURVE keys")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.actor_lr=1e-5")
+    return p.parse_intermixed_args(argv)  # flags and overrides in any order
+
+
+def resolve_model(cfg: Config) -> str:
+    if cfg.model.path:
+        return cfg.model.path
+    from async_vapo.tasks.tiny_model import ensure_tiny_model
+
+    return str(ensure_tiny_model(progress=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.insecure:
+        overrides.append("insecure=true")
+    try:
+        cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+        node = node_info(args.nnodes, args.node_rank, args.master_addr, args.master_port)
+        if args.dry_run and node.source == "single":  # plan for as many nodes as the GPUs need
+            need = -(-(args.train_gpus + args.rollout_gpus) // args.gpus_per_node)
+            node = NodeInfo(max(1, need), 0, node.master_addr, node.master_port, "dry-run")
+        lay = layout(
+            args.train_gpus,
+            args.rollout_gpus,
+            node.nnodes,
+            args.gpus_per_node,
+            cfg.rollout.tensor_parallel_size,
+            args.learner_ranks,
+            cfg.rollout.num_workers,
+        )
+        check_learner_split(cfg, lay.learner_world)
+    except (ConfigError, PlacementError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return dry_run(cfg, lay, args.gpu_memory_gb)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.output_dir) / "config.yaml").write_text(
+        yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)
+    )
+    model_path = resolve_model(cfg)
+    log.info("placement", node=node.node_rank, nnodes=node.nnodes, source=node.source, plan=lay.describe())
+    from async_vapo.launch.supervisor import Supervisor
+
+    return Supervisor(cfg, lay, node, model_path, args.resume, args.insecure).run()
+
+
+def dry_run(cfg: Config, lay: Layout, card_gib: float) -> int:
+    """Print the placement and the per-GPU memory estimate; exit 2 if the layout cannot work."""
+    from async_vapo.cluster import estimate_memory, model_shape
+
+    print(lay.describe())
+    path = cfg.model.path
+    if not path:
+        from async_vapo.tasks.tiny_model import tiny_model_dir
+
+        path = str(tiny_model_dir())
+    try:
+        shape = model_shape(path)
+    except ValueError as exc:
+        print(f"memory: {exc}")
+        return 0
+    t, r = cfg.train, cfg.rollout
+    if not lay.on_gpu:
+        card_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    plan = estimate_memory(
+        shape,
+        lay.learner_world,
+        t.zero_stage,
+        t.micro_batch_size,
+        r.max_model_len,
+        t.gradient_checkpointing,
+        r.tensor_parallel_size if lay.on_gpu else 1,
+        r.gpu_memory_utilization,
+        card_gib,
+        cfg.algo.estimator == "gae",
+        None if lay.on_gpu else float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")),
+        stream_publish=t.streams_publish,
+        bucket_mb=t.bucket_mb,
+    )
+    print(f"model {path}: {shape.params / 1e6:,.1f} M parameters, {shape.layers} layers")
+    print(plan.describe(card_gib, "GPU" if lay.on_gpu else "process (host memory)"))
+    return 2 if plan.problems and lay.on_gpu else 0

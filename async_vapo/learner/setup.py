@@ -1,0 +1,150 @@
+"""What a learner rank builds before its first step, one function per job.
+
+``Trainer.__init__`` (``learner/main.py``) calls them in order: join the learner world (``init_rank``),
+build the policy and value engines (``build_models``), the prompts and the ledger (``build_prompts``),
+restore a checkpoint (``restore``) and, on rank 0, start the controller (``start_controller``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+import torch.distributed as dist
+
+from async_vapo.config import Config, check_learner_split
+from async_vapo.controller import Controller, GroupSettings, Wiring
+from async_vapo.learner import checkpoint
+from async_vapo.learner.models import init_distributed, load_policy, load_value, make_engine, torch_dtype
+from async_vapo.protocol import Prompt
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnerArgs:
+    """One learner rank's recipe and wiring (built by the launcher's node plan)."""
+
+    cfg: Config
+    model_path: str
+    data_endpoint: str  # rank 0 binds the controller's sockets here
+    control_endpoint: str
+    resume: bool = False
+    cpu_affinity: tuple[int, ...] = ()
+    weight_host: str = "127.0.0.1"  # where rollout workers reach this rank's weight-sync stores
+    store_address: str = ""  # the run's rendezvous store (host:port or file:path): rank 0 reports drops there
+    store_key_dir: str = ""  # multi-node: where the run store's signing key is
+    world_store: str = ""  # one machine: the learner world meets in this FileStore (no TCP listener)
+    group_store_dir: str = ""  # one machine: weight groups meet in FileStores in this directory
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world: int
+    device: torch.device  # also the device of every tensor sent between ranks (NCCL needs the GPU's)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+@dataclass
+class Progress:
+    """Where training stands (restored from a checkpoint, or the start)."""
+
+    step: int = 0  # the next step to run
+    version: int = 0  # the policy version (one per policy update)
+    value_pretrained: bool = False
+
+
+def init_rank(args: LearnerArgs) -> RankInfo:
+    """Join the learner world (NCCL on GPUs, gloo on CPU) and check the step splits over it."""
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    init_distributed("nccl" if on_gpu else "gloo", args.world_store)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    check_learner_split(args.cfg, world)  # before any collective of the training loop
+    torch.manual_seed(args.cfg.train.seed + rank)
+    return RankInfo(rank, world, torch.device("cuda" if on_gpu else "cpu"))
+
+
+def micro_batch_size(cfg: Config, world: int) -> int:
+    """``train.micro_batch_size``, capped at the sequences one rank gets per mini-batch."""
+    t = cfg.train
+    per_rank = max(1, t.groups_per_step * cfg.rollout.n_samples // (world * t.mini_batches))
+    return min(t.micro_batch_size, per_rank)
+
+
+def build_models(cfg: Config, model_path: str, on_gpu: bool, micro: int) -> tuple[Any, Any | None]:
+    """The policy engine and, for the GAE estimator, the value engine (each with its own optimiser)."""
+    dtype = torch_dtype(cfg.model.dtype, on_gpu)
+    bf16 = dtype == torch.bfloat16
+    t = cfg.train
+    policy = make_engine(load_policy(model_path, dtype), t.actor_lr, t, bf16, micro)
+    if cfg.algo.estimator != "gae":
+        return policy, None
+    value = make_engine(load_value(model_path, cfg.model.value_path, dtype), t.critic_lr, t, bf16, micro)
+    return policy, value
+
+
+def build_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Prompt]]:
+    """Training and held-out prompts; ``data.verifier`` (if set) names the verifier of every prompt."""
+    train, evals = _task_prompts(cfg, tokenizer)
+    if cfg.data.verifier:
+        train = [Prompt(p.uid, p.token_ids, p.answer, cfg.data.verifier) for p in train]
+        evals = [Prompt(p.uid, p.token_ids, p.answer, cfg.data.verifier) for p in evals]
+    return train, evals
+
+
+def _task_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Prompt]]:
+    from async_vapo.tasks.datasets import addition_prompts, load_prompts
+
+    d = cfg.data
+    if d.task == "addition":
+        return (
+            addition_prompts(tokenizer, d.n_train, d.seed, "train-"),
+            addition_prompts(tokenizer, d.n_eval, d.seed + 99_991, "eval-"),
+        )
+    train = load_prompts(d.train_file, tokenizer, d.prompt_template, d.prompt_field, d.answer_field, "math")
+    evals = (
+        load_prompts(d.eval_file, tokenizer, d.prompt_template, d.prompt_field, d.answer_field, "math")
+        if d.eval_file
+        else train[: d.n_eval]
+    )
+    return train, evals
+
+
+def restore(cfg: Config, resume: bool, policy: Any, value: Any | None, ledger: Any) -> Progress:
+    """The latest checkpoint under ``<output_dir>/checkpoints`` when resuming, else the start."""
+    pretrained = cfg.algo.value_pretrain_steps == 0 or value is None
+    if not resume or (ck := checkpoint.latest(Path(cfg.output_dir) / "checkpoints")) is None:
+        return Progress(value_pretrained=pretrained)
+    state = checkpoint.load(ck, policy, value)
+    ledger.load_state_dict(state["ledger"])
+    progress = Progress(int(state["step"]), int(state["version"]), bool(state["value_pretrained"]))
+    log.info("resumed", checkpoint=str(ck), next_step=progress.step, version=progress.version)
+    return progress
+
+
+def start_controller(args: LearnerArgs, rank: RankInfo, ledger: Any, version: int) -> Controller:
+    """Rank 0's controller thread, listening on the run's endpoints."""
+    t = args.cfg.train
+    wiring = Wiring(
+        data_endpoint=args.data_endpoint,
+        control_endpoint=args.control_endpoint,
+        groups=GroupSettings(args.weight_host, "nccl" if rank.on_gpu else "gloo", args.group_store_dir),
+        insecure=args.cfg.insecure,
+        curve_dir=args.cfg.curve_dir,
+        store_address=args.store_address,
+        store_key_dir=args.store_key_dir,
+        fanout_ranks=rank.world if t.streams_publish and t.weight_fanout else 1,
+    )
+    controller = Controller(t, wiring, ledger, version)
+    controller.start()
+    return controller

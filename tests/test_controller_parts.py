@@ -1,0 +1,142 @@
+"""The controller's parts without sockets: dispatch (pure), evaluation rounds, the worker registry; and the
+launcher's node plan (pure: any node of any cluster, no store, no process)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from async_vapo.cluster import Endpoints, NodeInfo, layout
+from async_vapo.config import load_config
+from async_vapo.controller.dispatch import eligible, share_out
+from async_vapo.controller.evaluation import EvalRounds
+from async_vapo.controller.registry import WorkerRegistry, WorkerState
+from async_vapo.launch.plan import RunFiles, Site, plan_node
+from async_vapo.protocol import Hello
+from tests.helpers import make_group
+
+
+def _share_out_reference(capacity, ids, outstanding, cap):
+    """One prompt at a time to the worker with the fewest prompts (outstanding + given), ties by order
+    of the least loaded first; a worker at ``cap`` gets no more."""
+    given = dict.fromkeys(ids, 0)
+    order = sorted(ids, key=lambda w: outstanding.get(w, 0))
+    base, extra = divmod(capacity, len(ids)) if ids else (0, 0)
+    for i, w in enumerate(order):  # the intended even split, then the per-worker cap
+        for _ in range(base + (1 if i < extra else 0)):
+            if outstanding.get(w, 0) + given[w] < cap:
+                given[w] += 1
+    return [(w, given[w]) for w in order if given[w]]
+
+
+@pytest.mark.parametrize(
+    "capacity,outstanding,cap",
+    [
+        (0, {}, 8),
+        (7, {}, 8),
+        (7, {"a": 3, "b": 0, "c": 1}, 8),
+        (30, {"a": 6}, 8),
+        (5, {"a": 8, "b": 8, "c": 8}, 8),
+    ],
+)
+def test_share_out_matches_the_reference_loop(capacity, outstanding, cap):
+    ids = ["a", "b", "c"]
+    plan = share_out(capacity, ids, outstanding, cap)
+    assert plan == _share_out_reference(capacity, ids, outstanding, cap)
+    assert sum(n for _, n in plan) <= capacity
+    assert all(outstanding.get(w, 0) + n <= cap for w, n in plan)
+
+
+def test_share_out_gives_the_remainder_to_the_least_loaded():
+    assert share_out(5, ["a", "b"], {"a": 2, "b": 0}, 100) == [("b", 3), ("a", 2)]
+    assert share_out(3, [], {}, 100) == []
+
+
+def test_eligible_workers_follow_both_staleness_floors():
+    ws = [WorkerState(f"w{v}", 1, version=v) for v in (-1, 3, 4, 5)] + [
+        WorkerState("busy", 1, version=5, updating=True)
+    ]
+    names = lambda got: sorted(w.worker_id for w in got)  # noqa: E731
+    assert names(eligible(ws, 5, None, 1)) == ["w4", "w5"]  # learner at 5, staleness 1
+    assert names(eligible(ws, 5, None, 2)) == ["w3", "w4", "w5"]
+    assert names(eligible(ws, 4, 5, 0)) == ["w5"]  # the newest weights sent out also bound it
+    assert names(eligible(ws, 0, None, 0)) == ["w3", "w4", "w5"]  # unknown weights (-1) never
+
+
+def test_evaluation_rounds_collect_their_own_groups_only():
+    async def run():
+        rounds = EvalRounds()
+        loop = asyncio.get_running_loop()
+        first, second = loop.create_future(), loop.create_future()
+        a = rounds.open(["e0", "e1"], first)
+        b = rounds.open(["e0"], second)
+        assert a != b and a > 0 and b > 0
+        rounds.collect(make_group("e0", eval_round=b))
+        assert second.done() and [g.prompt.uid for g in second.result()] == ["e0"]
+        rounds.collect(make_group("e1", eval_round=a))
+        rounds.collect(make_group("e1", eval_round=a))  # a duplicate: not counted twice
+        rounds.collect(make_group("x", eval_round=a))  # not a prompt of the round
+        assert not first.done() and rounds.late == 2
+        rounds.collect(make_group("e0", eval_round=a))
+        assert sorted(g.prompt.uid for g in first.result()) == ["e0", "e1"]
+        rounds.close(a)
+        rounds.collect(make_group("e0", eval_round=a))  # after the round ended
+        rounds.collect(make_group("e0", eval_round=99))  # never opened
+        assert rounds.late == 4
+        empty = loop.create_future()
+        rounds.open([], empty)
+        assert empty.result() == []
+
+    asyncio.run(run())
+
+
+def test_registry_spreads_owners_and_reports_silence():
+    reg = WorkerRegistry(fanout_ranks=2)
+    owners = [reg.add(Hello(f"w{i}", 0, 100 + i))[0].owner for i in range(5)]
+    assert owners == [0, 1, 0, 1, 0]
+    w, old = reg.add(Hello("w1", 0, 999))  # a reconnect replaces the state
+    assert old is not None and old.pid == 101 and reg.get("w1") is w and not reg.is_current(old)
+    for s in reg:
+        s.last_seen = 0.0
+    w.last_seen, w.updating = 100.0, False
+    reg.get("w2").updating = True  # waited for during a weight sync
+    assert sorted(s.worker_id for s in reg.silent(now=100.0, timeout_s=30.0)) == ["w0", "w3", "w4"]
+
+
+def _plan(nnodes: int, node_rank: int, ranks: int = 2, workers: int = 2):
+    cfg = load_config(None, ["rollout.n_samples=4", "rollout.max_tokens=40", "rollout.verifier_timeout_s=3"])
+    lay = layout(0, 0, nnodes, 8, 1, ranks, workers)
+    node = NodeInfo(nnodes, node_rank, "10.0.0.1", 29500, "flags")
+    ep = Endpoints("tcp://10.0.0.1:5001", "tcp://10.0.0.1:5002", 5003, "10.0.0.1")
+    files = RunFiles.under(__import__("pathlib").Path("/run/x"), "n1") if nnodes == 1 else None
+    site = Site(
+        ep, "10.0.0.1:29500", "/keys", files, bind_host="10.0.0.1", extra_env={"GLOO_SOCKET_IFNAME": "lo"}
+    )
+    return cfg, lay, plan_node(cfg, lay, node, "/models/m", site, resume=True)
+
+
+def test_node_plan_of_a_two_node_cpu_run():
+    cfg, lay, plan0 = _plan(2, 0)
+    _, _, plan1 = _plan(2, 1)
+    ranks = [int(c.env["RANK"]) for p in (plan0, plan1) for c, _ in p.learners]
+    assert sorted(ranks) == list(range(lay.learner_world)) and lay.learner_world == 4
+    first = dict((int(c.env["RANK"]), a) for c, a in plan0.learners)[0]
+    assert first.store_address and first.store_key_dir == "/keys" and first.resume
+    others = [a for c, a in plan0.learners + plan1.learners if c.env["RANK"] != "0"]
+    assert all(not a.store_address and not a.store_key_dir for a in others)  # rank 0 alone reports drops
+    assert all(a.world_store == "" for a in others)  # several nodes: no file stores
+    wids = [w.worker_id for p in (plan0, plan1) for _, w in p.workers]
+    assert len(set(wids)) == len(wids) == 4
+    for p in (plan0, plan1):
+        for child, w in p.workers:
+            assert w.rollout == cfg.rollout  # the recipe's section, not a copy of its fields
+            assert child.env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, child.cores))
+            assert w.engine.tensor_parallel_size == 1 and w.data_endpoint == "tcp://10.0.0.1:5001"
+
+
+def test_node_plan_of_one_machine_uses_file_stores():
+    _, _, plan = _plan(1, 0, ranks=1, workers=1)
+    ((child, args),) = plan.learners
+    assert args.world_store == "/run/x/world-n1" and args.group_store_dir == "/run/x/groups-n1"
+    assert child.env["GLOO_SOCKET_IFNAME"] == "lo" and plan.workers[0][0].env["GLOO_SOCKET_IFNAME"] == "lo"
