@@ -7,6 +7,7 @@ import pytest
 from async_vapo.cluster import estimate_memory, layout, model_shape, node_info
 from async_vapo.cluster.nodes import first_slurm_host
 from async_vapo.cluster.placement import PlacementError
+from async_vapo.config import load_config
 
 
 def test_node_info_sources_and_precedence():
@@ -76,14 +77,14 @@ def test_cpu_layout_two_nodes():
 def test_memory_plan_qwen32b():
     shape = model_shape("/models/Qwen2.5-32B")  # no config.json here: the published architecture
     assert 32.5e9 < shape.params < 33.0e9
-    common = dict(micro_batch_size=1, seq_len=22528, gradient_checkpointing=True, tensor_parallel_size=4)
-    common |= dict(gpu_memory_utilization=0.85, card_gib=80.0)
-    z3 = estimate_memory(shape, 32, 3, **common)
-    z1 = estimate_memory(shape, 32, 1, **common)
+    recipe = ["train.micro_batch_size=1", "rollout.max_model_len=22528", "train.gradient_checkpointing=true"]
+    recipe += ["rollout.tensor_parallel_size=4", "rollout.gpu_memory_utilization=0.85"]
+    z3 = estimate_memory(shape, load_config(None, [*recipe, "train.zero_stage=3"]), 32, 80.0)
+    z1 = estimate_memory(shape, load_config(None, [*recipe, "train.zero_stage=1"]), 32, 80.0)
     assert not z3.problems and z1.problems and "zero_stage" in z1.problems[0]
     assert sum(z3.learner.values()) < 80 < sum(z1.learner.values())
     assert z3.kv_tokens_per_engine > 22528
-    tp1 = estimate_memory(shape, 32, 3, **(common | {"tensor_parallel_size": 1}))
+    tp1 = estimate_memory(shape, load_config(None, [*recipe, "train.zero_stage=3"]), 32, 80.0, 1)
     assert any("tensor_parallel_size" in p for p in tp1.problems)  # 61 GiB of bf16 weights on one card
 
 

@@ -20,6 +20,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from async_vapo.config import Config
+
 GiB = 2**30
 
 
@@ -105,87 +107,102 @@ class MemoryPlan:
 
 def estimate_memory(
     shape: ModelShape,
+    cfg: Config,
     learner_world: int,
-    zero_stage: int,
-    micro_batch_size: int,
-    seq_len: int,
-    gradient_checkpointing: bool,
-    tensor_parallel_size: int,
-    gpu_memory_utilization: float,
     card_gib: float,
-    with_value_model: bool = True,
+    tensor_parallel_size: int | None = None,
     kv_cache_gib: float | None = None,
-    stream_publish: bool = True,
-    bucket_mb: float = 64.0,
 ) -> MemoryPlan:
-    """``kv_cache_gib``: a fixed KV cache (vLLM on CPU: VLLM_CPU_KVCACHE_SPACE) instead of the rest of
-    ``gpu_memory_utilization`` x ``card_gib``."""
-    p = shape.params
-    n = max(1, learner_world)
-    weights, grads, optim = 2.0 * p, 2.0 * p, 12.0 * p
-    if zero_stage >= 1:
+    """Per-device memory of a learner rank and of an engine under recipe ``cfg`` (ZeRO stage, micro-batch,
+    sequence length, gradient checkpointing, publish mode from ``train``; TP and memory fraction from
+    ``rollout``; ``tensor_parallel_size`` overrides the recipe's, e.g. 1 on CPU). ``kv_cache_gib``: a
+    fixed KV cache (vLLM on CPU: VLLM_CPU_KVCACHE_SPACE) instead of the rest of the card."""
+    tp = tensor_parallel_size or cfg.rollout.tensor_parallel_size
+    learner = _learner_gib(shape, cfg, learner_world)
+    engine, kv_tokens = _engine_gib(shape, cfg, tp, card_gib, kv_cache_gib)
+    seq_len = cfg.rollout.max_model_len
+    problems = _problems(cfg, learner, engine, kv_tokens, tp, card_gib)
+    return MemoryPlan(learner, engine, kv_tokens, kv_tokens // max(1, seq_len), problems)
+
+
+def _learner_gib(shape: ModelShape, cfg: Config, learner_world: int) -> dict[str, float]:
+    t = cfg.train
+    p, n = shape.params, max(1, learner_world)
+    weights, grads, optim = 2.0 * p, 2.0 * p, 12.0 * p  # bf16 weights and gradients, fp32 Adam + master
+    if t.zero_stage >= 1:
         optim /= n
-    if zero_stage >= 2:
+    if t.zero_stage >= 2:
         grads /= n
-    if zero_stage >= 3:
+    if t.zero_stage >= 3:
         weights /= n
-    models = 2 if with_value_model else 1
-    tokens = micro_batch_size * seq_len
-    h = shape.hidden
-    if gradient_checkpointing:
+    models = 2 if cfg.algo.estimator == "gae" else 1
+    tokens, h = t.micro_batch_size * cfg.rollout.max_model_len, shape.hidden
+    if t.gradient_checkpointing:
         acts = tokens * h * 2 * shape.layers + tokens * h * 34
     else:
         acts = tokens * h * 34 * shape.layers
-    logits = tokens * shape.vocab * 4 * 2  # fp32 logits and their gradient
     learner = {
         "weights": models * weights / GiB,
         "gradients": models * grads / GiB,
         "optimizer": models * optim / GiB,
         "activations": acts / GiB,
-        "logits": logits / GiB,
+        "logits": tokens * shape.vocab * 4 * 2 / GiB,  # fp32 logits and their gradient
     }
-    if zero_stage >= 3:  # one layer gathered at a time (DeepSpeed prefetch: about two)
+    if t.zero_stage >= 3:  # one layer gathered at a time (DeepSpeed prefetch: about two)
         learner["zero3_gathered"] = 2 * 2.0 * (p / shape.layers) / GiB
-    bucket = max(bucket_mb * 2**20, 2.0 * shape.vocab * shape.hidden)
-    if stream_publish:  # one flat bucket + one gathered parameter, or the embedding sent as it is
+    if t.streams_publish:  # one flat bucket + one gathered parameter, or the embedding sent as it is
         largest_in_layer = 2.0 * shape.intermediate * shape.hidden
-        learner["publish"] = max(bucket_mb * 2**20 + largest_in_layer, 2.0 * shape.vocab * shape.hidden) / GiB
+        learner["publish"] = max(t.bucket_mb * 2**20 + largest_in_layer, 2.0 * shape.vocab * h) / GiB
     else:
-        learner["publish"] = (2.0 * p * (2 if zero_stage >= 3 else 1)) / GiB
-    engine_weights = 2.0 * p / tensor_parallel_size
-    budget = gpu_memory_utilization * card_gib * GiB
-    kv_bytes = max(0.0, budget - engine_weights - 2 * GiB)  # ~2 GiB activations / CUDA graphs
+        learner["publish"] = (2.0 * p * (2 if t.zero_stage >= 3 else 1)) / GiB
+    return learner
+
+
+def _engine_gib(
+    shape: ModelShape, cfg: Config, tp: int, card_gib: float, kv_cache_gib: float | None
+) -> tuple[dict[str, float], int]:
+    p = shape.params
+    weights = 2.0 * p / tp
+    budget = cfg.rollout.gpu_memory_utilization * card_gib * GiB
+    bucket = max(cfg.train.bucket_mb * 2**20, 2.0 * shape.vocab * shape.hidden)
     receive = 2.0 * p if 2.0 * p <= GiB else 2 * bucket  # see WeightReceiver.receive_weights
-    kv_bytes = max(0.0, kv_bytes - receive)
+    kv_bytes = max(0.0, budget - weights - 2 * GiB - receive)  # ~2 GiB activations / CUDA graphs
     if kv_cache_gib is not None:
         kv_bytes = kv_cache_gib * GiB
-    kv_tokens = int(kv_bytes // (shape.kv_bytes_per_token() / tensor_parallel_size))
+    kv_tokens = int(kv_bytes // (shape.kv_bytes_per_token() / tp))
     engine = {
-        "weights": engine_weights / GiB,
+        "weights": weights / GiB,
         "kv_cache": kv_bytes / GiB,
         "runtime": 2.0,
         "weight_receive": receive / GiB,
     }
+    return engine, kv_tokens
+
+
+def _problems(
+    cfg: Config, learner: dict[str, float], engine: dict[str, float], kv_tokens: int, tp: int, card_gib: float
+) -> list[str]:
+    t, r = cfg.train, cfg.rollout
     problems = []
     if sum(learner.values()) > card_gib:
+        fix = (
+            ""
+            if t.streams_publish
+            else f", or stream the publish (train.publish=stream: now {learner['publish']:.0f} GiB)"
+        )
         problems.append(
             f"a learner GPU needs {sum(learner.values()):.0f} GiB > {card_gib:.0f} GiB: raise zero_stage "
-            f"(now {zero_stage}), add training GPUs, turn on train.gradient_checkpointing or lower "
-            "train.micro_batch_size"
-            + (
-                ""
-                if stream_publish
-                else f", or stream the publish (train.publish=stream: now {learner['publish']:.0f} GiB)"
-            )
+            f"(now {t.zero_stage}), add training GPUs, turn on train.gradient_checkpointing or lower "
+            "train.micro_batch_size" + fix
         )
-    if engine_weights + 2 * GiB > budget:
+    if engine["weights"] + 2 > r.gpu_memory_utilization * card_gib:
         problems.append(
-            f"an engine's weights ({engine_weights / GiB:.0f} GiB) do not fit in "
-            f"{gpu_memory_utilization:.2f} x {card_gib:.0f} GiB: raise rollout.tensor_parallel_size"
+            f"an engine's weights ({engine['weights']:.0f} GiB) do not fit in "
+            f"{r.gpu_memory_utilization:.2f} x {card_gib:.0f} GiB: raise rollout.tensor_parallel_size"
         )
-    elif kv_tokens < seq_len:
+    elif kv_tokens < r.max_model_len:
         problems.append(
-            f"an engine's KV cache holds {kv_tokens} tokens, less than one {seq_len}-token sequence: "
+            f"an engine's KV cache holds {kv_tokens} tokens, less than one {r.max_model_len}-token sequence: "
             "raise rollout.tensor_parallel_size or rollout.gpu_memory_utilization"
         )
-    return MemoryPlan(learner, engine, kv_tokens, kv_tokens // max(1, seq_len), problems)
+    return problems

@@ -108,24 +108,10 @@ def dry_run(cfg: Config, lay: Layout, card_gib: float) -> int:
     except ValueError as exc:
         print(f"memory: {exc}")
         return 0
-    t, r = cfg.train, cfg.rollout
     if not lay.on_gpu:
         card_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    plan = estimate_memory(
-        shape,
-        lay.learner_world,
-        t.zero_stage,
-        t.micro_batch_size,
-        r.max_model_len,
-        t.gradient_checkpointing,
-        r.tensor_parallel_size if lay.on_gpu else 1,
-        r.gpu_memory_utilization,
-        card_gib,
-        cfg.algo.estimator == "gae",
-        None if lay.on_gpu else float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")),
-        stream_publish=t.streams_publish,
-        bucket_mb=t.bucket_mb,
-    )
+    kv_cpu = None if lay.on_gpu else float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    plan = estimate_memory(shape, cfg, lay.learner_world, card_gib, None if lay.on_gpu else 1, kv_cpu)
     print(f"model {path}: {shape.params / 1e6:,.1f} M parameters, {shape.layers} layers")
     print(plan.describe(card_gib, "GPU" if lay.on_gpu else "process (host memory)"))
     return 2 if plan.problems and lay.on_gpu else 0
