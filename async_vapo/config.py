@@ -29,8 +29,10 @@ class DataConfig(_Section, frozen=True):
     """Where prompts come from. ``task: addition`` is the built-in procedurally generated task."""
 
     task: Literal["addition", "math"] = "addition"
-    train_file: str = ""  # JSONL or Parquet (math); unused for addition
+    train_file: str = ""  # JSONL, Parquet, or what Hugging Face `datasets` loads (math); unused for addition
     eval_file: str = ""
+    train_split: str = "train"  # the split of a `datasets` source with several
+    eval_split: str = "test"
     prompt_field: str = "problem"
     answer_field: str = "answer"
     prompt_template: str = "{problem}"  # str.format template over the row's fields
@@ -122,12 +124,23 @@ class TrainConfig(_Section, frozen=True):
     learner_threads: int = 1  # CPU: torch threads in the learner
 
 
+class TrackingConfig(_Section, frozen=True):
+    """Experiment tracking beside ``metrics.jsonl`` (``async_vapo.tracking``; extra ``tracking``)."""
+
+    tensorboard: bool = False  # event files in <output_dir>/tensorboard
+    wandb: bool = False  # a Weights & Biases run in <output_dir>/wandb
+    wandb_project: str = "async_vapo"
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: no network; `wandb sync` later
+    run_name: str = ""  # "" = the output directory's name
+
+
 class Config(_Section, frozen=True):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
     algo: AlgoConfig = AlgoConfig()
     train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
     output_dir: str = "runs/default"
     insecure: bool = False  # allow binding beyond loopback without CURVE keys
     curve_dir: str = ""  # CURVE key directory for multi-node runs ("" = <output_dir>/.curve, made by node 0)

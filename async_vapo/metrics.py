@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from async_vapo.tracking import Fanout, Sink
+
 CURVES = [
     ("reward_mean", "reward"),
     ("eval_accuracy", "held-out accuracy"),
@@ -23,8 +25,11 @@ CURVES = [
 
 
 class MetricsWriter:
-    def __init__(self, out_dir: Path, total_steps: int) -> None:
+    """Rows to ``metrics.jsonl`` and to the tracking sinks (``async_vapo.tracking``), curves to PNG."""
+
+    def __init__(self, out_dir: Path, total_steps: int, sinks: list[Sink] | None = None) -> None:
         self.out_dir = out_dir
+        self.sinks = Fanout(sinks or [])
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
         self.total_steps = total_steps
@@ -48,6 +53,11 @@ class MetricsWriter:
         self.rows.append(clean)
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
+        self.sinks.log(clean)
+
+    def close(self) -> None:
+        self.plot()
+        self.sinks.close()
 
     def progress(self, row: dict[str, Any], first_step: int) -> None:
         step = row["step"]

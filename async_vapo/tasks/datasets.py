@@ -1,7 +1,12 @@
 """Prompt datasets: JSONL or Parquet files with a prompt template and an answer field (the DAPO-Math-17k
-and AIME layouts are examples), or the built-in addition task. Every row becomes a wire ``Prompt``.
+and AIME layouts are examples), anything Hugging Face ``datasets`` loads, or the built-in addition task.
+Every row becomes a wire ``Prompt``.
 
-A row without an answer is rejected with an error naming the file and the row.
+``read_rows`` reads ``.jsonl`` / ``.json`` (one object per line) and ``.parquet`` itself; any other
+source goes through ``datasets`` (extra ``datasets``): a directory written by ``save_to_disk``, a
+directory or a file ``load_dataset`` understands (CSV, JSON, Arrow, ...), or a hub name such as
+``HuggingFaceH4/aime_2024`` where the machine has a network. ``split`` picks the split of a source that
+has several. A row without an answer is rejected with an error naming the source and the row.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ def resolve_data_path(path: str | Path) -> Path:
     return REPO_ROOT / p
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
+def read_rows(path: str | Path, split: str = "train") -> list[dict[str, Any]]:
     p = resolve_data_path(path)
+    if p.suffix not in (".jsonl", ".json", ".parquet") or not p.is_file():
+        return _hf_rows(str(path), p, split)
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -49,6 +56,32 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             raise DatasetError(f"{p}: row {i} is not a JSON object")
         rows.append(row)
     return rows
+
+
+def _hf_rows(name: str, p: Path, split: str) -> list[dict[str, Any]]:
+    """Rows through Hugging Face ``datasets``: a saved dataset, a local file or directory, a hub name."""
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError(
+            f"{name}: not a .jsonl/.json/.parquet file; other sources need `datasets` (pip install -e '.[datasets]')"
+        ) from None
+    try:
+        if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(p))
+        elif p.is_file():
+            builder = {".csv": "csv", ".tsv": "csv", ".arrow": "arrow", ".txt": "text"}.get(p.suffix, "json")
+            ds = datasets.load_dataset(builder, data_files=str(p))
+        else:
+            ds = datasets.load_dataset(str(p) if p.exists() else name)
+    except Exception as exc:
+        where = "" if p.exists() else " (no such file or directory, and not reachable as a hub data set)"
+        raise DatasetError(f"{name}: could not load{where}: {str(exc)[:300]}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DatasetError(f"{name}: no split {split!r} (splits: {', '.join(ds)})")
+        ds = ds[split]
+    return [dict(r) for r in ds]
 
 
 def _get(row: dict[str, Any], dotted: str) -> Any:
@@ -72,11 +105,12 @@ def load_prompts(
     answer_field: str,
     task: str = "math",
     id_field: str = "id",
+    split: str = "train",
 ) -> list[Prompt]:
     """``template`` is a ``str.format`` string over the row's top-level fields plus ``{problem}`` (the
     value of ``prompt_field``, which may be dotted like ``reward_model.ground_truth``)."""
     out = []
-    for i, row in enumerate(read_rows(path)):
+    for i, row in enumerate(read_rows(path, split)):
         answer = _get(row, answer_field)
         if answer is None or str(answer).strip() == "":
             raise DatasetError(

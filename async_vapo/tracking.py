@@ -1,0 +1,132 @@
+"""Experiment-tracking sinks beside ``metrics.jsonl``: TensorBoard and Weights & Biases, switched by the
+recipe's ``tracking`` section (both off by default; ``pip install -e .[tracking]`` installs them).
+
+Every metrics row becomes scalars named ``<phase>/<key>`` (``train/reward_mean``, ``eval/eval_accuracy``,
+``value_pretrain/value_loss``); nested counters one level deep become ``<phase>/<key>/<name>``. The x
+axis is the row's ``step``. W&B runs offline by default (no network: ``wandb sync <dir>`` uploads later).
+A sink that fails while the run goes on is logged once and switched off: tracking never stops training.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from async_vapo.config import Config, ConfigError
+
+log = structlog.get_logger(__name__)
+
+
+class Sink(Protocol):
+    def log(self, scalars: dict[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def scalars_of(row: dict[str, Any]) -> dict[str, float]:
+    """The numeric fields of a metrics row under ``<phase>/`` names (bools and non-finite values left out)."""
+    phase = str(row.get("phase", "train"))
+    out: dict[str, float] = {}
+
+    def put(name: str, v: Any) -> None:
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            out[name] = float(v)
+
+    for k, v in row.items():
+        if k in ("phase", "step", "time"):
+            continue
+        if isinstance(v, dict):
+            for sub, x in v.items():
+                put(f"{phase}/{k}/{sub}", x)
+        else:
+            put(f"{phase}/{k}", v)
+    return out
+
+
+class TensorBoardSink:
+    def __init__(self, log_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    def __init__(self, out_dir: Path, cfg: Config) -> None:
+        import msgspec
+        import wandb
+
+        t = cfg.tracking
+        self.run = wandb.init(
+            project=t.wandb_project,
+            name=t.run_name or out_dir.name,
+            dir=str(out_dir),
+            mode=t.wandb_mode,
+            config=msgspec.to_builtins(cfg),
+        )
+        # value pretraining has negative steps and W&B's own step must grow: plot against "step"
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log({**scalars, "step": step})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_sinks(cfg: Config, out_dir: Path) -> list[Sink]:
+    """The sinks ``cfg.tracking`` asks for; a clear error if one's package is missing."""
+    t = cfg.tracking
+    sinks: list[Sink] = []
+    for on, name, make in (
+        (t.tensorboard, "tensorboard", lambda: TensorBoardSink(out_dir / "tensorboard")),
+        (t.wandb, "wandb", lambda: WandbSink(out_dir, cfg)),
+    ):
+        if not on:
+            continue
+        try:
+            sinks.append(make())
+        except ImportError as exc:
+            raise ConfigError(
+                f"tracking.{name} is on but {exc.name or name} is not installed (pip install -e '.[tracking]')"
+            ) from None
+    return sinks
+
+
+class Fanout:
+    """Forwards rows to every sink; a failing sink is reported once and dropped."""
+
+    def __init__(self, sinks: list[Sink]) -> None:
+        self.sinks = list(sinks)
+
+    def log(self, row: dict[str, Any]) -> None:
+        scalars = scalars_of(row)
+        if not scalars:
+            return
+        for s in list(self.sinks):
+            try:
+                s.log(scalars, int(row.get("step", 0)))
+            except Exception as exc:
+                log.error(
+                    "a tracking sink failed; switching it off", sink=type(s).__name__, error=repr(exc)[:200]
+                )
+                self.sinks.remove(s)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            try:
+                s.close()
+            except Exception as exc:
+                log.error("a tracking sink failed to close", sink=type(s).__name__, error=repr(exc)[:200])
+        self.sinks = []
