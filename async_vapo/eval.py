@@ -11,12 +11,16 @@ import asyncio
 import json
 import sys
 import time
+from typing import Any
+
+from async_vapo.protocol import Prompt
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m async_vapo.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face model directory (e.g. a checkpoint's hf/)")
-    p.add_argument("--data", required=True, help="JSONL/Parquet file, or 'addition' for the built-in task")
+    p.add_argument("--data", required=True, help="a data source (see tasks/datasets.py), or 'addition'")
+    p.add_argument("--split", default="train", help="the split of a `datasets` source with several")
     p.add_argument("--k", type=int, default=32, help="samples per problem")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.7)
@@ -26,43 +30,54 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-field", default="problem")
     p.add_argument("--answer-field", default="answer")
     p.add_argument("--template", default="{problem}\n\nPut your final answer after 'Answer:'.")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    from transformers import AutoTokenizer
 
-    from async_vapo.logging import configure_logging
-    from async_vapo.rewards import VerifierPool
-    from async_vapo.rollout.engine import EngineConfig, RolloutEngine
+def _prompts(a: argparse.Namespace, tok: Any) -> list[Prompt]:
     from async_vapo.tasks.datasets import addition_prompts, load_prompts
 
-    configure_logging()
-    tok = AutoTokenizer.from_pretrained(a.model)
     if a.data == "addition":
         prompts = addition_prompts(tok, a.n_addition, 99_991, "eval-")  # the training run's held-out seed
     else:
-        prompts = load_prompts(a.data, tok, a.template, a.prompt_field, a.answer_field, "math")
-    if a.limit:
-        prompts = prompts[: a.limit]
+        prompts = load_prompts(a.data, tok, a.template, a.prompt_field, a.answer_field, "math", split=a.split)
+    return prompts[: a.limit] if a.limit else prompts
+
+
+def _sample_and_score(
+    a: argparse.Namespace, tok: Any, prompts: list[Prompt]
+) -> tuple[list[Any], dict[str, int]]:
+    """k samples per prompt with vLLM, scored by the training verifiers: (verdicts, outcome counts)."""
+    from async_vapo.protocol import unpack_i32
+    from async_vapo.rewards import VerifierPool
+    from async_vapo.rollout.engine import EngineConfig, RolloutEngine
+
     engine = RolloutEngine(EngineConfig(a.model))
     pool = VerifierPool(processes=2, timeout_s=10.0)
-    t0 = time.perf_counter()
     try:
-        from async_vapo.protocol import unpack_i32
-
-        samples = asyncio.run(
-            engine.sample_many(
-                [unpack_i32(x.token_ids).tolist() for x in prompts], a.k, a.temperature, a.top_p, a.max_tokens
-            )
-        )
+        ids = [unpack_i32(x.token_ids).tolist() for x in prompts]
+        samples = asyncio.run(engine.sample_many(ids, a.k, a.temperature, a.top_p, a.max_tokens))
         items = [
             (x.task, str(tok.decode(s.token_ids, skip_special_tokens=True)), x.answer)
             for x, group in zip(prompts, samples, strict=True)
             for s in group
         ]
-        verdicts = pool.score(items)
+        return pool.score(items), dict(pool.counts)
     finally:
         pool.close()
         engine.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from async_vapo.logging import configure_logging
+
+    configure_logging()
+    tok = AutoTokenizer.from_pretrained(a.model)
+    prompts = _prompts(a, tok)
+    t0 = time.perf_counter()
+    verdicts, outcomes = _sample_and_score(a, tok, prompts)
     per_problem = [verdicts[i * a.k : (i + 1) * a.k] for i in range(len(prompts))]
     result = {
         "model": a.model,
@@ -71,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "k": a.k,
         f"avg@{a.k}": sum(v.correct for v in verdicts) / max(1, len(verdicts)),
         f"pass@{a.k}": sum(any(v.correct for v in g) for g in per_problem) / max(1, len(per_problem)),
-        "verifier_outcomes": dict(pool.counts),
+        "verifier_outcomes": outcomes,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(result))

@@ -10,6 +10,13 @@ old weights, and on CPU its packed GEMM too). We record the tied groups before t
 after every reload and rebuild the derived kernels; the
 test that compares the engine's log-probs with transformers catches a regression.
 
+Warnings: after every reload vLLM's layer-wise loader warns ``<Layer>: Failed to load weights`` for each
+layer that has loadable tensors but received none, and puts the layer's previous tensors back. Two such
+layers are expected and harmless: rotary embeddings (their ``cos_sin_cache`` is computed from the config,
+never part of a checkpoint) and an LM head tied to the embedding (the checkpoint has no ``lm_head.weight``;
+we re-tie it to the new embedding, see above). ``_ExpectedMissing`` drops exactly those records and counts
+them; the warning for any other layer (a weight the learner did not send) still reaches the log.
+
 CPU note: vLLM's CPU backend repacks linear weights after loading, so ``model.load_weights`` on the live
 model fails; ``model_runner.reload_weights(weights_iterator=..., is_checkpoint_format=True)`` redoes the
 post-load processing and is what we call on every backend.
@@ -17,6 +24,7 @@ post-load processing and is what we call on every backend.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -24,6 +32,26 @@ from async_vapo.weight_sync.buckets import BucketMeta, FlatPool, bucket_nbytes, 
 from async_vapo.weight_sync.group import GroupSpec, broadcast, join_group
 
 POOL_MAX_BYTES = 1 << 30  # receive buffers kept between updates only for models up to 1 GiB
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _ExpectedMissing(logging.Filter):
+    """Drops vLLM's "Failed to load weights" warning for layers that never get checkpoint weights (see
+    the module docstring): rotary embeddings and the layers tied to another layer's weight."""
+
+    def __init__(self, tied_layers: set[str]) -> None:
+        super().__init__()
+        self.tied_layers = tied_layers
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "%s: Failed to load weights" or not record.args:
+            return True
+        layer = str(record.args[0] if isinstance(record.args, tuple) else record.args)
+        if layer.endswith("RotaryEmbedding") or layer in self.tied_layers:
+            self.dropped += 1
+            return False
+        return True
 
 
 class WeightReceiver:
@@ -37,6 +65,7 @@ class WeightReceiver:
     ) -> int:
         rank = 1 + int(getattr(self, "rank", 0))
         self._tied = _tied_groups(self.model_runner.get_model())  # type: ignore[attr-defined]
+        self._quiet_expected_warnings({type(m).__name__ for g in self._tied for m, _ in g[1:]})
         spec = GroupSpec(host, port, world_size, backend, timeout_s, store_file)
         self._weight_pg = join_group(spec, rank, serve=False)
         return rank
@@ -80,6 +109,12 @@ class WeightReceiver:
                 if quant is not None and hasattr(quant, "process_weights_after_loading"):
                     quant.process_weights_after_loading(module)
         return time.perf_counter() - t0
+
+    def _quiet_expected_warnings(self, tied_layers: set[str]) -> None:
+        logger = logging.getLogger(_RELOAD_LOGGER)
+        for f in [f for f in logger.filters if isinstance(f, _ExpectedMissing)]:
+            logger.removeFilter(f)  # a rejoin: the tied layers are recomputed
+        logger.addFilter(_ExpectedMissing(tied_layers))
 
     def close_weight_group(self) -> None:
         self._weight_pg = None
