@@ -121,11 +121,13 @@ def _fuzz(endpoints: dict) -> Counter:
 
 def _rejections(row: dict) -> int:
     """Everything the learner side refused: undecodable frames, and decodable ones that name a prompt
-    nobody issued, come from an unknown worker or arrive on the wrong road."""
+    nobody issued or an evaluation round nobody opened, come from an unknown worker or arrive on the wrong
+    road."""
     c = row["controller_counters"]
     return (
         sum(row["rejected_frames_by_reason"].values())
         + c.get("group_duplicate", 0)
+        + c.get("eval_group_unexpected", 0)
         + c.get("message_from_unknown_worker", 0)
         + c.get("unexpected_on_data", 0)
     )

@@ -37,15 +37,17 @@ class EvalRounds:
             done.set_result([])
         return number
 
-    def collect(self, group: TrajectoryGroup) -> None:
+    def collect(self, group: TrajectoryGroup) -> bool:
+        """Take a group of an evaluation round; False (and counted) when no open round expects it."""
         r = self._open.get(group.eval_round)
         if r is None or group.prompt.uid not in r.expected:
             self.late += 1
-            return
+            return False
         r.expected.discard(group.prompt.uid)
         r.groups.append(group)
         if not r.expected and not r.done.done():
             r.done.set_result(list(r.groups))
+        return True
 
     def close(self, number: int) -> None:
         self._open.pop(number, None)

@@ -246,7 +246,8 @@ class Controller:
             if not isinstance(msg, TrajectoryGroup):
                 self.counters["unexpected_on_data"] += 1
             elif msg.eval_round:
-                self.evals.collect(msg)
+                if not self.evals.collect(msg):  # late (the round timed out), or a round never opened
+                    self.counters["eval_group_unexpected"] += 1
             else:
                 self._admit(msg)
 
