@@ -91,7 +91,11 @@ class TrainConfig(_Section, frozen=True):
     groups_per_step: int = 32  # prompts per policy step (7. Group-Sampling: few prompts, many samples)
     mini_batches: int = 1  # optimiser steps per batch
     ppo_epochs: int = 1
-    micro_batch_size: int = 64  # sequences per forward/backward
+    micro_batch_size: int = 64  # sequences per forward/backward (padded layout)
+    # > 0: packed micro-batches instead: whole sequences up to this many tokens per forward/backward, no
+    # padding between them (learner/forward.py); micro_batch_size is then not used by the learner
+    max_tokens_per_micro: int = 0
+    logit_chunk: int = 0  # > 0: response tokens per LM-head chunk (never a whole micro-batch's fp32 logits)
     actor_lr: float = 1e-6
     critic_lr: float = 2e-6
     warmup_steps: int = 0
@@ -163,6 +167,10 @@ class Config(_Section, frozen=True):
             (self.train.groups_per_step >= 1, "train.groups_per_step must be >= 1"),
             (self.train.max_staleness >= 0, "train.max_staleness must be >= 0"),
             (self.train.mini_batches >= 1, "train.mini_batches must be >= 1"),
+            (
+                self.train.max_tokens_per_micro >= 0 and self.train.logit_chunk >= 0,
+                "train.max_tokens_per_micro and train.logit_chunk must be >= 0 (0 = off)",
+            ),
             (
                 1 <= self.train.broadcast_every <= self.train.max_staleness + 1,
                 "train.broadcast_every must be between 1 and train.max_staleness + 1 (engines more than "

@@ -95,8 +95,12 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
         return pol, val
 
     def step(pol, val, k, micro=64, mini_batches=1):
-        sched = UpdateSchedule(1, mini_batches, micro, k)
-        t = compute_targets(pol, val, b, algo, temperature, micro)
+        if isinstance(micro, str):  # "T/C": packed micro-batches of up to T tokens, LM head in chunks of C
+            tokens, chunk = map(int, micro.split("/"))
+            sched = UpdateSchedule(1, mini_batches, 64, k, 0, tokens, chunk)
+        else:
+            sched = UpdateSchedule(1, mini_batches, micro, k)
+        t = compute_targets(pol, val, b, algo, temperature, sched.micro)
         vm = value_update(val, b, t, algo, sched)
         pm = policy_update(pol, b, t, algo, temperature, sched)
         return {

@@ -108,11 +108,13 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize(("world", "stage"), [(1, 1), (2, 2), (2, 3)])
 def test_micro_batch_size_does_not_change_the_update(tiny_model_dir, tmp_path, world, stage):
-    """Exact micro-batching: the whole mini-batch, a quarter of it and single sequences give the same
+    """Exact micro-batching: the whole mini-batch, a quarter of it, single sequences and packed micro-batches
+    cut by a token budget (with and without a chunked LM head) give the same
     parameters (one optimiser step and one scheduler step per mini-batch, whatever the split). Two
     mini-batches per batch and a warm-up make both the step count and the schedule visible."""
     per_mini = 4 * 4 // world // 2  # 4 groups x 4 samples, over the ranks, 2 mini-batches
-    micros = [per_mini, max(1, per_mini // 4), 1] if world == 1 else [per_mini, 2, 1]
+    micros: list = [per_mini, max(1, per_mini // 4), 1] if world == 1 else [per_mini, 2, 1]
+    micros += ["160/0", "70/5"]  # packed by token budget ("tokens/LM-head chunk"; rows of ~20-100 tokens)
     outs = run(
         {
             "kind": "micro",

@@ -96,7 +96,9 @@ class Trainer:
 
     def schedule(self, seed: int) -> UpdateSchedule:
         t = self.cfg.train
-        return UpdateSchedule(t.ppo_epochs, t.mini_batches, self.micro, seed)
+        return UpdateSchedule(
+            t.ppo_epochs, t.mini_batches, self.micro, seed, 0, t.max_tokens_per_micro, t.logit_chunk
+        )
 
     def _on_term(self, *_: Any) -> None:
         self.stop_requested = True
@@ -150,7 +152,9 @@ class Trainer:
         for k in range(a.value_pretrain_steps):
             t0 = time.perf_counter()
             b, groups = self.next_batch()
-            targets = compute_targets(self.policy, self.value, b, a, self.cfg.rollout.temperature, self.micro)
+            targets = compute_targets(
+                self.policy, self.value, b, a, self.cfg.rollout.temperature, self.schedule(0).micro
+            )
             m = value_update(self.value, b, targets, a, self.schedule(t.seed + k))
             if self.controller is not None:
                 self.controller.mark_trained(groups)
@@ -215,7 +219,7 @@ class Trainer:
         """Targets, then the value update, then the policy update, on one batch."""
         a, seed, temperature = self.cfg.algo, self.cfg.train.seed + self.step, self.cfg.rollout.temperature
         with timer("targets"):
-            targets = compute_targets(self.policy, self.value, b, a, temperature, self.micro)
+            targets = compute_targets(self.policy, self.value, b, a, temperature, self.schedule(seed).micro)
         m: dict[str, Any] = dict(targets.metrics)
         m["trained_sequences"] = int(b.mask.shape[0]) * self.world
         with timer("value_update"):

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from async_vapo import algo
 from async_vapo.config import AlgoConfig
 from async_vapo.learner.batch import Batch
+from async_vapo.learner.forward import Micro, as_micro, policy_forward, token_slices, value_forward
 
 
 def _distributed() -> bool:
@@ -57,22 +58,6 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def policy_forward(policy: Any, b: Batch, temperature: float, with_entropy: bool = False):
-    """log pi(response token) [B, T] (and entropy [B, T] when asked)."""
-    logits = policy(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-    idx = b.resp_index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-    resp_logits = logits.gather(1, idx).float() / temperature
-    logp = algo.token_logprobs(resp_logits, b.response_ids)
-    ent = algo.entropy_from_logits(resp_logits.detach()) if with_entropy else None
-    return logp, ent
-
-
-def value_forward(value_model: Any, b: Batch) -> torch.Tensor:
-    """V(s_t) [B, T]: the value at the position whose logits predict response token t."""
-    values = value_model(b.input_ids, b.attention_mask)
-    return values.gather(1, b.resp_index)
-
-
 @dataclass(frozen=True)
 class UpdateSchedule:
     """How one batch becomes optimiser steps (see the module docstring)."""
@@ -82,6 +67,12 @@ class UpdateSchedule:
     micro_batch_size: int = 64
     seed: int = 0
     shuffle_offset: int = 0  # mini-batch shuffles use seeds ``seed * 1000 + shuffle_offset + epoch``
+    max_tokens_per_micro: int = 0  # > 0: packed micro-batches of whole sequences up to this many tokens
+    logit_chunk: int = 0  # > 0: the LM head sees this many response tokens at a time
+
+    @property
+    def micro(self) -> Micro:
+        return Micro(self.micro_batch_size, self.max_tokens_per_micro, self.logit_chunk)
 
 
 @dataclass
@@ -126,18 +117,24 @@ def micro_slices(n_rows: int, micro: int, n_passes: int) -> list[slice | None]:
     return real + [None] * (n_passes - len(real))
 
 
-def _rank_slices(n_rows: int, micro: int, device: torch.device) -> list[slice | None]:
-    """``micro_slices`` padded to the largest number of micro-batches of any rank (one small all-reduce)."""
-    return micro_slices(n_rows, micro, _all_max(-(-n_rows // micro), device))
+def _rank_slices(b: Batch, micro: Micro) -> list[slice | None]:
+    """The micro-batches of ``b`` (by sequences, or by tokens when packed), padded with ``None`` to the
+    largest number of micro-batches of any rank (one small all-reduce)."""
+    if micro.packed:
+        real: list[slice | None] = list(token_slices(b.attention_mask.sum(1).tolist(), micro.tokens))
+    else:
+        real = list(micro_slices(b.size, micro.sequences, -(-b.size // micro.sequences)))
+    n = _all_max(len(real), b.input_ids.device)
+    return real + [None] * (n - len(real))
 
 
-def _passes(b: Batch, micro: int) -> Iterator[tuple[Batch, bool]]:
+def _passes(b: Batch, micro: Micro) -> Iterator[tuple[Batch, bool]]:
     """(micro-batch, is_real) for a forward-only sweep, padded to the ranks' maximum number of passes."""
-    for sl in _rank_slices(b.size, micro, b.input_ids.device):
+    for sl in _rank_slices(b, micro):
         yield (b.select(sl), True) if sl is not None else (b.select(slice(0, 1)), False)
 
 
-def _sweep(b: Batch, micro: int, fn: Callable[[Batch], Any]) -> list[Any]:
+def _sweep(b: Batch, micro: Micro, fn: Callable[[Batch], Any]) -> list[Any]:
     """``fn`` on every micro-batch of ``b`` (padding passes run too, their outputs are dropped)."""
     outs = [(fn(ub), real) for ub, real in _passes(b, micro)]
     return [out for out, real in outs if real]
@@ -154,12 +151,13 @@ def _whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def compute_targets(
-    policy: Any, value_model: Any | None, b: Batch, cfg: AlgoConfig, temperature: float, micro: int
+    policy: Any, value_model: Any | None, b: Batch, cfg: AlgoConfig, temperature: float, micro: Micro | int
 ) -> Targets:
     """Everything the updates treat as constants, computed once per batch before any update."""
+    micro = as_micro(micro)
     was_training = policy.training
     policy.eval()
-    outs = _sweep(b, micro, lambda ub: policy_forward(policy, ub, temperature, with_entropy=True))
+    outs = _sweep(b, micro, lambda ub: policy_forward(policy, ub, temperature, micro, with_entropy=True))
     if was_training:
         policy.train()
     prox_logprobs = torch.cat([lp for lp, _ in outs])
@@ -174,7 +172,7 @@ def compute_targets(
         returns = old_values = torch.zeros_like(rewards)
     else:
         value_model.eval()
-        old_values = torch.cat(_sweep(b, micro, lambda ub: value_forward(value_model, ub)))
+        old_values = torch.cat(_sweep(b, micro, lambda ub: value_forward(value_model, ub, micro)))
         value_model.train()
         lam_policy: float | torch.Tensor = cfg.lam_policy
         if cfg.length_adaptive:
@@ -215,7 +213,7 @@ def run_update(
         ):
             mb = b.select(rows)
             loss_of = prepare(rows, mb)
-            slices = _rank_slices(mb.size, sched.micro_batch_size, device)
+            slices = _rank_slices(mb, sched.micro)
             parts: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
             for i, sl in enumerate(slices):
                 engine.set_gradient_accumulation_boundary(i == len(slices) - 1)
@@ -261,7 +259,7 @@ def policy_update(
         denom = n_tok if cfg.loss_agg == "token" else n_seq
 
         def loss_of(sub: torch.Tensor, ub: Batch):
-            logp, _ = policy_forward(engine, ub, temperature)
+            logp, _ = policy_forward(engine, ub, temperature, sched.micro)
             umask = t.loss_mask[sub]
             behaviour = ub.behaviour_logprobs if cfg.decoupled else None
             prox = t.prox_logprobs[sub] if cfg.decoupled else ub.behaviour_logprobs
@@ -292,7 +290,7 @@ def value_update(
         n_tok = _all_sum(mb.mask.sum().to(torch.float32))
 
         def loss_of(sub: torch.Tensor, ub: Batch):
-            values = value_forward(engine, ub)
+            values = value_forward(engine, ub, sched.micro)
             vl, clip_frac = algo.value_loss(
                 values, t.old_values[sub], t.returns[sub], ub.mask, cfg.value_clip, n_tok
             )
