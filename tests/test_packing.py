@@ -90,7 +90,7 @@ def test_policy_log_probs_entropy_and_gradients_match_the_padded_model(models, m
     torch.testing.assert_close(logp[b.mask], ref[b.mask], atol=1e-5, rtol=0)
     torch.testing.assert_close(ent[b.mask], ref_ent[b.mask], atol=1e-5, rtol=0)
     for p, g in zip(policy.parameters(), ref_grads, strict=True):
-        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(p.grad, g, atol=5e-5, rtol=1e-4)
     policy.zero_grad()
 
 
@@ -110,4 +110,4 @@ def test_values_and_gradients_match_between_packed_and_padded(models):
     ref = value(b.input_ids, b.attention_mask).gather(1, b.resp_index)  # the model's own forward
     torch.testing.assert_close(outs[1][b.mask], ref[b.mask], atol=1e-5, rtol=0)
     for g0, g1 in zip(*grads, strict=True):
-        torch.testing.assert_close(g0, g1, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(g0, g1, atol=5e-5, rtol=1e-4)
