@@ -75,7 +75,7 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
     from async_vapo.learner import checkpoint
     from async_vapo.learner.batch import collate
     from async_vapo.learner.models import init_distributed, load_policy, load_value, make_engine
-    from async_vapo.learner.step import UpdateSchedule, compute_targets, policy_update, value_update
+    from async_vapo.learner.step import UpdateSchedule, compute_targets, fused_update, policy_update, value_update
 
     init_distributed("gloo")
     model_dir = job["model_dir"]
@@ -142,6 +142,18 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
                 "lr": pol.get_lr()[0],
                 "optimizer_steps": pol.global_steps,
             }
+    elif job["kind"] == "fused":  # the same steps unfused and fused, from the same initial parameters
+        for k in range(job["steps"]):
+            step(pol, val, k, job.get("micro", 64))
+        unfused = [p.detach().clone() for p in full_params(pol) + full_params(val)]
+        pol, val = engines()
+        micro = job.get("micro", 64)
+        for k in range(job["steps"]):
+            sched = UpdateSchedule(1, 1, micro, k)
+            out["steps"].append(fused_update(pol, val, b, algo, temperature, sched))
+        fused = full_params(pol) + full_params(val)
+        out["max_diff"] = max(float((x - y).abs().max()) for x, y in zip(unfused, fused, strict=True))
+        out["moved"] = max(float((x - y).abs().max()) for x, y in zip(before, full_params(pol), strict=True))
     elif job["kind"] == "train":
         for k in range(job["steps"]):
             out["steps"].append(step(pol, val, k))

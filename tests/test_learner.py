@@ -98,6 +98,18 @@ def test_checkpoint_resume_reproduces_next_step_losses_exactly(tiny_model_dir, t
     assert "model.safetensors" in out["hf_files"] and "tokenizer.json" in out["hf_files"]
 
 
+@pytest.mark.parametrize(("world", "stage"), [(1, 1), (2, 3)])
+def test_fused_targets_give_the_same_parameters(tiny_model_dir, tmp_path, world, stage):
+    """One epoch, one mini-batch: old values and proximal log-probs from the updates' own forwards (no
+    separate no-grad pass) give the parameters of the unfused step, two steps in a row."""
+    job = {"kind": "fused", "model_dir": str(tiny_model_dir), "groups": 4, "n": 4, "steps": 2}
+    outs = run(job | {"zero_stage": stage, "micro": 3}, world, tmp_path)
+    for out in outs:
+        assert out["moved"] > 1e-4  # training moved the policy
+        assert out["max_diff"] < 1e-6, out["max_diff"]
+        assert all(0 < s["behaviour_kl"] < 1 and s["entropy"] > 0 for s in out["steps"])
+
+
 def _max_diff(a: dict, b: dict) -> float:
     return max(
         float((torch.tensor(x) - torch.tensor(y)).abs().max())

@@ -34,7 +34,9 @@ from async_vapo.learner.step import (
     Timer,
     UpdateSchedule,
     batch_metrics,
+    can_fuse,
     compute_targets,
+    fused_update,
     policy_update,
     value_update,
 )
@@ -216,8 +218,14 @@ class Trainer:
         log.info(done, step=self.step - first)
 
     def _update(self, b: Batch, timer: Timer) -> dict[str, Any]:
-        """Targets, then the value update, then the policy update, on one batch."""
+        """Targets, then the value update, then the policy update, on one batch (fused when the schedule
+        allows: ``train.fused_targets``)."""
         a, seed, temperature = self.cfg.algo, self.cfg.train.seed + self.step, self.cfg.rollout.temperature
+        sched = self.schedule(seed)
+        if self.cfg.train.fused_targets and can_fuse(sched):
+            with timer("fused_update"):
+                m = fused_update(self.policy, self.value, b, a, temperature, sched)
+            return m | {"trained_sequences": int(b.mask.shape[0]) * self.world}
         with timer("targets"):
             targets = compute_targets(self.policy, self.value, b, a, temperature, self.schedule(seed).micro)
         m: dict[str, Any] = dict(targets.metrics)

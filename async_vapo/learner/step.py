@@ -79,8 +79,8 @@ class UpdateSchedule:
 class Targets:
     advantages: torch.Tensor  # [B, T], whitened when configured
     returns: torch.Tensor  # [B, T] critic targets (lambda_critic)
-    old_values: torch.Tensor  # [B, T]
-    prox_logprobs: torch.Tensor  # [B, T]
+    old_values: torch.Tensor | None  # [B, T]; None: from the value update's own forward (fused)
+    prox_logprobs: torch.Tensor | None  # [B, T]; None: from the policy update's own forward (fused)
     loss_mask: torch.Tensor  # [B, T]
     metrics: dict[str, float]
 
@@ -149,6 +149,52 @@ def _whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return algo.whiten_with(x, mask, mean, var)
 
 
+def _lambdas(lengths: torch.Tensor, cfg: AlgoConfig, metrics: dict[str, float]) -> tuple[Any, Any]:
+    """(lambda_critic, lambda_policy): per-sequence policy lambdas when length-adaptive."""
+    lam_policy: float | torch.Tensor = cfg.lam_policy
+    if cfg.length_adaptive:
+        lam_policy = algo.length_adaptive_lambda(lengths, cfg.alpha)
+        metrics["lambda_clamp_frac"] = float(
+            algo.length_adaptive_lambda_clamped(lengths, cfg.alpha).float().mean()
+        )
+        metrics["lambda_policy_mean"] = float(lam_policy.mean())
+    return (cfg.lam_critic if cfg.decoupled_gae else lam_policy), lam_policy
+
+
+def _critic_returns(b: Batch, old_values: torch.Tensor, cfg: AlgoConfig) -> torch.Tensor:
+    """The critic's targets of ``b``'s rows from their old values (row-wise: any subset of rows)."""
+    lam_critic, lam_policy = _lambdas(b.mask.sum(1), cfg, {})
+    rewards = algo.terminal_rewards(b.scores, b.mask)
+    return algo.decoupled_gae(rewards, old_values, b.mask, cfg.gamma, lam_critic, lam_policy)[1]
+
+
+def _advantages(
+    b: Batch, cfg: AlgoConfig, old_values: torch.Tensor | None, metrics: dict[str, float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(advantages, critic returns, loss mask) of the whole batch, given the old values (GAE) or none
+    (group-normalised); whitened over every rank's valid tokens when configured."""
+    mask = b.mask
+    rewards = algo.terminal_rewards(b.scores, mask)
+    if old_values is None:
+        adv = algo.group_normalized_advantages(b.scores, b.group_ids, mask)
+        returns = torch.zeros_like(rewards)
+    else:
+        lam_critic, lam_policy = _lambdas(mask.sum(1), cfg, metrics)
+        adv, returns = algo.decoupled_gae(rewards, old_values, mask, cfg.gamma, lam_critic, lam_policy)
+        metrics["explained_variance"] = float(algo.explained_variance(old_values, returns, mask))
+        metrics["value_mean"] = float(algo.masked_mean(old_values, mask))
+    loss_mask = algo.truncation_mask(mask, b.truncated, cfg.drop_truncated)
+    if cfg.whiten_advantages and old_values is not None:
+        adv = _whiten_across_ranks(adv, loss_mask)
+    metrics["advantage_abs_mean"] = float(algo.masked_mean(adv.abs(), loss_mask))
+    return adv, returns, loss_mask
+
+
+def _behaviour_kl(prox: torch.Tensor, b: Batch) -> float:
+    log_ratio = torch.where(b.mask, prox - b.behaviour_logprobs, torch.zeros_like(prox))
+    return float(algo.masked_mean(0.5 * log_ratio**2, b.mask))
+
+
 @torch.no_grad()
 def compute_targets(
     policy: Any, value_model: Any | None, b: Batch, cfg: AlgoConfig, temperature: float, micro: Micro | int
@@ -162,36 +208,18 @@ def compute_targets(
         policy.train()
     prox_logprobs = torch.cat([lp for lp, _ in outs])
     entropy = torch.cat([ent for _, ent in outs])
-    mask = b.mask
-    lengths = mask.sum(1)
-    rewards = algo.terminal_rewards(b.scores, mask)
-    metrics: dict[str, float] = {"entropy": float(algo.masked_mean(entropy, mask))}
-
-    if cfg.estimator == "group_norm" or value_model is None:
-        adv = algo.group_normalized_advantages(b.scores, b.group_ids, mask)
-        returns = old_values = torch.zeros_like(rewards)
-    else:
+    metrics: dict[str, float] = {"entropy": float(algo.masked_mean(entropy, b.mask))}
+    old_values = None
+    if cfg.estimator == "gae" and value_model is not None:
         value_model.eval()
         old_values = torch.cat(_sweep(b, micro, lambda ub: value_forward(value_model, ub, micro)))
         value_model.train()
-        lam_policy: float | torch.Tensor = cfg.lam_policy
-        if cfg.length_adaptive:
-            lam_policy = algo.length_adaptive_lambda(lengths, cfg.alpha)
-            metrics["lambda_clamp_frac"] = float(
-                algo.length_adaptive_lambda_clamped(lengths, cfg.alpha).float().mean()
-            )
-            metrics["lambda_policy_mean"] = float(lam_policy.mean())
-        lam_critic = cfg.lam_critic if cfg.decoupled_gae else lam_policy
-        adv, returns = algo.decoupled_gae(rewards, old_values, mask, cfg.gamma, lam_critic, lam_policy)
-        metrics["explained_variance"] = float(algo.explained_variance(old_values, returns, mask))
-        metrics["value_mean"] = float(algo.masked_mean(old_values, mask))
-    loss_mask = algo.truncation_mask(mask, b.truncated, cfg.drop_truncated)
-    if cfg.whiten_advantages and cfg.estimator == "gae":
-        adv = _whiten_across_ranks(adv, loss_mask)
-    metrics["advantage_abs_mean"] = float(algo.masked_mean(adv.abs(), loss_mask))
-    log_ratio_behav = torch.where(mask, prox_logprobs - b.behaviour_logprobs, torch.zeros_like(prox_logprobs))
-    metrics["behaviour_kl"] = float(algo.masked_mean(0.5 * log_ratio_behav**2, mask))
-    return Targets(adv, returns, old_values, prox_logprobs, loss_mask, metrics)
+    adv, returns, loss_mask = _advantages(b, cfg, old_values, metrics)
+    metrics["behaviour_kl"] = _behaviour_kl(prox_logprobs, b)
+    zeros = torch.zeros_like(adv)
+    return Targets(
+        adv, returns, old_values if old_values is not None else zeros, prox_logprobs, loss_mask, metrics
+    )
 
 
 # A micro-batch loss: (rows of the batch, micro-batch) -> (loss already divided by the global count,
@@ -247,8 +275,17 @@ def _summary(acc: dict[str, list[float]], grad_norm_key: str) -> dict[str, float
 
 
 def policy_update(
-    engine: Any, b: Batch, t: Targets, cfg: AlgoConfig, temperature: float, sched: UpdateSchedule
+    engine: Any,
+    b: Batch,
+    t: Targets,
+    cfg: AlgoConfig,
+    temperature: float,
+    sched: UpdateSchedule,
+    record: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
+    """``t.prox_logprobs`` None (fused, one pass over one mini-batch): the proximal log-probs are this
+    forward's, detached (the parameters have not moved yet); they and the entropies go to ``record``."""
+
     def prepare(rows: torch.Tensor, mb: Batch) -> MicroLoss:
         mask = t.loss_mask[rows]
         pos = mask & mb.correct.unsqueeze(1)
@@ -259,10 +296,14 @@ def policy_update(
         denom = n_tok if cfg.loss_agg == "token" else n_seq
 
         def loss_of(sub: torch.Tensor, ub: Batch):
-            logp, _ = policy_forward(engine, ub, temperature, sched.micro)
+            fused = t.prox_logprobs is None
+            logp, ent = policy_forward(engine, ub, temperature, sched.micro, with_entropy=fused)
+            own = logp.detach() if t.prox_logprobs is None else t.prox_logprobs[sub]
+            if record is not None and ent is not None:
+                record["prox_logprobs"][sub], record["entropy"][sub] = own, ent
             umask = t.loss_mask[sub]
             behaviour = ub.behaviour_logprobs if cfg.decoupled else None
-            prox = t.prox_logprobs[sub] if cfg.decoupled else ub.behaviour_logprobs
+            prox = own if cfg.decoupled else ub.behaviour_logprobs
             pg_loss, m = algo.policy_loss(
                 logp,
                 prox,
@@ -284,22 +325,64 @@ def policy_update(
 
 
 def value_update(
-    engine: Any, b: Batch, t: Targets, cfg: AlgoConfig, sched: UpdateSchedule
+    engine: Any,
+    b: Batch,
+    t: Targets | None,
+    cfg: AlgoConfig,
+    sched: UpdateSchedule,
+    record: torch.Tensor | None = None,
 ) -> dict[str, float]:
+    """``t`` None (fused, one pass over one mini-batch): the old values are this forward's, detached, the
+    critic's targets are built from them row by row, and the old values go to ``record``."""
+
     def prepare(rows: torch.Tensor, mb: Batch) -> MicroLoss:
         n_tok = _all_sum(mb.mask.sum().to(torch.float32))
 
         def loss_of(sub: torch.Tensor, ub: Batch):
             values = value_forward(engine, ub, sched.micro)
-            vl, clip_frac = algo.value_loss(
-                values, t.old_values[sub], t.returns[sub], ub.mask, cfg.value_clip, n_tok
-            )
+            if t is None or t.old_values is None:
+                old = values.detach()
+                returns = _critic_returns(ub, old, cfg)
+                if record is not None:
+                    record[sub] = old
+            else:
+                old, returns = t.old_values[sub], t.returns[sub]
+            vl, clip_frac = algo.value_loss(values, old, returns, ub.mask, cfg.value_clip, n_tok)
             return vl, {"value_loss": vl}, {"value_clip_frac": clip_frac}
 
         return loss_of
 
     # the critic's mini-batches are shuffled independently of the policy's
     return _summary(run_update(engine, b, replace(sched, shuffle_offset=7), prepare), "value_grad_norm")
+
+
+def can_fuse(sched: UpdateSchedule) -> bool:
+    """One pass over one mini-batch: the update's first forward is the targets' forward."""
+    return sched.epochs == 1 and sched.mini_batches == 1
+
+
+def fused_update(
+    policy: Any, value_model: Any | None, b: Batch, cfg: AlgoConfig, temperature: float, sched: UpdateSchedule
+) -> dict[str, float]:
+    """``compute_targets`` + ``value_update`` + ``policy_update`` without the separate no-grad forwards
+    (``can_fuse`` schedules only): the value update's forward gives the old values (and, row by row, the
+    critic's targets), then the advantages are built from them, then the policy update's forward gives
+    the proximal log-probs. Same parameters as the unfused sequence (``tests/test_learner.py``)."""
+    if not can_fuse(sched):
+        raise ValueError("fused targets need one epoch and one mini-batch")
+    metrics: dict[str, float] = {}
+    old_values = None
+    if cfg.estimator == "gae" and value_model is not None:
+        old_values = torch.zeros(b.mask.shape, device=b.mask.device)
+        metrics |= value_update(value_model, b, None, cfg, sched, record=old_values)
+    adv, returns, loss_mask = _advantages(b, cfg, old_values, metrics)
+    record = {"prox_logprobs": torch.zeros(b.mask.shape, device=b.mask.device)}
+    record["entropy"] = torch.zeros_like(record["prox_logprobs"])
+    t = Targets(adv, returns, old_values, None, loss_mask, {})
+    metrics |= policy_update(policy, b, t, cfg, temperature, sched, record)
+    metrics["entropy"] = float(algo.masked_mean(record["entropy"], b.mask))
+    metrics["behaviour_kl"] = _behaviour_kl(record["prox_logprobs"], b)
+    return metrics
 
 
 def batch_metrics(b: Batch, max_tokens: int, learner_version: int) -> dict[str, float]:

@@ -1,0 +1,203 @@
+"""Learner throughput on long-tail response lengths: padded vs packed micro-batches (+ chunked LM head,
++ fused targets), in one run.
+
+A Qwen2 model of about 21 M parameters (policy, and the same backbone as the critic) is built in-process
+(random weights, vocabulary 4,096); a batch of ``--groups`` x ``--samples`` sequences has prompts of 16 to
+64 tokens and responses drawn log-normal (median ``--median`` tokens) clipped to [16, ``--max-len``],
+one of them at ``--max-len``. Each configuration runs, in its own process (for a clean peak-memory
+reading), one warm-up and ``--steps`` full VAPO steps through the learner's own code (``compute_targets``
++ ``value_update`` + ``policy_update``, or ``fused_update``) on DeepSpeed engines (ZeRO-1, CPU):
+
+- ``padded``: ``train.micro_batch_size`` sequences per pass, each padded to the batch's longest,
+- ``packed``: whole sequences up to ``train.max_tokens_per_micro`` tokens per pass (default: the longest
+  row, i.e. the width of one padded row), no padding. On CPU attention runs through SDPA with the
+  block-diagonal mask, so a pass's attention grows with the square of its packed length: a budget of
+  about the longest sequence keeps that near the padded layout's per-row cost,
+- ``packed_chunked``: + the LM head over ``train.logit_chunk`` tokens at a time, recomputed in backward,
+- ``packed_chunked_fused``: + old values and proximal log-probs from the updates' own forwards.
+
+Reported per configuration: trained (real) tokens per second and the peak resident memory above the
+process's steady state during the steps (sampled every 2 ms). JSON on the last line: ``packed_vs_padded``
+(speed ratio of ``packed`` to ``padded``), ``best_vs_padded`` (the last configuration), and
+``peak_mem_ratio`` (``packed_chunked`` over ``padded``).
+
+    .venv/bin/python bench/learner_throughput.py [--max-len 2048] [--steps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CONFIGS = {
+    "padded": {},
+    "packed": {"packed": True},
+    "packed_chunked": {"packed": True, "chunk": 512},
+    "packed_chunked_fused": {"packed": True, "chunk": 512, "fused": True},
+}
+
+
+def _model_dir(root: Path) -> Path:
+    """A ~21 M-parameter Qwen2 (random weights) saved in Hugging Face format, built once per run."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = root / "model"
+    if not (out / "config.json").exists():
+        torch.manual_seed(0)
+        cfg = Qwen2Config(
+            vocab_size=4096,
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+        )
+        Qwen2ForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def _batch(args: argparse.Namespace):
+    from async_vapo.learner.batch import collate
+    from async_vapo.protocol import Prompt, Response, TrajectoryGroup, pack_f32, pack_i32
+
+    gen = torch.Generator().manual_seed(args.seed)
+    lengths = torch.exp(
+        torch.randn(args.groups * args.samples, generator=gen) * 1.0 + torch.log(torch.tensor(args.median))
+    )
+    lengths = lengths.clamp(16, args.max_len).long().tolist()
+    lengths[0] = args.max_len
+    groups = []
+    for g in range(args.groups):
+        prompt = torch.randint(3, 4096, (int(torch.randint(16, 65, (1,), generator=gen)),), generator=gen)
+        responses = []
+        for n in lengths[g * args.samples : (g + 1) * args.samples]:
+            toks = torch.randint(3, 4096, (n,), generator=gen).tolist()
+            score = float(torch.rand(1, generator=gen) < 0.5)
+            lps = pack_f32([-8.3] * n)
+            responses.append(Response(pack_i32(toks), lps, pack_i32([0] * n), "stop", score, score > 0))
+        groups.append(TrajectoryGroup(Prompt(f"p{g}", pack_i32(prompt.tolist()), "1"), responses, "b", 0.0))
+    return collate(groups, 0)
+
+
+def _run_config(name: str, args_dict: dict, model_dir: str, out: str) -> None:
+    from zero3_publish import PeakRss
+
+    from async_vapo.config import AlgoConfig, TrainConfig
+    from async_vapo.learner.models import init_distributed, load_policy, load_value, make_engine
+    from async_vapo.learner.step import (
+        UpdateSchedule,
+        compute_targets,
+        fused_update,
+        policy_update,
+        value_update,
+    )
+
+    os.environ.update({"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+    torch.set_num_threads(args_dict["threads"])
+    args = argparse.Namespace(**args_dict)
+    init_distributed("gloo")
+    opt = CONFIGS[name]
+    b = _batch(args)
+    real_tokens = int(b.attention_mask.sum())
+    per_pass = args.pack_tokens or b.input_ids.shape[1]  # default: one padded row's width
+    train = TrainConfig(zero_stage=1)
+    pol = make_engine(load_policy(model_dir, torch.float32), 1e-5, train, False, args.micro)
+    val = make_engine(load_value(model_dir, "", torch.float32), 1e-5, train, False, args.micro)
+    sched = UpdateSchedule(1, 1, args.micro, 0, 0, per_pass if opt.get("packed") else 0, opt.get("chunk", 0))
+    cfg = AlgoConfig()
+
+    def step() -> None:
+        if opt.get("fused"):
+            fused_update(pol, val, b, cfg, 1.0, sched)
+        else:
+            t = compute_targets(pol, val, b, cfg, 1.0, sched.micro)
+            value_update(val, b, t, cfg, sched)
+            policy_update(pol, b, t, cfg, 1.0, sched)
+
+    step()  # warm-up (allocator, DeepSpeed's first step)
+    with PeakRss() as peak:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        seconds = (time.perf_counter() - t0) / args.steps
+    result = {
+        "config": name,
+        "seconds_per_step": round(seconds, 2),
+        "trained_tokens_per_s": round(real_tokens / seconds, 1),
+        "peak_extra_mb": round(peak.extra_mb, 1),
+        "real_tokens": real_tokens,
+        "padded_tokens": int(b.input_ids.numel()),
+    }
+    Path(out).write_text(json.dumps(result))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--median", type=float, default=160.0, help="median response length (log-normal)")
+    ap.add_argument("--max-len", type=int, default=2048)
+    ap.add_argument("--micro", type=int, default=4, help="sequences per padded micro-batch")
+    ap.add_argument("--pack-tokens", type=int, default=0, help="packed budget (0: the longest row's length)")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--work", default="/tmp/learner_throughput")
+    args = ap.parse_args()
+    root = Path(args.work)
+    root.mkdir(parents=True, exist_ok=True)
+    model_dir = str(_model_dir(root))
+    ctx = mp.get_context("spawn")
+    results = {}
+    for name in args.only:
+        out = root / f"{name}.json"
+        out.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        p = ctx.Process(target=_run_config, args=(name, vars(args), model_dir, str(out)))
+        p.start()
+        p.join()
+        if p.exitcode != 0:
+            print(f"[learner_throughput] {name} failed (exit {p.exitcode})", file=sys.stderr)
+            return 1
+        results[name] = json.loads(out.read_text())
+        r = results[name]
+        print(
+            f"[learner_throughput] {name:>22}: {r['trained_tokens_per_s']:>8.1f} tok/s, "
+            f"{r['seconds_per_step']:.1f} s/step, peak +{r['peak_extra_mb']:.0f} MB "
+            f"({time.perf_counter() - t0:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    summary: dict = {"configs": results}
+    base = results.get("padded")
+    if base:
+        r0 = base["real_tokens"]
+        summary["real_tokens"], summary["padded_tokens"] = r0, base["padded_tokens"]
+        if "packed" in results:
+            summary["packed_vs_padded"] = round(
+                results["packed"]["trained_tokens_per_s"] / base["trained_tokens_per_s"], 2
+            )
+        last = results[args.only[-1]]
+        summary["best_vs_padded"] = round(last["trained_tokens_per_s"] / base["trained_tokens_per_s"], 2)
+        if "packed_chunked" in results:
+            summary["peak_mem_ratio"] = round(
+                results["packed_chunked"]["peak_extra_mb"] / max(1e-9, base["peak_extra_mb"]), 3
+            )
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
