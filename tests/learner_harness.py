@@ -75,7 +75,13 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
     from async_vapo.learner import checkpoint
     from async_vapo.learner.batch import collate
     from async_vapo.learner.models import init_distributed, load_policy, load_value, make_engine
-    from async_vapo.learner.step import UpdateSchedule, compute_targets, fused_update, policy_update, value_update
+    from async_vapo.learner.step import (
+        UpdateSchedule,
+        compute_targets,
+        fused_update,
+        policy_update,
+        value_update,
+    )
 
     init_distributed("gloo")
     model_dir = job["model_dir"]

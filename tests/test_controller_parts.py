@@ -140,3 +140,20 @@ def test_node_plan_of_one_machine_uses_file_stores():
     ((child, args),) = plan.learners
     assert args.world_store == "/run/x/world-n1" and args.group_store_dir == "/run/x/groups-n1"
     assert child.env["GLOO_SOCKET_IFNAME"] == "lo" and plan.workers[0][0].env["GLOO_SOCKET_IFNAME"] == "lo"
+
+
+def test_run_files_are_absolute_with_a_relative_output_dir(tmp_path, monkeypatch):
+    """``output_dir: runs/...`` (the embedded default's) once hung the learner: ``file://runs/...`` names a
+    host ``runs``, so the learner world waited at a store nobody else used."""
+    from urllib.parse import urlparse
+
+    from async_vapo.launch.supervisor import open_site
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["output_dir=runs/rel"])
+    site, store = open_site(cfg, NodeInfo(1, 0, "127.0.0.1", 0, "single"))
+    assert site.files is not None
+    for f in site.files.all():
+        assert f.is_absolute() and str(f).startswith(str(tmp_path))
+        assert urlparse(f"file://{f}").path == str(f)  # what torch.distributed's file:// rendezvous reads
+    assert site.files.groups.is_dir() and store.address == f"file:{site.files.store}"

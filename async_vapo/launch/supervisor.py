@@ -93,7 +93,8 @@ def open_site(cfg: Config, node: NodeInfo) -> tuple[Site, RunStore]:
     ``cluster/rendezvous.py`` and the README's security section)."""
     from async_vapo.protocol.transport import is_loopback
 
-    run_dir = Path(cfg.output_dir) / "run"
+    # absolute: the learner world meets at file://<path>, where a relative path would be read as a host
+    run_dir = (Path(cfg.output_dir) / "run").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     one_machine = node.nnodes == 1
     files = RunFiles.under(run_dir, uuid.uuid4().hex[:12]) if one_machine else None

@@ -91,7 +91,7 @@ def init_distributed(backend: str, file_store: str = "") -> None:
     if file_store:
         deepspeed.init_distributed(
             dist_backend=backend,
-            init_method=f"file://{file_store}",
+            init_method=f"file://{Path(file_store).resolve()}",  # file://runs/x would name a host "runs"
             rank=int(os.environ["RANK"]),
             world_size=int(os.environ["WORLD_SIZE"]),
         )
