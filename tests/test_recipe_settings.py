@@ -27,6 +27,8 @@ RECIPE_LIKE = [
     "train.zero_stage=3",
     "train.publish=auto",  # = stream under ZeRO-3
     "train.micro_batch_size=1",
+    "train.max_tokens_per_micro=150",  # packed micro-batches of 2-3 sequences (the recipe packs)
+    "train.logit_chunk=16",  # the LM head in chunks (the recipe's 4096 at 22.5k-token sequences)
     "train.gradient_checkpointing=true",
     "train.mini_batches=2",
     "rollout.temperature=0.7",

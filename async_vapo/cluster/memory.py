@@ -136,7 +136,9 @@ def _learner_gib(shape: ModelShape, cfg: Config, learner_world: int) -> dict[str
     if t.zero_stage >= 3:
         weights /= n
     models = 2 if cfg.algo.estimator == "gae" else 1
-    tokens, h = t.micro_batch_size * cfg.rollout.max_model_len, shape.hidden
+    # tokens per forward/backward: the packed budget, else micro-batch x the longest sequence
+    tokens = t.max_tokens_per_micro or t.micro_batch_size * cfg.rollout.max_model_len
+    h = shape.hidden
     if t.gradient_checkpointing:
         acts = tokens * h * 2 * shape.layers + tokens * h * 34
     else:
@@ -146,7 +148,8 @@ def _learner_gib(shape: ModelShape, cfg: Config, learner_world: int) -> dict[str
         "gradients": models * grads / GiB,
         "optimizer": models * optim / GiB,
         "activations": acts / GiB,
-        "logits": tokens * shape.vocab * 4 * 2 / GiB,  # fp32 logits and their gradient
+        # fp32 logits and their gradient: one LM-head chunk at a time when chunked (recomputed in backward)
+        "logits": min(tokens, t.logit_chunk or tokens) * shape.vocab * 4 * 2 / GiB,
     }
     if t.zero_stage >= 3:  # one layer gathered at a time (DeepSpeed prefetch: about two)
         learner["zero3_gathered"] = 2 * 2.0 * (p / shape.layers) / GiB
