@@ -222,19 +222,18 @@ class Trainer:
         allows: ``train.fused_targets``)."""
         a, seed, temperature = self.cfg.algo, self.cfg.train.seed + self.step, self.cfg.rollout.temperature
         sched = self.schedule(seed)
+        m: dict[str, Any] = {"trained_sequences": int(b.mask.shape[0]) * self.world}
         if self.cfg.train.fused_targets and can_fuse(sched):
             with timer("fused_update"):
-                m = fused_update(self.policy, self.value, b, a, temperature, sched)
-            return m | {"trained_sequences": int(b.mask.shape[0]) * self.world}
+                return m | fused_update(self.policy, self.value, b, a, temperature, sched)
         with timer("targets"):
-            targets = compute_targets(self.policy, self.value, b, a, temperature, self.schedule(seed).micro)
-        m: dict[str, Any] = dict(targets.metrics)
-        m["trained_sequences"] = int(b.mask.shape[0]) * self.world
+            targets = compute_targets(self.policy, self.value, b, a, temperature, sched.micro)
+        m |= targets.metrics
         with timer("value_update"):
             if self.value is not None:
-                m |= value_update(self.value, b, targets, a, self.schedule(seed))
+                m |= value_update(self.value, b, targets, a, sched)
         with timer("policy_update"):
-            m |= policy_update(self.policy, b, targets, a, temperature, self.schedule(seed))
+            m |= policy_update(self.policy, b, targets, a, temperature, sched)
         return m
 
     def _rollout_totals(self) -> RolloutTotals:
