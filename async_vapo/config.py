@@ -82,6 +82,11 @@ class AlgoConfig(_Section, frozen=True):
     iw_cap: float = 2.0  # off-policy: truncation of pi_prox / mu
     decoupled: bool = True  # off-policy: AReaL's decoupled objective (False: ratio against mu directly)
     drop_truncated: bool = False  # truncated responses: False = terminal with their reward
+    # off-policy correction of the critic's targets: "vtrace" weights each token's TD error and trace by
+    # truncated pi_prox / mu (algo.vtrace); "none" = plain GAE on stale samples
+    value_correction: Literal["none", "vtrace"] = "none"
+    vtrace_rho_bar: float = 1.0  # truncation of the TD-error weight
+    vtrace_c_bar: float = 1.0  # truncation of the trace weight
 
 
 class TrainConfig(_Section, frozen=True):
@@ -161,6 +166,10 @@ class Config(_Section, frozen=True):
             ),
             (self.algo.alpha > 0, "algo.alpha must be > 0"),
             (self.algo.iw_cap > 0, "algo.iw_cap must be > 0"),
+            (
+                self.algo.vtrace_rho_bar > 0 and self.algo.vtrace_c_bar > 0,
+                "algo.vtrace_rho_bar and algo.vtrace_c_bar must be > 0",
+            ),
             (self.rollout.n_samples >= 1, "rollout.n_samples must be >= 1"),
             (
                 self.rollout.temperature > 0 and 0 < self.rollout.top_p <= 1,

@@ -14,6 +14,7 @@ from async_vapo.algo import (
     length_adaptive_lambda_clamped,
     terminal_rewards,
     truncation_mask,
+    vtrace,
 )
 
 
@@ -176,3 +177,53 @@ def test_truncated_response_is_terminal_with_its_reward():
     rewards = terminal_rewards(torch.tensor([0.0]), mask)
     _, ret = gae(rewards, values, mask, 1.0, 1.0)
     torch.testing.assert_close(ret, torch.zeros(1, 3))
+
+
+def reference_vtrace(rewards, values, lengths, gamma, lams, log_ratio, rho_bar, c_bar):
+    """The sum form, one sequence and one position at a time:
+    A_t = sum_{k>=t} gamma^(k-t) (prod_{i=t}^{k-1} lam * min(c_bar, w_i)) min(rho_bar, w_k) delta_k."""
+    b, t = rewards.shape
+    adv = torch.zeros(b, t, dtype=torch.float64)
+    for i in range(b):
+        n = int(lengths[i])
+        lam = float(lams[i])
+        w = [math.exp(float(log_ratio[i, k])) for k in range(n)]
+        delta = [
+            float(rewards[i, k])
+            + gamma * (float(values[i, k + 1]) if k + 1 < n else 0.0)
+            - float(values[i, k])
+            for k in range(n)
+        ]
+        for s in range(n):
+            total, trace = 0.0, 1.0
+            for k in range(s, n):
+                total += gamma ** (k - s) * trace * min(rho_bar, w[k]) * delta[k]
+                trace *= lam * min(c_bar, w[k])
+            adv[i, s] = total
+    ret = torch.where(
+        torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1), adv + values, torch.zeros_like(adv)
+    )
+    return adv, ret
+
+
+@pytest.mark.parametrize(("rho_bar", "c_bar"), [(1.0, 1.0), (2.0, 0.5), (0.7, 1.5)])
+def test_vtrace_matches_the_reference_sum(rho_bar, c_bar):
+    rewards, values, mask, lengths, lam = random_batch(6, 9, seed=11)
+    log_ratio = torch.randn(6, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.5
+    adv, ret = vtrace(rewards, values, mask, 0.97, lam, log_ratio, rho_bar, c_bar)
+    ref_adv, ref_ret = reference_vtrace(rewards, values, lengths, 0.97, lam, log_ratio, rho_bar, c_bar)
+    torch.testing.assert_close(adv, ref_adv, atol=1e-10, rtol=0)
+    torch.testing.assert_close(ret, ref_ret, atol=1e-10, rtol=0)
+
+
+def test_vtrace_on_policy_is_gae():
+    rewards, values, mask, _, lam = random_batch(5, 8, seed=12)
+    on_policy = torch.zeros(5, 8, dtype=torch.float64)
+    for lam_i in (lam, 1.0, 0.9):
+        torch.testing.assert_close(
+            vtrace(rewards, values, mask, 1.0, lam_i, on_policy), gae(rewards, values, mask, 1.0, lam_i)
+        )
+    # off-policy tokens whose ratio exceeds both bounds are truncated to the on-policy case
+    torch.testing.assert_close(
+        vtrace(rewards, values, mask, 1.0, lam, on_policy + 2.0), gae(rewards, values, mask, 1.0, lam)
+    )

@@ -8,6 +8,7 @@ from async_vapo.algo.gae import (
     length_adaptive_lambda_clamped,
     terminal_rewards,
     truncation_mask,
+    vtrace,
 )
 from async_vapo.algo.losses import (
     LossAgg,
@@ -51,5 +52,6 @@ __all__ = [
     "token_logprobs",
     "truncation_mask",
     "value_loss",
+    "vtrace",
     "whiten_with",
 ]

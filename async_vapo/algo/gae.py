@@ -131,3 +131,54 @@ def truncation_mask(mask: Tensor, truncated: Tensor, drop_truncated: bool) -> Te
     if not drop_truncated:
         return mask
     return mask & ~truncated.bool().unsqueeze(1)
+
+
+def vtrace(
+    rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    gamma: float,
+    lam: float | Tensor,
+    log_ratio: Tensor,
+    rho_bar: float = 1.0,
+    c_bar: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Off-policy GAE with V-trace's truncated importance weights (Espeholt et al., 2018), for the critic
+    of a policy ``pi`` trained on tokens sampled by ``mu``.
+
+    With ``rho_t = min(rho_bar, pi_t / mu_t)``, ``c_t = lam * min(c_bar, pi_t / mu_t)`` and
+    ``delta_t = r_t + gamma * V_{t+1} - V_t``:
+
+        A_t = rho_t * delta_t + gamma * c_t * A_{t+1}        v_t = V_t + A_t
+
+    i.e. ``A_t = sum_{k>=t} gamma^(k-t) (prod_{i=t}^{k-1} c_i) rho_k delta_k``. With ``pi = mu`` and
+    ``rho_bar, c_bar >= 1`` it is ``gae(..., lam)``. ``rho_bar`` bounds how far the targets move towards
+    ``V^pi`` (their fixed point is the value of a policy between ``mu`` and ``pi``), ``c_bar`` the
+    variance of the traces.
+
+    Args:
+        rewards, values: float [B, T]; mask: bool [B, T]; lam: float or per-sequence [B];
+        log_ratio: float [B, T], log pi - log mu of each sampled token (detached).
+
+    Returns:
+        advantages [B, T] and targets ``v = values + advantages`` [B, T], both 0 under the mask.
+    """
+    mask = mask.bool()
+    batch, length = rewards.shape
+    zeros = torch.zeros_like(rewards)
+    r = torch.where(mask, rewards, zeros)
+    v = torch.where(mask, values, zeros)
+    ratio = torch.where(mask, log_ratio.to(rewards.dtype).exp(), torch.ones_like(rewards))
+    rho = ratio.clamp(max=rho_bar)
+    c = _as_per_sequence(lam, batch, rewards).unsqueeze(1) * ratio.clamp(max=c_bar)
+    m = mask.to(rewards.dtype)
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros(batch, dtype=rewards.dtype, device=rewards.device)
+    next_adv = torch.zeros_like(next_value)
+    for t in reversed(range(length)):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv_t = (rho[:, t] * delta + gamma * c[:, t] * next_adv) * m[:, t]
+        advantages[:, t] = adv_t
+        next_value = torch.where(mask[:, t], v[:, t], next_value * 0)
+        next_adv = torch.where(mask[:, t], adv_t, next_adv * 0)
+    return advantages, torch.where(mask, advantages + v, zeros)

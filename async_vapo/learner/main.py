@@ -223,7 +223,7 @@ class Trainer:
         a, seed, temperature = self.cfg.algo, self.cfg.train.seed + self.step, self.cfg.rollout.temperature
         sched = self.schedule(seed)
         m: dict[str, Any] = {"trained_sequences": int(b.mask.shape[0]) * self.world}
-        if self.cfg.train.fused_targets and can_fuse(sched):
+        if self.cfg.train.fused_targets and can_fuse(sched, a):
             with timer("fused_update"):
                 return m | fused_update(self.policy, self.value, b, a, temperature, sched)
         with timer("targets"):

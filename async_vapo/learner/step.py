@@ -169,10 +169,15 @@ def _critic_returns(b: Batch, old_values: torch.Tensor, cfg: AlgoConfig) -> torc
 
 
 def _advantages(
-    b: Batch, cfg: AlgoConfig, old_values: torch.Tensor | None, metrics: dict[str, float]
+    b: Batch,
+    cfg: AlgoConfig,
+    old_values: torch.Tensor | None,
+    metrics: dict[str, float],
+    prox: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(advantages, critic returns, loss mask) of the whole batch, given the old values (GAE) or none
-    (group-normalised); whitened over every rank's valid tokens when configured."""
+    (group-normalised); whitened over every rank's valid tokens when configured. ``prox``: the
+    proximal log-probs, for the critic's V-trace targets (``algo.value_correction``)."""
     mask = b.mask
     rewards = algo.terminal_rewards(b.scores, mask)
     if old_values is None:
@@ -181,6 +186,21 @@ def _advantages(
     else:
         lam_critic, lam_policy = _lambdas(mask.sum(1), cfg, metrics)
         adv, returns = algo.decoupled_gae(rewards, old_values, mask, cfg.gamma, lam_critic, lam_policy)
+        if cfg.value_correction == "vtrace":
+            assert prox is not None, "V-trace targets need the proximal log-probs"
+            log_ratio = torch.where(mask, prox - b.behaviour_logprobs, torch.zeros_like(prox))
+            returns = algo.vtrace(
+                rewards,
+                old_values,
+                mask,
+                cfg.gamma,
+                lam_critic,
+                log_ratio,
+                cfg.vtrace_rho_bar,
+                cfg.vtrace_c_bar,
+            )[1]
+            rho = log_ratio.exp().clamp(max=cfg.vtrace_rho_bar)
+            metrics["vtrace_rho_mean"] = float(algo.masked_mean(rho, mask))
         metrics["explained_variance"] = float(algo.explained_variance(old_values, returns, mask))
         metrics["value_mean"] = float(algo.masked_mean(old_values, mask))
     loss_mask = algo.truncation_mask(mask, b.truncated, cfg.drop_truncated)
@@ -214,7 +234,7 @@ def compute_targets(
         value_model.eval()
         old_values = torch.cat(_sweep(b, micro, lambda ub: value_forward(value_model, ub, micro)))
         value_model.train()
-    adv, returns, loss_mask = _advantages(b, cfg, old_values, metrics)
+    adv, returns, loss_mask = _advantages(b, cfg, old_values, metrics, prox_logprobs)
     metrics["behaviour_kl"] = _behaviour_kl(prox_logprobs, b)
     zeros = torch.zeros_like(adv)
     return Targets(
@@ -356,9 +376,10 @@ def value_update(
     return _summary(run_update(engine, b, replace(sched, shuffle_offset=7), prepare), "value_grad_norm")
 
 
-def can_fuse(sched: UpdateSchedule) -> bool:
-    """One pass over one mini-batch: the update's first forward is the targets' forward."""
-    return sched.epochs == 1 and sched.mini_batches == 1
+def can_fuse(sched: UpdateSchedule, cfg: AlgoConfig) -> bool:
+    """One pass over one mini-batch: the update's first forward is the targets' forward (V-trace
+    targets need the proximal log-probs before the value update: not fused)."""
+    return sched.epochs == 1 and sched.mini_batches == 1 and cfg.value_correction == "none"
 
 
 def fused_update(
@@ -368,8 +389,8 @@ def fused_update(
     (``can_fuse`` schedules only): the value update's forward gives the old values (and, row by row, the
     critic's targets), then the advantages are built from them, then the policy update's forward gives
     the proximal log-probs. Same parameters as the unfused sequence (``tests/test_learner.py``)."""
-    if not can_fuse(sched):
-        raise ValueError("fused targets need one epoch and one mini-batch")
+    if not can_fuse(sched, cfg):
+        raise ValueError("fused targets need one epoch, one mini-batch and algo.value_correction=none")
     metrics: dict[str, float] = {}
     old_values = None
     if cfg.estimator == "gae" and value_model is not None:
