@@ -110,6 +110,18 @@ def test_fused_targets_give_the_same_parameters(tiny_model_dir, tmp_path, world,
         assert all(0 < s["behaviour_kl"] < 1 and s["entropy"] > 0 for s in out["steps"])
 
 
+def test_vtrace_critic_targets_train(tiny_model_dir, tmp_path):
+    """algo.value_correction=vtrace: the critic's targets use the truncated pi_prox / mu weights; the step
+    runs unfused (the weights need pi_prox before the value update) and the critic still fits."""
+    job = {"kind": "train", "model_dir": str(tiny_model_dir), "groups": 4, "n": 4, "steps": 4}
+    (out,) = run(job | {"algo": {"value_correction": "vtrace", "vtrace_rho_bar": 1.0}}, 1, tmp_path)
+    steps = out["steps"]
+    assert all(0 < s["vtrace_rho_mean"] <= 1.0 for s in steps)
+    assert steps[0]["vtrace_rho_mean"] > 0.99  # fresh samples: pi_prox = mu up to numerics
+    assert steps[-1]["vtrace_rho_mean"] < steps[0]["vtrace_rho_mean"]  # the policy moved off mu
+    assert steps[-1]["value_loss"] < steps[0]["value_loss"]
+
+
 def _max_diff(a: dict, b: dict) -> float:
     return max(
         float((torch.tensor(x) - torch.tensor(y)).abs().max())
@@ -150,7 +162,8 @@ def test_micro_batch_size_does_not_change_the_update(tiny_model_dir, tmp_path, w
     for micro in micros[1:]:
         other = params[str(micro)]
         assert other["optimizer_steps"] == 4 and other["lr"] == whole["lr"]
-        assert _max_diff(whole, other) < 1e-6, micro
+        # packed passes sum in another order (and chunk the LM head): float rounding, same update
+        assert _max_diff(whole, other) < (1e-6 if isinstance(micro, int) else 5e-6), micro
     if world == 2:  # ranks agree (ZeRO-3: gathered from the shards)
         assert _max_diff(whole, outs[1]["params"][str(micros[0])]) == 0.0
 

@@ -8,9 +8,12 @@ block-diagonal causal mask from the position ids (``masking_utils.find_packed_se
 flash-attention paths use the same position ids), so attention never crosses a sequence boundary. Either
 way ``index [B, T]`` maps response token ``t`` of row ``b`` to the flat position whose output predicts it.
 
-**Chunked LM head.** Only the hidden states of the response tokens go through the LM head, ``chunk``
-tokens at a time, and each chunk's logits are recomputed in backward (activation checkpointing), so no
-fp32 ``[tokens, V]`` tensor exists for more than one chunk at a time (``chunk = 0``: all at once).
+**Logits.** Only the response tokens' logits are used: packed, the model computes logits at those
+positions only (``logits_to_keep``); the log-softmax, the gather and the entropy then run ``chunk``
+tokens at a time in fp32, each chunk recomputed in backward (activation checkpointing), so no fp32
+``[tokens, V]`` tensor exists for more than one chunk at a time (``chunk = 0``: all at once). Every
+forward goes through the model's own ``forward`` (never a submodule called directly): DeepSpeed's
+ZeRO-3 gathers follow the module order it traced, and ranks must issue the same collectives.
 """
 
 from __future__ import annotations
@@ -68,54 +71,47 @@ def pack(b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, pos, index
 
 
-def _core(model: Any) -> Any:
-    return getattr(model, "module", model)  # a DeepSpeed engine's module, or the model itself
-
-
-def backbone_hidden(backbone: Any, b: Batch, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last hidden states, flat ``[N, H]``, and ``index [B, T]`` into them (see the module docstring)."""
-    if packed:
-        ids, pos, index = pack(b)
-        h = backbone(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[0]
-        return h, index
-    h = backbone(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).last_hidden_state
-    rows = torch.arange(b.size, device=h.device).unsqueeze(1) * h.shape[1]
-    return h.reshape(-1, h.shape[-1]), rows + b.resp_index
-
-
-def _head_chunk(
-    head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
+def _chunk_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logp_all = torch.log_softmax(head(h).float() / temperature, dim=-1)
+    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return logp, torch.zeros_like(logp)
     return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
-def head_logprobs(
-    head: torch.nn.Module,
-    h: torch.Tensor,
-    targets: torch.Tensor,
-    temperature: float,
-    chunk: int,
-    with_entropy: bool,
+def chunked_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log softmax(head(h) / temperature)[target] and the entropy, ``chunk`` rows at a time.
-    h [K, H], targets long [K] -> ([K], [K]); the entropy carries no gradient."""
-    if chunk <= 0 or h.shape[0] <= chunk:
-        logp, ent = _head_chunk(head, h, targets, temperature, with_entropy)
+    """log softmax(logits / temperature)[target] and the entropy, ``chunk`` rows at a time; each chunk's
+    fp32 work is recomputed in backward, so one chunk's fp32 ``[chunk, V]`` is alive at a time.
+    logits [K, V] (model dtype), targets long [K] -> ([K], [K]); the entropy carries no gradient."""
+    if chunk <= 0 or logits.shape[0] <= chunk:
+        logp, ent = _chunk_logprobs(logits, targets, temperature, with_entropy)
         return logp, ent.detach()
     parts = []
-    for s in range(0, h.shape[0], chunk):
-        hc, tc = h[s : s + chunk], targets[s : s + chunk]
-        if torch.is_grad_enabled() and hc.requires_grad:  # recomputed in backward: one chunk alive
-            parts.append(
-                checkpoint(_head_chunk, head, hc, tc, temperature, with_entropy, use_reentrant=False)
-            )
+    for s in range(0, logits.shape[0], chunk):
+        lc, tc = logits[s : s + chunk], targets[s : s + chunk]
+        if torch.is_grad_enabled() and lc.requires_grad:
+            parts.append(checkpoint(_chunk_logprobs, lc, tc, temperature, with_entropy, use_reentrant=False))
         else:
-            parts.append(_head_chunk(head, hc, tc, temperature, with_entropy))
+            parts.append(_chunk_logprobs(lc, tc, temperature, with_entropy))
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).detach()
+
+
+def response_logits(policy: Any, b: Batch, packed: bool) -> torch.Tensor:
+    """The logits predicting each valid response token, [K, V] in ``b.mask`` order (model dtype).
+
+    Always through the model's own forward (a DeepSpeed engine's hooks, ZeRO-3 gathers included, see
+    every call); packed: the model computes logits only at those positions (``logits_to_keep``)."""
+    if packed:
+        ids, pos, index = pack(b)
+        out = policy(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=index[b.mask])
+        return out.logits[0]
+    logits = policy(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+    rows = torch.arange(b.size, device=logits.device).unsqueeze(1).expand_as(b.resp_index)
+    return logits[rows[b.mask], b.resp_index[b.mask]]
 
 
 def policy_forward(
@@ -123,12 +119,8 @@ def policy_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(response token) [B, T] (0 where ``b.mask`` is False) and the entropy [B, T] when asked."""
     m = as_micro(micro)
-    core = _core(policy)
-    h, index = backbone_hidden(core.model, b, m.packed)
-    sel = index[b.mask]
-    logp_k, ent_k = head_logprobs(
-        core.lm_head, h[sel], b.response_ids[b.mask], temperature, m.logit_chunk, with_entropy
-    )
+    logits = response_logits(policy, b, m.packed)
+    logp_k, ent_k = chunked_logprobs(logits, b.response_ids[b.mask], temperature, m.logit_chunk, with_entropy)
     logp = torch.zeros(b.mask.shape, dtype=logp_k.dtype, device=logp_k.device).masked_scatter(b.mask, logp_k)
     ent = torch.zeros_like(logp).masked_scatter(b.mask, ent_k) if with_entropy else None
     return logp, ent
@@ -136,7 +128,7 @@ def policy_forward(
 
 def value_forward(value_model: Any, b: Batch, micro: Micro | int = 0) -> torch.Tensor:
     """V(s_t) [B, T]: the value at the position whose output predicts response token t."""
-    m = as_micro(micro)
-    core = _core(value_model)
-    h, index = backbone_hidden(core.backbone, b, m.packed)
-    return core.head(h[index.reshape(-1)]).squeeze(-1).float().reshape(index.shape)
+    if as_micro(micro).packed:
+        ids, pos, index = pack(b)
+        return value_model(ids, position_ids=pos)[0][index]
+    return value_model(b.input_ids, b.attention_mask).gather(1, b.resp_index)

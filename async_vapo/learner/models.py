@@ -28,10 +28,17 @@ class ValueModel(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, L] -> values [B, L] (float32). The learner calls ``backbone`` and ``head`` itself
-        (``learner/forward.py``: packed layouts); this is the plain-model entry point."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[B, L] -> values [B, L] (float32). Packed rows (``learner/forward.py``): position ids that
+        restart per sequence and no attention mask."""
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
 
     def save(self, out: Path) -> None:
