@@ -60,28 +60,36 @@ def gae(
     Returns:
         advantages [B, T] and returns = advantages + values [B, T], both 0 under the mask.
     """
+    lam_b = _as_per_sequence(lam, rewards.shape[0], rewards).unsqueeze(1)
+    return _scan(rewards, values, mask, gamma, None, lam_b.expand_as(rewards))
+
+
+def _scan(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, rho: Tensor | None, c: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The backward recursion shared by ``gae`` and ``vtrace``:
+    ``A_t = rho_t * delta_t + gamma * c_t * A_{t+1}`` (``rho`` None: 1), ``delta_t = r_t + gamma * V_{t+1} -
+    V_t``; returns (advantages, values + advantages), both 0 under the mask."""
     mask = mask.bool()
     batch, length = rewards.shape
     zeros = torch.zeros_like(rewards)
     r = torch.where(mask, rewards, zeros)
     v = torch.where(mask, values, zeros)
-    lam_b = _as_per_sequence(lam, batch, rewards)
     m = mask.to(rewards.dtype)
-
     advantages = torch.zeros_like(rewards)
     next_value = torch.zeros(batch, dtype=rewards.dtype, device=rewards.device)
     next_adv = torch.zeros_like(next_value)
     for t in reversed(range(length)):
         # delta_t = r_t + gamma * V_{t+1} - V_t   (V_{t+1} = 0 past the last valid token)
         delta = r[:, t] + gamma * next_value - v[:, t]
-        # A_t = delta_t + gamma * lambda * A_{t+1}
-        adv_t = (delta + gamma * lam_b * next_adv) * m[:, t]
+        if rho is not None:
+            delta = rho[:, t] * delta
+        adv_t = (delta + gamma * c[:, t] * next_adv) * m[:, t]
         advantages[:, t] = adv_t
         # carry only through valid positions, so padding never leaks backwards
         next_value = torch.where(mask[:, t], v[:, t], next_value * 0)
         next_adv = torch.where(mask[:, t], adv_t, next_adv * 0)
-    returns = torch.where(mask, advantages + v, zeros)
-    return advantages, returns
+    return advantages, torch.where(mask, advantages + v, zeros)
 
 
 def decoupled_gae(
@@ -164,21 +172,6 @@ def vtrace(
         advantages [B, T] and targets ``v = values + advantages`` [B, T], both 0 under the mask.
     """
     mask = mask.bool()
-    batch, length = rewards.shape
-    zeros = torch.zeros_like(rewards)
-    r = torch.where(mask, rewards, zeros)
-    v = torch.where(mask, values, zeros)
     ratio = torch.where(mask, log_ratio.to(rewards.dtype).exp(), torch.ones_like(rewards))
-    rho = ratio.clamp(max=rho_bar)
-    c = _as_per_sequence(lam, batch, rewards).unsqueeze(1) * ratio.clamp(max=c_bar)
-    m = mask.to(rewards.dtype)
-    advantages = torch.zeros_like(rewards)
-    next_value = torch.zeros(batch, dtype=rewards.dtype, device=rewards.device)
-    next_adv = torch.zeros_like(next_value)
-    for t in reversed(range(length)):
-        delta = r[:, t] + gamma * next_value - v[:, t]
-        adv_t = (rho[:, t] * delta + gamma * c[:, t] * next_adv) * m[:, t]
-        advantages[:, t] = adv_t
-        next_value = torch.where(mask[:, t], v[:, t], next_value * 0)
-        next_adv = torch.where(mask[:, t], adv_t, next_adv * 0)
-    return advantages, torch.where(mask, advantages + v, zeros)
+    c = _as_per_sequence(lam, rewards.shape[0], rewards).unsqueeze(1) * ratio.clamp(max=c_bar)
+    return _scan(rewards, values, mask, gamma, ratio.clamp(max=rho_bar), c)

@@ -26,7 +26,7 @@ class EvalRounds:
     def __init__(self) -> None:
         self._next = 1
         self._open: dict[int, _Round] = {}
-        self.late = 0  # groups of a round no longer open (or never opened)
+        self.late = 0  # groups of a round no longer open (or never opened): eval_group_unexpected
 
     def open(self, uids: list[str], done: asyncio.Future) -> int:
         """A new round over prompts ``uids``; ``done`` gets its groups when all are back."""

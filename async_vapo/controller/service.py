@@ -231,7 +231,8 @@ class Controller:
                 | {f"control_{k}": v for k, v in self.control.rejected.items()},
                 worker_versions=self.registry.versions(),
                 worker_owners=self.registry.owners(),
-                counters=dict(self.counters),
+                counters=dict(self.counters)
+                | ({"eval_group_unexpected": self.evals.late} if self.evals.late else {}),
                 groups_by_worker=dict(self.groups_by_worker),
                 syncs=self.weights.totals,
             )
@@ -245,9 +246,8 @@ class Controller:
             msg = await self.data.recv()
             if not isinstance(msg, TrajectoryGroup):
                 self.counters["unexpected_on_data"] += 1
-            elif msg.eval_round:
-                if not self.evals.collect(msg):  # late (the round timed out), or a round never opened
-                    self.counters["eval_group_unexpected"] += 1
+            elif msg.eval_round:  # a late one (its round timed out) or a stranger is counted there
+                self.evals.collect(msg)
             else:
                 self._admit(msg)
 

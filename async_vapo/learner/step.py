@@ -163,9 +163,14 @@ def _lambdas(lengths: torch.Tensor, cfg: AlgoConfig, metrics: dict[str, float]) 
 
 def _critic_returns(b: Batch, old_values: torch.Tensor, cfg: AlgoConfig) -> torch.Tensor:
     """The critic's targets of ``b``'s rows from their old values (row-wise: any subset of rows)."""
-    lam_critic, lam_policy = _lambdas(b.mask.sum(1), cfg, {})
+    lam_critic, _ = _lambdas(b.mask.sum(1), cfg, {})
     rewards = algo.terminal_rewards(b.scores, b.mask)
-    return algo.decoupled_gae(rewards, old_values, b.mask, cfg.gamma, lam_critic, lam_policy)[1]
+    return algo.gae(rewards, old_values, b.mask, cfg.gamma, lam_critic)[1]
+
+
+def _log_ratio(prox: torch.Tensor, b: Batch) -> torch.Tensor:
+    """log pi_prox - log mu per valid response token, 0 elsewhere."""
+    return torch.where(b.mask, prox - b.behaviour_logprobs, torch.zeros_like(prox))
 
 
 def _advantages(
@@ -185,10 +190,13 @@ def _advantages(
         returns = torch.zeros_like(rewards)
     else:
         lam_critic, lam_policy = _lambdas(mask.sum(1), cfg, metrics)
-        adv, returns = algo.decoupled_gae(rewards, old_values, mask, cfg.gamma, lam_critic, lam_policy)
-        if cfg.value_correction == "vtrace":
+        # Decoupled-GAE (algo.decoupled_gae), with the critic's half replaced by V-trace when configured
+        adv = algo.gae(rewards, old_values, mask, cfg.gamma, lam_policy)[0]
+        if cfg.value_correction != "vtrace":
+            returns = algo.gae(rewards, old_values, mask, cfg.gamma, lam_critic)[1]
+        else:
             assert prox is not None, "V-trace targets need the proximal log-probs"
-            log_ratio = torch.where(mask, prox - b.behaviour_logprobs, torch.zeros_like(prox))
+            log_ratio = _log_ratio(prox, b)
             returns = algo.vtrace(
                 rewards,
                 old_values,
@@ -211,8 +219,7 @@ def _advantages(
 
 
 def _behaviour_kl(prox: torch.Tensor, b: Batch) -> float:
-    log_ratio = torch.where(b.mask, prox - b.behaviour_logprobs, torch.zeros_like(prox))
-    return float(algo.masked_mean(0.5 * log_ratio**2, b.mask))
+    return float(algo.masked_mean(0.5 * _log_ratio(prox, b) ** 2, b.mask))
 
 
 @torch.no_grad()
