@@ -60,6 +60,9 @@ class RolloutConfig(_Section, frozen=True):
     eval_temperature: float = 1.0
     eval_top_p: float = 0.7
     eval_samples: int = 4
+    # weight updates: "keep" continues requests in flight under the new weights (a response may span
+    # versions), "drain" lets them finish under the old weights first
+    weight_update: Literal["drain", "keep"] = "keep"
 
 
 class AlgoConfig(_Section, frozen=True):

@@ -154,7 +154,7 @@ def engine_pause(bucket_mb: float, reps: int) -> dict[str, float]:
             th = threading.Thread(target=lambda s=snap, b=box: b.append(link.send(s)))
             t0 = time.perf_counter()
             th.start()
-            loop.run_until_complete(engine.load_weights(snap.buckets))
+            loop.run_until_complete(engine.load_weights(snap.buckets, v))
             pauses.append(time.perf_counter() - t0)
             th.join()
             sends.append(box[0])

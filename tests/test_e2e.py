@@ -41,8 +41,10 @@ def rows(out: Path) -> list[dict]:
 
 
 def test_train_then_resume(tiny_model_dir, tmp_path):
+    """Also the draining weight updates (the default, keep, runs in the other end-to-end tests): no
+    trained response spans two versions."""
     out = tmp_path / "run"
-    first = launch(out, "train.total_steps=3")
+    first = launch(out, "train.total_steps=3", "rollout.weight_update=drain")
     assert first.returncode == 0, first.stderr[-3000:]
     r = rows(out)
     train = [x for x in r if x["phase"] == "train"]
@@ -57,6 +59,7 @@ def test_train_then_resume(tiny_model_dir, tmp_path):
     ):
         assert key in train[-1], key
     assert train[-1]["policy_version"] == 3
+    assert all(x["version_spanning_frac"] == 0 for x in train)
     evals = [x for x in r if x["phase"] == "eval"]
     assert evals and all("eval_accuracy" in x and 0 <= x["eval_accuracy"] <= 1 for x in evals)
     assert any(x["phase"] == "value_pretrain" for x in r)
@@ -65,7 +68,7 @@ def test_train_then_resume(tiny_model_dir, tmp_path):
     assert (out / "checkpoints" / "step_3" / "hf" / "model.safetensors").exists()
     assert (out / "value_pretrained" / "value_head.pt").exists()
 
-    second = launch(out, "train.total_steps=5", "--resume")
+    second = launch(out, "train.total_steps=5", "--resume", "rollout.weight_update=drain")
     assert second.returncode == 0, second.stderr[-3000:]
     r2 = rows(out)
     train2 = [x for x in r2 if x["phase"] == "train"]

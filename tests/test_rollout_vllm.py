@@ -117,12 +117,12 @@ def rollout(tiny_model_dir):
     side, link, proc = start_worker(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    ENGINE_WEIGHTS["model"] = model
+    ENGINE_WEIGHTS.update(model=model, version=0)
     yield side, link, model, tok, proc
     stop_worker(side, proc)
 
 
-ENGINE_WEIGHTS: dict = {}  # "model": the transformers model whose weights the engine holds now
+ENGINE_WEIGHTS: dict = {}  # the transformers "model" whose weights the engine holds now, its "version"
 
 
 def hf_logprobs(model, prompt: list[int], response: list[int], temperature: float = 1.0) -> torch.Tensor:
@@ -179,12 +179,7 @@ def two_updates_then_compare(side, link, model, tok) -> None:
     engine's behaviour log-probs are transformers' log-probs on the new weights, not the old ones."""
     previous = model
     for version in (1, 2):
-        new = copy.deepcopy(model)
-        torch.manual_seed(100 + version)
-        with torch.no_grad():
-            for p in new.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        new.eval()
+        new = perturbed(model, 100 + version)
         snap = snapshot(version, new.named_parameters(), bucket_bytes=256 * 1024)
         assert len(snap.buckets) > 1  # really bucketed
 
@@ -196,7 +191,7 @@ def two_updates_then_compare(side, link, model, tok) -> None:
 
         seconds, ack = side.call(update())
         assert ack.ok and ack.version == version and seconds < 30
-        ENGINE_WEIGHTS["model"] = new
+        ENGINE_WEIGHTS.update(model=new, version=version)
 
         groups = assign_and_collect(side, make_prompts(tok, 2, seed=2 + version, version_tag=f"v{version}"))
         for g in groups:
@@ -208,6 +203,55 @@ def two_updates_then_compare(side, link, model, tok) -> None:
                 torch.testing.assert_close(got, hf_logprobs(new, prompt, ids), atol=2e-3, rtol=0)
                 assert (got - hf_logprobs(previous, prompt, ids)).abs().max() > 1e-2  # not the old weights
         previous = new
+
+
+def perturbed(model, seed: int):
+    new = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return new.eval()
+
+
+def test_keep_mode_update_continues_requests_under_the_new_weights(rollout):
+    """``rollout.weight_update = keep`` (the default): an update that arrives while 512 responses are
+    being sampled does not wait for them. Responses in flight continue under the new weights: their
+    version tags switch once from the old version to the new one, every token's behaviour log-prob is
+    that of the weights its tag names (given the whole prefix: the KV cache is recomputed after the
+    load), and some responses span both versions."""
+    side, link, _, tok, _ = rollout
+    old = ENGINE_WEIGHTS["model"]
+    v_old = ENGINE_WEIGHTS["version"]
+    new = perturbed(old, 300)
+    snap = snapshot(v_old + 1, new.named_parameters(), bucket_bytes=256 * 1024)
+    prompts = make_prompts(tok, 64, seed=31, version_tag="keep")  # 64 x 8 = 512 > max_num_seqs (256)
+
+    async def go():
+        await side.control.send("w0", Assign(prompts, Sampling(8, 1.0, 1.0, 80)))
+        groups = [await asyncio.wait_for(side.data.recv(), 120)]  # sampling is under way
+        await side.control.send("w0", WeightUpdate(v_old + 1, snap.buckets))
+        await asyncio.to_thread(link.send, snap)
+        ack = await side.next_of(WeightAck)
+        groups += [await asyncio.wait_for(side.data.recv(), 120) for _ in range(len(prompts) - 1)]
+        return ack, groups
+
+    ack, groups = side.call(go(), 400)
+    assert ack.ok and ack.version == v_old + 1
+    ENGINE_WEIGHTS.update(model=new, version=v_old + 1)
+    spanning = 0
+    for g in groups:
+        prompt = unpack_i32(g.prompt.token_ids).tolist()
+        for r in g.responses:
+            ids = unpack_i32(r.token_ids).tolist()
+            versions = unpack_i32(r.versions).tolist()
+            k = versions.count(v_old)  # old-version tokens first, then new ones
+            assert versions == [v_old] * k + [v_old + 1] * (len(ids) - k), versions
+            spanning += 0 < k < len(ids)
+            got = torch.from_numpy(unpack_f32(r.logprobs).copy())
+            torch.testing.assert_close(got[:k], hf_logprobs(old, prompt, ids)[:k], atol=2e-3, rtol=0)
+            torch.testing.assert_close(got[k:], hf_logprobs(new, prompt, ids)[k:], atol=2e-3, rtol=0)
+    assert spanning > 0  # requests in flight were continued, not drained before the load
 
 
 def test_behaviour_logprobs_follow_the_sampling_temperature(rollout):

@@ -415,7 +415,9 @@ def fused_update(
 
 def batch_metrics(b: Batch, max_tokens: int, learner_version: int) -> dict[str, float]:
     lengths = b.mask.sum(1).float()
-    stale = (learner_version - b.versions.masked_fill(~b.mask, learner_version).min(1).values).float()
+    oldest = b.versions.masked_fill(~b.mask, learner_version).min(1).values
+    newest = b.versions.masked_fill(~b.mask, -1).max(1).values
+    stale = (learner_version - oldest).float()
     return {
         "reward_mean": float(b.scores.mean()),
         "accuracy": float(b.correct.float().mean()),
@@ -425,6 +427,8 @@ def batch_metrics(b: Batch, max_tokens: int, learner_version: int) -> dict[str, 
         "truncated_frac": float(b.truncated.float().mean()),
         "staleness_mean": float(stale.mean()),
         "staleness_max": float(stale.max()),
+        # responses continued across a weight update (rollout.weight_update = keep)
+        "version_spanning_frac": float((newest > oldest).float().mean()),
     }
 
 

@@ -16,7 +16,7 @@ import asyncio
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from async_vapo.weight_sync.buckets import BucketMeta
 from async_vapo.weight_sync.group import GroupSpec
@@ -36,11 +36,15 @@ class EngineConfig:
     enforce_eager: bool = True
 
 
+UpdateMode = Literal["drain", "keep"]
+
+
 @dataclass(frozen=True)
 class Sample:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" | "length" | "abort"
+    versions: list[int]  # the policy version that sampled each token
 
 
 class RolloutEngine:
@@ -74,7 +78,11 @@ class RolloutEngine:
         top_p: float,
         max_tokens: int,
         seed: int | None = None,
+        version: int = 0,
     ) -> list[Sample]:
+        """``n`` completions of ``prompt_ids``. Each token is tagged with the version of the weights that
+        sampled it, as vLLM's engine core labelled it (``update_weight_version``); ``version`` (the
+        engine's version when the request was sent) tags the tokens of an engine that reports no label."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -100,7 +108,8 @@ class RolloutEngine:
         for c in sorted(final.outputs, key=lambda c: c.index):
             ids = list(c.token_ids)
             lps = [float(step[tok].logprob) for tok, step in zip(ids, c.logprobs or [], strict=True)]
-            samples.append(Sample(ids, lps, "stop" if c.finish_reason == "stop" else str(c.finish_reason)))
+            reason = "stop" if c.finish_reason == "stop" else str(c.finish_reason)
+            samples.append(Sample(ids, lps, reason, token_versions(c.weight_versions, len(ids), version)))
         return samples
 
     async def sample_many(
@@ -116,12 +125,51 @@ class RolloutEngine:
             args=(spec.host, spec.port, spec.world_size, spec.backend, spec.timeout_s, spec.store_file),
         )
 
-    async def load_weights(self, buckets: list[BucketMeta]) -> float:
-        """Join the learner's broadcast of ``buckets`` and load them; returns the worker-side seconds.
-        Call only while no request is in flight (the rollout worker's gate guarantees it)."""
-        seconds = await self.llm.collective_rpc("receive_weights", args=(buckets,))
-        await self.llm.reset_prefix_cache()
+    async def set_version(self, version: int) -> None:
+        """Label the tokens sampled from now on with ``version`` (vLLM's engine core attaches the label to
+        every step's outputs; it only changes while generation is paused or nothing is in flight)."""
+        await self.llm.update_weight_version(str(version))
+
+    async def load_weights(
+        self, buckets: list[BucketMeta], version: int, mode: UpdateMode = "drain"
+    ) -> float:
+        """Join the learner's broadcast of ``buckets``, load them and label later tokens ``version``;
+        returns the worker-side seconds.
+
+        ``drain``: call only while no request is in flight (the rollout worker's gate guarantees it).
+        ``keep``: requests in flight are frozen (``pause_generation(mode="keep")``), the weights are
+        loaded, every frozen request is preempted so that its KV cache (prompt and the tokens generated so
+        far) is recomputed under the new weights when generation resumes, and the tokens it samples from
+        then on carry the new version: a response may span versions, each token's behaviour log-prob is
+        that of the weights that sampled it.
+        """
+        if mode == "drain":
+            seconds = await self.llm.collective_rpc("receive_weights", args=(buckets,))
+            await self.llm.reset_prefix_cache()
+            await self.set_version(version)
+            return float(max(seconds))
+        await self.llm.pause_generation(mode="keep", clear_cache=False)
+        try:
+            seconds = await self.llm.collective_rpc("receive_weights", args=(buckets,))
+            await self.llm.reset_prefix_cache(reset_running_requests=True)
+            await self.set_version(version)
+        finally:
+            await self.llm.resume_generation()
         return float(max(seconds))
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def token_versions(spans: Any, n_tokens: int, fallback: int) -> list[int]:
+    """Per-token versions from vLLM's ``WeightVersionSpan`` list (``version`` label, ``[start, end)`` over
+    the output tokens); tokens no span covers, or an unlabelled engine, get ``fallback``."""
+    out = [fallback] * n_tokens
+    for span in spans or []:
+        try:
+            v = int(span.version)
+        except ValueError:  # vLLM's initial label is "default": weights nobody has labelled yet
+            continue
+        for i in range(max(0, span.start), min(span.end, n_tokens)):
+            out[i] = v
+    return out

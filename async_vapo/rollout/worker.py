@@ -5,11 +5,14 @@ worker samples N responses (Group-Sampling), scores them in the verifier pool an
 ``TrajectoryGroup`` with per-token behaviour log-probs and policy versions. Generation waits for nothing
 but credits.
 
-Weight updates (``WeightUpdate``): new requests are held at a gate, requests in flight finish under the
-old weights, then the engine joins the broadcast, loads, resets its prefix cache, bumps its version and
-acks. Every token of a response is therefore sampled under the version it is tagged with. (PipelineRL and
-AReaL instead interrupt requests and continue them under the new weights; with vLLM's
-``pause_generation(mode="keep")`` that is the next step, the tags already allow it.)
+Weight updates (``WeightUpdate``), one at a time, in the mode ``rollout.weight_update`` names:
+
+- ``keep`` (default): requests in flight are frozen where they are, the engine joins the broadcast and
+  loads, their KV caches are recomputed under the new weights and they continue (as in PipelineRL and
+  AReaL): a long response never holds an update back, and it may span versions. vLLM labels every token
+  with the version of the weights that sampled it, so tags and behaviour log-probs stay exact per token.
+- ``drain``: new requests wait at a gate and requests in flight finish under the old weights before the
+  load: every response has a single version, an update waits for the longest response in flight.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class RolloutWorker:
         self.exit_code = 0
         self._gate = asyncio.Event()
         self._gate.set()
+        self._updating = asyncio.Lock()
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -93,6 +97,7 @@ class RolloutWorker:
         self.generated_tokens = 0
 
     async def run(self) -> None:
+        await self.engine.set_version(self.version)
         await self.control.send(
             Hello(self.cfg.worker_id, self.version, os.getpid(), self.cfg.engine.tensor_parallel_size)
         )
@@ -160,8 +165,9 @@ class RolloutWorker:
         version = self.version
         t0 = time.perf_counter()
         try:
+            ids = unpack_i32(prompt.token_ids).tolist()
             samples = await self.engine.sample(
-                unpack_i32(prompt.token_ids).tolist(), sp.n, sp.temperature, sp.top_p, sp.max_tokens
+                ids, sp.n, sp.temperature, sp.top_p, sp.max_tokens, version=version
             )
         finally:
             self._in_flight -= 1
@@ -181,7 +187,7 @@ class RolloutWorker:
                 Response(
                     token_ids=pack_i32(s.token_ids),
                     logprobs=pack_f32(s.logprobs),
-                    versions=pack_i32([version] * len(s.token_ids)),
+                    versions=pack_i32(s.versions),
                     finish_reason=s.finish_reason if s.finish_reason in ("stop", "length") else "abort",  # type: ignore[arg-type]
                     reward=reward_of(v, r.correct_reward, r.wrong_reward),
                     correct=v.correct,
@@ -194,12 +200,19 @@ class RolloutWorker:
         await self.sender.send(group)
 
     async def _update(self, msg: WeightUpdate) -> None:
-        self._gate.clear()
-        await self._idle.wait()
+        async with self._updating:
+            ack = await self._load(msg)
+        await self.control.send(ack)
+
+    async def _load(self, msg: WeightUpdate) -> WeightAck:
+        mode = self.cfg.rollout.weight_update
+        if mode == "drain":
+            self._gate.clear()
+            await self._idle.wait()
         try:
             if self._joining is not None:
                 await self._joining  # raises if the join failed: the ack says so
-            seconds = await self.engine.load_weights(msg.buckets)
+            seconds = await self.engine.load_weights(msg.buckets, msg.version, mode)
             self.version = msg.version
             ack = WeightAck(self.cfg.worker_id, msg.version, seconds)
         except Exception as exc:  # the learner decides what to do with a failed load
@@ -207,7 +220,7 @@ class RolloutWorker:
             ack = WeightAck(self.cfg.worker_id, msg.version, 0.0, ok=False, error=repr(exc)[:200])
         finally:
             self._gate.set()
-        await self.control.send(ack)
+        return ack
 
     def close(self) -> None:
         self.pool.close()

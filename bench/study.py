@@ -1,0 +1,150 @@
+"""Shared by the learning studies (``ablation.py``, ``staleness.py``): run a recipe variant per seed with the
+real launcher (finished runs are reused), read its learning curve, and compare variants over seeds.
+
+Statistics, per variant over seeds: mean and sample standard deviation of the final held-out accuracy,
+of the normalised area under the learning curve (mean held-out accuracy over the trained samples,
+trapezoid rule) and of the critic's explained variance; and the **paired** difference to a reference
+variant (same seed = same data order, same initial weights) with a two-sided 95% Student-t interval.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from runs import launch, rows
+
+# 24 steps after 8 value-pretraining steps, an evaluation of 128 held-out problems x 2 samples every 8
+QUICK = [
+    "train.total_steps=24",
+    "train.eval_every=8",
+    "data.n_eval=128",
+    "rollout.eval_samples=2",
+    "train.checkpoint_every=0",
+]
+# two-sided 95% Student-t quantiles by degrees of freedom (no scipy in the environment)
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def run(root: Path, name: str, overrides: Sequence[str], seed: int, quick: bool) -> list[dict[str, Any]]:
+    """One run of ``name`` with ``seed`` under ``root`` (reused when it finished before)."""
+    out = root / f"{name}_seed{seed}"
+    if not (out / "checkpoints" / "latest").exists():
+        extra = [*(QUICK if quick else []), f"train.seed={seed}", *overrides]
+        if quick and not any(o.startswith("algo.value_pretrain_steps") for o in overrides):
+            extra.append("algo.value_pretrain_steps=8")
+        print(f"run {name} seed {seed} ...", file=sys.stderr, flush=True)
+        launch(out, extra)
+    return rows(out)
+
+
+def learning_curve(all_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Held-out accuracy against the samples trained on before each evaluation, its area, the critic."""
+    train = [r for r in all_rows if r["phase"] == "train"]
+    curve = []
+    for e in (r for r in all_rows if r["phase"] == "eval"):
+        samples = sum(r["trained_sequences"] for r in train if r["time"] <= e["time"])
+        curve.append((samples, e["eval_accuracy"]))
+    ev = [r["explained_variance"] for r in train if r.get("explained_variance") is not None]
+    stale = train[-1].get("staleness_hist", {}) if train else {}
+    return {
+        "curve": curve,
+        "final_accuracy": curve[-1][1],
+        "start_accuracy": curve[0][1],
+        "auc": auc(curve),
+        "explained_variance": statistics.mean(ev) if ev else float("nan"),
+        "explained_variance_last": statistics.mean(ev[-5:]) if ev else float("nan"),
+        "staleness_hist": stale,
+    }
+
+
+def auc(curve: Sequence[tuple[float, float]]) -> float:
+    """Mean accuracy over the trained-sample axis (trapezoid rule; the area divided by the x range)."""
+    if len(curve) < 2 or curve[-1][0] == curve[0][0]:
+        return curve[-1][1] if curve else float("nan")
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in itertools.pairwise(curve))
+    return area / (curve[-1][0] - curve[0][0])
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+
+
+def paired_ci(xs: Sequence[float], ref: Sequence[float]) -> tuple[float, float, float]:
+    """Mean of the per-seed differences ``xs - ref`` and its two-sided 95% t interval (lo, hi)."""
+    d = [x - r for x, r in zip(xs, ref, strict=True)]
+    m = statistics.mean(d)
+    if len(d) < 2:
+        return m, float("nan"), float("nan")
+    half = _T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d))
+    return m, m - half, m + half
+
+
+def compare(per_variant: dict[str, list[dict[str, Any]]], reference: str) -> dict[str, dict[str, Any]]:
+    """Per variant (each a list of ``learning_curve`` results in seed order): means, spreads and the
+    paired differences to ``reference`` for the final accuracy and the AUC."""
+    out: dict[str, dict[str, Any]] = {}
+    ref = per_variant.get(reference)
+    for name, runs_ in per_variant.items():
+        row: dict[str, Any] = {"seeds": len(runs_)}
+        for key in ("final_accuracy", "auc", "explained_variance", "explained_variance_last"):
+            m, s = mean_std([r[key] for r in runs_])
+            row[key] = {
+                "mean": round(m, 4),
+                "std": round(s, 4),
+                "per_seed": [round(r[key], 4) for r in runs_],
+            }
+        if ref is not None and name != reference and len(ref) == len(runs_):
+            for key in ("final_accuracy", "auc"):
+                m, lo, hi = paired_ci([r[key] for r in runs_], [r[key] for r in ref])
+                row[f"{key}_vs_{reference}"] = {"diff": round(m, 4), "ci95": [round(lo, 4), round(hi, 4)]}
+        out[name] = row
+    return out
+
+
+def print_table(stats: dict[str, dict[str, Any]], reference: str) -> None:
+    head = f"{'variant':<28}{'final acc':>16}{'AUC':>16}{'expl. var':>16}"
+    head += f"{'final - ' + reference + ' [95% CI]':>34}{'AUC - ' + reference + ' [95% CI]':>34}"
+    print(head)
+    for name, r in sorted(stats.items(), key=lambda kv: -kv[1]["final_accuracy"]["mean"]):
+        cells = [
+            f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in ("final_accuracy", "auc", "explained_variance")
+        ]
+        diffs = []
+        for key in ("final_accuracy", "auc"):
+            d = r.get(f"{key}_vs_{reference}")
+            diffs.append(f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "-")
+        print(f"{name:<28}{cells[0]:>16}{cells[1]:>16}{cells[2]:>16}{diffs[0]:>34}{diffs[1]:>34}")
+
+
+def plot_bands(path: Path, per_variant: dict[str, list[dict[str, Any]]], reference: str, title: str) -> None:
+    """Mean held-out accuracy over seeds against trained samples, with a band of +-1 standard deviation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, runs_ in per_variant.items():
+        n = min(len(r["curve"]) for r in runs_)
+        xs = [statistics.mean(r["curve"][i][0] for r in runs_) for i in range(n)]
+        ys = [[r["curve"][i][1] for r in runs_] for i in range(n)]
+        mean = [statistics.mean(y) for y in ys]
+        sd = [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
+        (line,) = ax.plot(xs, mean, marker="o", label=name, linewidth=2.5 if name == reference else 1.2)
+        lo = [m - s for m, s in zip(mean, sd, strict=True)]
+        hi = [m + s for m, s in zip(mean, sd, strict=True)]
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("trained samples")
+    ax.set_ylabel("held-out accuracy (mean over seeds, band: ±1 sd)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)

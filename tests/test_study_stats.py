@@ -1,0 +1,42 @@
+"""The statistics of the learning studies (``bench/study.py``): area under the curve, paired intervals."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from study import auc, compare, paired_ci
+
+
+def test_auc_is_the_mean_accuracy_over_trained_samples():
+    # 0.2 for the first 100 samples, rising linearly to 0.6 over the next 300: (0.2*100 + 0.4*300) / 400
+    curve = [(0, 0.2), (100, 0.2), (400, 0.6)]
+    assert auc(curve) == pytest.approx((0.2 * 100 + 0.4 * 300) / 400)
+    assert auc([(50, 0.3)]) == 0.3  # a single evaluation is its own mean
+
+
+def test_paired_ci_matches_the_t_interval_by_hand():
+    xs, ref = [0.5, 0.6, 0.7], [0.4, 0.4, 0.5]  # differences 0.1, 0.2, 0.2
+    m, lo, hi = paired_ci(xs, ref)
+    d = [0.1, 0.2, 0.2]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    half = 4.303 * sd / math.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert (m, lo, hi) == pytest.approx((mean, mean - half, mean + half))
+    assert lo > 0  # consistently better in every seed: the interval excludes 0
+
+
+def test_compare_pairs_variants_with_the_reference_by_seed():
+    def run_(final, start=0.1):
+        return {"curve": [(0, start), (10, final)], "final_accuracy": final, "auc": (start + final) / 2,
+                "explained_variance": 0.5, "explained_variance_last": 0.6}  # fmt: skip
+
+    stats = compare({"ref": [run_(0.4), run_(0.5)], "b": [run_(0.45), run_(0.55)]}, reference="ref")
+    assert stats["b"]["final_accuracy_vs_ref"]["diff"] == pytest.approx(0.05)
+    assert stats["b"]["final_accuracy_vs_ref"]["ci95"] == pytest.approx([0.05, 0.05])  # no spread
+    assert stats["ref"]["final_accuracy"]["mean"] == pytest.approx(0.45)
+    assert "final_accuracy_vs_ref" not in stats["ref"]
