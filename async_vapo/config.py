@@ -137,6 +137,9 @@ class TrainConfig(_Section, frozen=True):
     checkpoint_every: int = 20
     eval_every: int = 10
     learner_threads: int = 1  # CPU: torch threads in the learner
+    # CPU: the learner is pinned to its own half of the cores ("own") or may use every core ("all"; with
+    # learner_threads > 1 it then shares the rollout engines' cores)
+    learner_cores: Literal["own", "all"] = "own"
 
 
 class TrackingConfig(_Section, frozen=True):

@@ -6,8 +6,8 @@ the least-loaded engine, engines decoding every running sequence at a shared rat
 the batch until ``--sat-seqs``, capped by ``--max-seqs`` from the KV cache), groups finishing with their
 longest sample, the learner taking ``G`` whole groups, refusing those more than ``eta`` versions old,
 training at ``--train-tok-s``, then every engine draining its requests and loading the new weights
-(``--update drain``, what our workers do) or loading at once and continuing (``--update interrupt``, what
-``pause_generation(mode="keep")`` would give). ``eta = 0`` is the synchronous schedule.
+(``--update drain``, ``rollout.weight_update=drain``) or loading at once and continuing (``--update keep``,
+the default ``rollout.weight_update=keep``). ``eta = 0`` is the synchronous schedule.
 
     # validate against the real 2-core CPU runs of bench/e2e_async_vs_sync.py (calibrates from sync)
     .venv/bin/python bench/simulate_cluster.py --calibrate runs/bench_async
@@ -46,7 +46,7 @@ class Params:
     length_median: float = 4000.0  # response lengths: log-normal, clipped to max_tokens
     length_sigma: float = 0.9
     max_tokens: int = 20480
-    update: str = "drain"  # or "interrupt"
+    update: str = "keep"  # or "drain" (rollout.weight_update)
     steps: int = 12
     dt: float = 1.0
     seed: int = 0
@@ -114,7 +114,7 @@ def simulate(p: Params, eta: int) -> dict:
             if (
                 e.pending_version is not None
                 and e.updating_until < 0
-                and (p.update == "interrupt" or not e.running)
+                and (p.update == "keep" or not e.running)
             ):
                 e.updating_until = t + p.sync_s  # drained (or interrupting): load the new weights
             if e.pending_version is not None:
@@ -188,20 +188,23 @@ def simulate(p: Params, eta: int) -> dict:
     }
 
 
-def calibrate(run_dir: Path) -> tuple[Params, dict[int, float]]:
-    """Rates from the synchronous CPU run of bench/e2e_async_vs_sync.py; measured async throughputs."""
+def rates_from(sync_dir: Path) -> Params:
+    """Per-device rates from a synchronous CPU run (``max_staleness`` 0) of the embedded default."""
+    import yaml
+
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from runs import rows, summarise
 
-    sync_rows = rows(run_dir / "staleness_0", "train")[2:]
-    s = summarise(run_dir / "staleness_0", 2)
-    n_samples = 8
+    cfg = yaml.safe_load((sync_dir / "config.yaml").read_text())
+    sync_rows = rows(sync_dir, "train")[2:]
+    s = summarise(sync_dir, 2)
+    n_samples = cfg["rollout"]["n_samples"]
     seqs = statistics.mean(r["trained_sequences"] for r in sync_rows)
     resp_tokens = statistics.mean(r["trained_tokens"] for r in sync_rows)
     lengths = [r["response_length_mean"] for r in sync_rows]
     tp = s["time_per_step"]
     train_s = tp["targets"] + tp["value_update"] + tp["policy_update"]
-    p = Params(
+    return Params(
         engines=1,
         gen_tok_s=s["generated_tokens_per_s"] / max(1e-6, 1 - s["rollout_idle_frac"]),
         sat_seqs=1,
@@ -214,10 +217,17 @@ def calibrate(run_dir: Path) -> tuple[Params, dict[int, float]]:
         prompt_len=0,
         length_median=statistics.median(lengths),
         length_sigma=0.35,
-        max_tokens=96,
+        max_tokens=cfg["rollout"]["max_tokens"],
         steps=30,
         dt=0.01,
     )
+
+
+def calibrate(run_dir: Path) -> tuple[Params, dict[int, float]]:
+    """Rates from the synchronous CPU run of bench/e2e_async_vs_sync.py; measured async throughputs."""
+    from runs import summarise
+
+    p = rates_from(run_dir / "staleness_0")
     measured = {}
     for d in sorted(run_dir.glob("staleness_*")):
         eta = int(d.name.split("_")[1])

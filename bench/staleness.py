@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from study import compare, learning_curve, plot_bands, print_table, run
+from study import compare, finished, learning_curve, plot_bands, print_table, run
 
 
 def settings(staleness: list[int]) -> dict[str, list[str]]:
@@ -48,7 +48,7 @@ def main() -> None:
     for seed in args.seeds:  # seed-major: an interrupted study has every setting at the first seeds
         for name, overrides in grid.items():
             out = root / f"{name}_seed{seed}"
-            if args.report_only and not (out / "checkpoints" / "latest").exists():
+            if args.report_only and not finished(out):
                 continue
             try:
                 results.setdefault(name, []).append(

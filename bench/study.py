@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from runs import launch, rows
 
 # 24 steps after 8 value-pretraining steps, an evaluation of 128 held-out problems x 2 samples every 8
@@ -34,13 +36,23 @@ _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 def run(root: Path, name: str, overrides: Sequence[str], seed: int, quick: bool) -> list[dict[str, Any]]:
     """One run of ``name`` with ``seed`` under ``root`` (reused when it finished before)."""
     out = root / f"{name}_seed{seed}"
-    if not (out / "checkpoints" / "latest").exists():
+    if not finished(out):
         extra = [*(QUICK if quick else []), f"train.seed={seed}", *overrides]
         if quick and not any(o.startswith("algo.value_pretrain_steps") for o in overrides):
             extra.append("algo.value_pretrain_steps=8")
         print(f"run {name} seed {seed} ...", file=sys.stderr, flush=True)
         launch(out, extra)
     return rows(out)
+
+
+def finished(out: Path) -> bool:
+    """The run in ``out`` trained every step its config asked for and evaluated after the last one."""
+    try:
+        config = yaml.safe_load((out / "config.yaml").read_text())
+        last = rows(out)[-1]
+    except (OSError, IndexError, ValueError):
+        return False
+    return last["phase"] == "eval" and last["step"] == config["train"]["total_steps"] - 1
 
 
 def learning_curve(all_rows: list[dict[str, Any]]) -> dict[str, Any]:

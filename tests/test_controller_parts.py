@@ -104,8 +104,9 @@ def test_registry_spreads_owners_and_reports_silence():
     assert sorted(s.worker_id for s in reg.silent(now=100.0, timeout_s=30.0)) == ["w0", "w3", "w4"]
 
 
-def _plan(nnodes: int, node_rank: int, ranks: int = 2, workers: int = 2):
-    cfg = load_config(None, ["rollout.n_samples=4", "rollout.max_tokens=40", "rollout.verifier_timeout_s=3"])
+def _plan(nnodes: int, node_rank: int, ranks: int = 2, workers: int = 2, *extra: str):
+    base = ["rollout.n_samples=4", "rollout.max_tokens=40", "rollout.verifier_timeout_s=3"]
+    cfg = load_config(None, [*base, *extra])
     lay = layout(0, 0, nnodes, 8, 1, ranks, workers)
     node = NodeInfo(nnodes, node_rank, "10.0.0.1", 29500, "flags")
     ep = Endpoints("tcp://10.0.0.1:5001", "tcp://10.0.0.1:5002", 5003, "10.0.0.1")
@@ -140,6 +141,20 @@ def test_node_plan_of_one_machine_uses_file_stores():
     ((child, args),) = plan.learners
     assert args.world_store == "/run/x/world-n1" and args.group_store_dir == "/run/x/groups-n1"
     assert child.env["GLOO_SOCKET_IFNAME"] == "lo" and plan.workers[0][0].env["GLOO_SOCKET_IFNAME"] == "lo"
+
+
+def test_learner_cores_own_or_all():
+    """CPU placement: the learner is pinned to its own cores, or with ``train.learner_cores=all`` to every
+    core of the node (the engines' too)."""
+    _, lay, own = _plan(1, 0, 1, 1)
+    _, _, shared = _plan(1, 0, 1, 1, "train.learner_cores=all")
+    share = lay.nodes[0]
+    every = sorted({c for d in (*share.learner_devices, *share.engine_devices) for c in d})
+    assert own.learners[0][1].cpu_affinity == tuple(share.learner_devices[0])
+    assert shared.learners[0][1].cpu_affinity == tuple(every)
+    assert own.workers[0][0].cores == shared.workers[0][0].cores == tuple(share.engine_devices[0])
+    if len(every) > 1:
+        assert set(every) > set(share.learner_devices[0])
 
 
 def test_run_files_are_absolute_with_a_relative_output_dir(tmp_path, monkeypatch):

@@ -74,6 +74,7 @@ def _learners(
 ) -> list[tuple[Child, LearnerArgs]]:
     ep = site.endpoints
     out = []
+    every_core = sorted({c for devs in (*share.learner_devices, *share.engine_devices) for c in devs})
     for local_rank, (rank, devs) in enumerate(zip(share.learner_ranks, share.learner_devices, strict=True)):
         first = rank == 0
         bind = (lambda e: e.replace(node.master_addr, site.bind_host, 1)) if first and site.bind_host else str
@@ -83,7 +84,9 @@ def _learners(
             data_endpoint=bind(ep.data),
             control_endpoint=bind(ep.control),
             resume=resume,
-            cpu_affinity=() if lay.on_gpu else tuple(devs),
+            cpu_affinity=()
+            if lay.on_gpu
+            else tuple(every_core if cfg.train.learner_cores == "all" else devs),
             weight_host=ep.weight_host,
             store_address=site.store_address if first else "",
             store_key_dir=site.store_key_dir if first else "",
