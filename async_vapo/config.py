@@ -136,9 +136,11 @@ class TrainConfig(_Section, frozen=True):
     gradient_checkpointing: bool = False  # recompute activations in backward (long sequences)
     checkpoint_every: int = 20
     eval_every: int = 10
-    learner_threads: int = 1  # CPU: torch threads in the learner
-    # CPU: the learner is pinned to its own half of the cores ("own") or may use every core ("all"; with
-    # learner_threads > 1 it then shares the rollout engines' cores)
+    # CPU: torch threads per learner rank; 0 = its cores divided by the learner ranks on the node
+    learner_threads: int = 0
+    # CPU: the learner ranks are pinned to their own half of the node's cores ("own") or to every core
+    # ("all": their threads also use the cores the rollout engines leave idle; measured in
+    # bench/update_modes.py)
     learner_cores: Literal["own", "all"] = "own"
 
 

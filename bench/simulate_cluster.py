@@ -203,7 +203,7 @@ def rates_from(sync_dir: Path) -> Params:
     resp_tokens = statistics.mean(r["trained_tokens"] for r in sync_rows)
     lengths = [r["response_length_mean"] for r in sync_rows]
     tp = s["time_per_step"]
-    train_s = tp["targets"] + tp["value_update"] + tp["policy_update"]
+    train_s = sum(v for k, v in tp.items() if k not in ("wait_data", "broadcast"))  # targets + updates
     return Params(
         engines=1,
         gen_tok_s=s["generated_tokens_per_s"] / max(1e-6, 1 - s["rollout_idle_frac"]),

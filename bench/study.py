@@ -46,13 +46,16 @@ def run(root: Path, name: str, overrides: Sequence[str], seed: int, quick: bool)
 
 
 def finished(out: Path) -> bool:
-    """The run in ``out`` trained every step its config asked for and evaluated after the last one."""
+    """The run in ``out`` trained every step its config asked for (and evaluated after the last one when
+    it evaluates at all)."""
     try:
-        config = yaml.safe_load((out / "config.yaml").read_text())
+        train = yaml.safe_load((out / "config.yaml").read_text())["train"]
         last = rows(out)[-1]
-    except (OSError, IndexError, ValueError):
+    except (OSError, IndexError, ValueError, KeyError, TypeError):
         return False
-    return last["phase"] == "eval" and last["step"] == config["train"]["total_steps"] - 1
+    return last["step"] == train["total_steps"] - 1 and last["phase"] == (
+        "eval" if train["eval_every"] else "train"
+    )
 
 
 def learning_curve(all_rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from simulate_cluster import rates_from, simulate
+from study import finished
 
 from runs import launch, rows, summarise
 
@@ -36,6 +37,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=200, help="rollout.max_tokens (max_model_len is 256)")
     ap.add_argument("--out", default="runs/bench_update_modes")
+    ap.add_argument(
+        "--reuse", action="store_true", help="keep runs that finished before (recompute the report)"
+    )
     args = ap.parse_args()
     root = Path(args.out)
     common = [
@@ -60,9 +64,11 @@ def main() -> None:
     measured = {}
     for name, overrides in settings.items():
         out = root / name
-        shutil.rmtree(out, ignore_errors=True)
-        print(f"run {name} ...", file=sys.stderr, flush=True)
-        wall = launch(out, [*common, *overrides])
+        wall = 0.0
+        if not (args.reuse and finished(out)):
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"run {name} ...", file=sys.stderr, flush=True)
+            wall = launch(out, [*common, *overrides])
         train = rows(out, "train")[args.warmup :]
         measured[name] = summarise(out, args.warmup) | {
             "launcher_wall_s": round(wall, 1),

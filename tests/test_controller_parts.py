@@ -152,6 +152,13 @@ def test_learner_cores_own_or_all():
     every = sorted({c for d in (*share.learner_devices, *share.engine_devices) for c in d})
     assert own.learners[0][1].cpu_affinity == tuple(share.learner_devices[0])
     assert shared.learners[0][1].cpu_affinity == tuple(every)
+    # train.learner_threads 0 (the default): one thread per core the rank may use
+    assert own.learners[0][1].threads == len(share.learner_devices[0])
+    assert shared.learners[0][1].threads == len(every)
+    _, _, two = _plan(1, 0, 2, 1, "train.learner_cores=all")  # two ranks share the cores
+    assert [a.threads for _, a in two.learners] == [max(1, len(every) // 2)] * 2
+    _, _, fixed = _plan(1, 0, 1, 1, "train.learner_threads=3")
+    assert fixed.learners[0][1].threads == 3
     assert own.workers[0][0].cores == shared.workers[0][0].cores == tuple(share.engine_devices[0])
     if len(every) > 1:
         assert set(every) > set(share.learner_devices[0])

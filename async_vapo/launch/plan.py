@@ -75,8 +75,10 @@ def _learners(
     ep = site.endpoints
     out = []
     every_core = sorted({c for devs in (*share.learner_devices, *share.engine_devices) for c in devs})
+    ranks_here = len(share.learner_ranks)
     for local_rank, (rank, devs) in enumerate(zip(share.learner_ranks, share.learner_devices, strict=True)):
         first = rank == 0
+        cores = tuple(every_core if cfg.train.learner_cores == "all" else devs)
         bind = (lambda e: e.replace(node.master_addr, site.bind_host, 1)) if first and site.bind_host else str
         args = LearnerArgs(
             cfg=cfg,
@@ -84,9 +86,8 @@ def _learners(
             data_endpoint=bind(ep.data),
             control_endpoint=bind(ep.control),
             resume=resume,
-            cpu_affinity=()
-            if lay.on_gpu
-            else tuple(every_core if cfg.train.learner_cores == "all" else devs),
+            cpu_affinity=() if lay.on_gpu else cores,
+            threads=0 if lay.on_gpu else (cfg.train.learner_threads or max(1, len(cores) // ranks_here)),
             weight_host=ep.weight_host,
             store_address=site.store_address if first else "",
             store_key_dir=site.store_key_dir if first else "",

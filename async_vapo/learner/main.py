@@ -396,7 +396,7 @@ def learner_main(args: LearnerArgs) -> None:
     if args.cpu_affinity and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(args.cpu_affinity))
     if not torch.cuda.is_available():
-        torch.set_num_threads(args.cfg.train.learner_threads)
+        torch.set_num_threads(args.threads or args.cfg.train.learner_threads or 1)
     trainer = Trainer(args)
     try:
         if not trainer.progress.value_pretrained:

@@ -35,6 +35,7 @@ class LearnerArgs:
     control_endpoint: str
     resume: bool = False
     cpu_affinity: tuple[int, ...] = ()
+    threads: int = 0  # CPU: torch threads (0: train.learner_threads)
     weight_host: str = "127.0.0.1"  # where rollout workers reach this rank's weight-sync stores
     store_address: str = ""  # the run's rendezvous store (host:port or file:path): rank 0 reports drops there
     store_key_dir: str = ""  # multi-node: where the run store's signing key is
