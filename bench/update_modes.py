@@ -25,10 +25,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from runs import launch, rows, summarise
 from simulate_cluster import rates_from, simulate
 from study import finished
-
-from runs import launch, rows, summarise
 
 
 def main() -> None:
