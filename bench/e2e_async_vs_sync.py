@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from runs import launch, rows, summarise
+from runs import launch, rows, summarise, throughput_run
 
 
 def main() -> None:
@@ -35,10 +35,7 @@ def main() -> None:
         ap.error("the synchronous baseline (staleness 0) is needed")
     root = Path(args.out)
     common = [
-        f"train.total_steps={args.steps}",
-        "algo.value_pretrain_steps=2",
-        "train.eval_every=0",
-        "train.checkpoint_every=0",
+        *throughput_run(args.steps),
         *args.overrides,
     ]
     runs = {}

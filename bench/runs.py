@@ -34,6 +34,17 @@ def launch(out: Path, overrides: list[str], config: str | None = None, timeout_s
     return time.perf_counter() - t0
 
 
+def throughput_run(steps: int) -> list[str]:
+    """Overrides of the end-to-end throughput benchmarks: ``steps`` training steps, a short value
+    pretraining, no evaluation and no checkpoint (nothing but the pipeline's steady state)."""
+    return [
+        f"train.total_steps={steps}",
+        "algo.value_pretrain_steps=2",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+    ]
+
+
 def rows(out: Path, phase: str | None = None) -> list[dict[str, Any]]:
     all_rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in all_rows if phase is None or r["phase"] == phase]

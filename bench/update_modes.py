@@ -25,7 +25,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from runs import launch, rows, summarise
+from runs import launch, rows, summarise, throughput_run
 from simulate_cluster import rates_from, simulate
 from study import finished
 
@@ -42,10 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.out)
     common = [
-        f"train.total_steps={args.steps}",
-        "algo.value_pretrain_steps=2",
-        "train.eval_every=0",
-        "train.checkpoint_every=0",
+        *throughput_run(args.steps),
         "train.broadcast_every=1",
         f"rollout.max_tokens={args.max_tokens}",
     ]

@@ -143,18 +143,16 @@ class RolloutEngine:
         then on carry the new version: a response may span versions, each token's behaviour log-prob is
         that of the weights that sampled it.
         """
-        if mode == "drain":
-            seconds = await self.llm.collective_rpc("receive_weights", args=(buckets,))
-            await self.llm.reset_prefix_cache()
-            await self.set_version(version)
-            return float(max(seconds))
-        await self.llm.pause_generation(mode="keep", clear_cache=False)
+        keep = mode == "keep"
+        if keep:
+            await self.llm.pause_generation(mode="keep", clear_cache=False)
         try:
             seconds = await self.llm.collective_rpc("receive_weights", args=(buckets,))
-            await self.llm.reset_prefix_cache(reset_running_requests=True)
+            await self.llm.reset_prefix_cache(reset_running_requests=keep)
             await self.set_version(version)
         finally:
-            await self.llm.resume_generation()
+            if keep:
+                await self.llm.resume_generation()
         return float(max(seconds))
 
     def shutdown(self) -> None:
