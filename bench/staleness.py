@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from study import compare, finished, learning_curve, plot_bands, print_table, run
+from study import compare, plot_bands, print_table, run_grid
 
 
 def settings(staleness: list[int]) -> dict[str, list[str]]:
@@ -44,25 +43,15 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.out) / ("quick" if args.quick else "full")
     grid = settings(args.staleness)
-    results: dict[str, list[dict]] = {}
-    for seed in args.seeds:  # seed-major: an interrupted study has every setting at the first seeds
-        for name, overrides in grid.items():
-            out = root / f"{name}_seed{seed}"
-            if args.report_only and not finished(out):
-                continue
-            try:
-                results.setdefault(name, []).append(
-                    learning_curve(run(root, name, overrides, seed, args.quick))
-                )
-            except RuntimeError as exc:  # one failed run must not cost the others
-                print(f"  {name} seed {seed} failed: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+    results = run_grid(root, grid, args.seeds, args.quick, report_only=args.report_only)
     report: dict = {"bench": "staleness", "quick": args.quick, "seeds": args.seeds, "settings": {}}
     for s in args.staleness:
         pair = {k: results[k] for k in (f"s{s}_none", f"s{s}_vtrace") if k in results}
         if not pair:
             continue
-        n = min(len(v) for v in pair.values())
-        pair = {k: v[:n] for k, v in pair.items()}
+        common = set.intersection(*({r["seed"] for r in v} for v in pair.values()))
+        pair = {k: [r for r in v if r["seed"] in common] for k, v in pair.items()}
+        n = len(common)
         stats = compare(pair, reference=f"s{s}_none")
         for k, v in pair.items():
             stats[k]["staleness_hist"] = v[-1]["staleness_hist"]

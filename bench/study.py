@@ -45,6 +45,26 @@ def run(root: Path, name: str, overrides: Sequence[str], seed: int, quick: bool)
     return rows(out)
 
 
+def run_grid(
+    root: Path, grid: dict[str, list[str]], seeds: Sequence[int], quick: bool, report_only: bool = False
+) -> dict[str, list[dict[str, Any]]]:
+    """``learning_curve`` of every setting of ``grid`` at every seed (each tagged with its ``seed``), run
+    seed-major so that an interrupted study has every setting at the first seeds. A failed run is reported
+    and left out (one broken setting must not cost the others); ``report_only`` starts no run."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    for seed in seeds:
+        for name, overrides in grid.items():
+            if report_only and not finished(root / f"{name}_seed{seed}"):
+                continue
+            try:
+                curve = learning_curve(run(root, name, overrides, seed, quick))
+            except RuntimeError as exc:
+                print(f"  {name} seed {seed} failed: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+                continue
+            results.setdefault(name, []).append({**curve, "seed": seed})
+    return results
+
+
 def finished(out: Path) -> bool:
     """The run in ``out`` trained every step its config asked for (and evaluated after the last one when
     it evaluates at all)."""
@@ -101,10 +121,11 @@ def paired_ci(xs: Sequence[float], ref: Sequence[float]) -> tuple[float, float, 
 
 
 def compare(per_variant: dict[str, list[dict[str, Any]]], reference: str) -> dict[str, dict[str, Any]]:
-    """Per variant (each a list of ``learning_curve`` results in seed order): means, spreads and the
-    paired differences to ``reference`` for the final accuracy and the AUC."""
+    """Per variant (each a list of ``learning_curve`` results): means, spreads and the paired differences
+    to ``reference`` for the final accuracy and the AUC, paired by the runs' ``seed`` (list position when
+    untagged) over the seeds both have."""
     out: dict[str, dict[str, Any]] = {}
-    ref = per_variant.get(reference)
+    ref = _by_seed(per_variant.get(reference, []))
     for name, runs_ in per_variant.items():
         row: dict[str, Any] = {"seeds": len(runs_)}
         for key in ("final_accuracy", "auc", "explained_variance", "explained_variance_last"):
@@ -114,12 +135,19 @@ def compare(per_variant: dict[str, list[dict[str, Any]]], reference: str) -> dic
                 "std": round(s, 4),
                 "per_seed": [round(r[key], 4) for r in runs_],
             }
-        if ref is not None and name != reference and len(ref) == len(runs_):
+        mine = _by_seed(runs_)
+        common = sorted(set(mine) & set(ref))
+        if name != reference and common:
+            row["paired_seeds"] = len(common)
             for key in ("final_accuracy", "auc"):
-                m, lo, hi = paired_ci([r[key] for r in runs_], [r[key] for r in ref])
+                m, lo, hi = paired_ci([mine[k][key] for k in common], [ref[k][key] for k in common])
                 row[f"{key}_vs_{reference}"] = {"diff": round(m, 4), "ci95": [round(lo, 4), round(hi, 4)]}
         out[name] = row
     return out
+
+
+def _by_seed(runs_: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {r.get("seed", i): r for i, r in enumerate(runs_)}
 
 
 def print_table(stats: dict[str, dict[str, Any]], reference: str) -> None:
