@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -40,3 +41,21 @@ def test_compare_pairs_variants_with_the_reference_by_seed():
     assert stats["b"]["final_accuracy_vs_ref"]["ci95"] == pytest.approx([0.05, 0.05])  # no spread
     assert stats["ref"]["final_accuracy"]["mean"] == pytest.approx(0.45)
     assert "final_accuracy_vs_ref" not in stats["ref"]
+
+
+def test_r2_mc_corrects_for_the_monte_carlo_noise():
+    from critic_quality import r2_mc
+
+    rng = random.Random(0)
+    k = 4
+    true = [rng.random() for _ in range(4000)]
+    v_mc = [sum(rng.random() < p for _ in range(k)) / k for p in true]  # k Bernoulli draws per state
+    assert r2_mc(true, v_mc, k) == pytest.approx(1.0, abs=0.05)  # the truth explains all, noise or not
+    raw = 1 - sum((a - b) ** 2 for a, b in zip(true, v_mc, strict=True)) / sum(
+        (b - sum(v_mc) / len(v_mc)) ** 2 for b in v_mc
+    )
+    assert raw < 0.75  # uncorrected, the same predictor looks far worse
+    mean = sum(v_mc) / len(v_mc)
+    assert r2_mc([mean] * len(v_mc), v_mc, k) == pytest.approx(0.0, abs=0.01)  # a constant explains nothing
+    half = [0.5 * p + 0.25 for p in true]  # shrunk halfway to 0.5: explains 1 - 0.25 of the variance
+    assert r2_mc(half, v_mc, k) == pytest.approx(0.75, abs=0.06)
