@@ -39,6 +39,9 @@ class DataConfig(_Section, frozen=True):
     verifier: str = ""  # "" = the task's own (addition / math-verify); or a registry name or "module:factory"
     n_train: int = 100_000  # addition: size of the generated training set
     n_eval: int = 256  # held-out problems for periodic evaluation
+    # addition: fewest digits of the longer operand (1..7; the prompt format is the same, 7-digit operands).
+    # 5 keeps only responses of ~45-72 tokens: the long-response setting of the built-in task
+    min_digits: int = 1
     seed: int = 0
 
 
@@ -178,6 +181,7 @@ class Config(_Section, frozen=True):
                 self.algo.vtrace_rho_bar > 0 and self.algo.vtrace_c_bar > 0,
                 "algo.vtrace_rho_bar and algo.vtrace_c_bar must be > 0",
             ),
+            (1 <= self.data.min_digits <= 7, "data.min_digits must be between 1 and 7"),
             (self.rollout.n_samples >= 1, "rollout.n_samples must be >= 1"),
             (
                 self.rollout.temperature > 0 and 0 < self.rollout.top_p <= 1,

@@ -41,6 +41,7 @@ def test_overrides_are_typed():
         ("algo.eps_low=-0.1", "eps_low"),
         ("data.task=math", "train_file"),
         ("train.broadcast_every=3", "broadcast_every"),
+        ("data.min_digits=8", "data.min_digits"),
     ],
 )
 def test_bad_fields_are_named(override, names):

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from async_vapo.protocol import unpack_i32
-from async_vapo.tasks.datasets import DatasetError, load_prompts
+from async_vapo.tasks.datasets import DatasetError, addition_prompts, load_prompts
 
 AIME = Path(__file__).resolve().parents[1] / "data" / "aime24.jsonl"  # shipped with the repository
 
@@ -104,3 +104,24 @@ def test_hugging_face_source_without_an_answer_field_or_unreachable(tmp_path):
         load_prompts(tmp_path / "noans", CharTokenizer(), "{problem}", "problem", "answer")
     with pytest.raises(DatasetError, match=r"no-such-org/no-such-set: could not load \(no such file"):
         load_prompts("no-such-org/no-such-set", CharTokenizer(), "{problem}", "problem", "answer")
+
+
+def test_addition_min_digits_keeps_the_prompt_format_and_lengthens_every_solution(tmp_path):
+    from async_vapo.tasks.arithmetic import AdditionTask, Problem
+    from async_vapo.tasks.tiny_model import build_tokenizer
+
+    tok = build_tokenizer(tmp_path)
+    wide = addition_prompts(tok, 200, 3, "p-")
+    long = addition_prompts(tok, 200, 3, "p-", min_digits=5)
+    # same prompt length (operands padded to 7 digits either way), so the same model reads both
+    assert {len(unpack_i32(p.token_ids)) for p in long} == {len(unpack_i32(p.token_ids)) for p in wide}
+
+    def steps(p):  # scratchpad steps of the worked solution: one per digit of the longer operand
+        a, b = (
+            int(x)
+            for x in tok.decode(unpack_i32(p.token_ids).tolist(), skip_special_tokens=True)[:-1].split("+")
+        )
+        return AdditionTask().solution(Problem("", a, b)).count(";")
+
+    assert min(steps(p) for p in long) == 5 and max(steps(p) for p in long) == 7
+    assert min(steps(p) for p in wide) == 1

@@ -109,8 +109,8 @@ def _task_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Promp
     d = cfg.data
     if d.task == "addition":
         return (
-            addition_prompts(tokenizer, d.n_train, d.seed, "train-"),
-            addition_prompts(tokenizer, d.n_eval, d.seed + 99_991, "eval-"),
+            addition_prompts(tokenizer, d.n_train, d.seed, "train-", d.min_digits),
+            addition_prompts(tokenizer, d.n_eval, d.seed + 99_991, "eval-", d.min_digits),
         )
     fields = (d.prompt_template, d.prompt_field, d.answer_field, "math")
     train = load_prompts(d.train_file, tokenizer, *fields, split=d.train_split)

@@ -128,8 +128,8 @@ def load_prompts(
     return out
 
 
-def addition_prompts(tokenizer: Any, n: int, seed: int, prefix: str) -> list[Prompt]:
-    task = AdditionTask()
+def addition_prompts(tokenizer: Any, n: int, seed: int, prefix: str, min_digits: int = 1) -> list[Prompt]:
+    task = AdditionTask(min_digits=min_digits)
     return [
         Prompt(p.uid, pack_i32(prompt_ids(tokenizer, task, p)), p.answer, "addition")
         for p in task.problems(n, seed, prefix)
