@@ -67,6 +67,21 @@ def _sample_and_score(
         engine.shutdown()
 
 
+def by_digits(tok: Any, prompts: list[Prompt], per_problem: list[list[Any]]) -> dict[int, dict[str, Any]]:
+    """The built-in task's accuracy by difficulty: avg@k per number of digits of the longer operand."""
+    from async_vapo.protocol import unpack_i32
+
+    groups: dict[int, list[bool]] = {}
+    for p, verdicts in zip(prompts, per_problem, strict=True):
+        text = str(tok.decode(unpack_i32(p.token_ids).tolist(), skip_special_tokens=True))
+        digits = max(len(str(int(x))) for x in text.rstrip("=").split("+"))
+        groups.setdefault(digits, []).extend(v.correct for v in verdicts)
+    return {
+        d: {"problems": len(v) // max(1, len(per_problem[0])), "accuracy": round(sum(v) / len(v), 4)}
+        for d, v in sorted(groups.items())
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from transformers import AutoTokenizer
@@ -87,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         f"avg@{a.k}": sum(v.correct for v in verdicts) / max(1, len(verdicts)),
         f"pass@{a.k}": sum(any(v.correct for v in g) for g in per_problem) / max(1, len(per_problem)),
         "verifier_outcomes": outcomes,
+        **({f"avg@{a.k}_by_digits": by_digits(tok, prompts, per_problem)} if a.data == "addition" else {}),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(result))
