@@ -10,9 +10,9 @@ import pytest
 
 
 def test_eval_on_the_built_in_task_reports_avg_pass_and_accuracy_by_digits(tiny_model_dir):
+    args = ["--model", str(tiny_model_dir), "--data", "addition", "--k", "3", "--n-addition", "40"]
     res = subprocess.run(
-        [sys.executable, "-m", "async_vapo.eval", "--model", str(tiny_model_dir), "--data", "addition"]
-        + ["--k", "3", "--n-addition", "40"],
+        [sys.executable, "-m", "async_vapo.eval", *args],
         capture_output=True,
         text=True,
         timeout=280,
