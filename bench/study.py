@@ -155,14 +155,19 @@ def print_table(stats: dict[str, dict[str, Any]], reference: str) -> None:
     head += f"{'final - ' + reference + ' [95% CI]':>34}{'AUC - ' + reference + ' [95% CI]':>34}"
     print(head)
     for name, r in sorted(stats.items(), key=lambda kv: -kv[1]["final_accuracy"]["mean"]):
-        cells = [
-            f"{r[k]['mean']:.3f} ± {r[k]['std']:.3f}" for k in ("final_accuracy", "auc", "explained_variance")
-        ]
+        cells = [_cell(r[k]) for k in ("final_accuracy", "auc", "explained_variance")]
         diffs = []
         for key in ("final_accuracy", "auc"):
             d = r.get(f"{key}_vs_{reference}")
             diffs.append(f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "-")
         print(f"{name:<28}{cells[0]:>16}{cells[1]:>16}{cells[2]:>16}{diffs[0]:>34}{diffs[1]:>34}")
+
+
+def _cell(x: dict[str, Any]) -> str:
+    """``mean ± sd``; ``-`` where there is no value (a value-free variant's explained variance)."""
+    if math.isnan(x["mean"]):
+        return "-"
+    return f"{x['mean']:.3f}" + ("" if math.isnan(x["std"]) else f" ± {x['std']:.3f}")
 
 
 def plot_bands(path: Path, per_variant: dict[str, list[dict[str, Any]]], reference: str, title: str) -> None:
