@@ -107,6 +107,8 @@ def auc(curve: Sequence[tuple[float, float]]) -> float:
 
 
 def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    if not xs or any(math.isnan(x) for x in xs):  # e.g. no critic: no explained variance
+        return float("nan"), float("nan")
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
 

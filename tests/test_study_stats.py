@@ -59,3 +59,16 @@ def test_r2_mc_corrects_for_the_monte_carlo_noise():
     assert r2_mc([mean] * len(v_mc), v_mc, k) == pytest.approx(0.0, abs=0.01)  # a constant explains nothing
     half = [0.5 * p + 0.25 for p in true]  # shrunk halfway to 0.5: explains 1 - 0.25 of the variance
     assert r2_mc(half, v_mc, k) == pytest.approx(0.75, abs=0.06)
+
+
+def test_compare_reports_a_missing_statistic_as_nan_without_failing():
+    def run_(final, ev):
+        return {"curve": [(0, 0.1), (10, final)], "final_accuracy": final, "auc": final / 2,
+                "explained_variance": ev, "explained_variance_last": ev}  # fmt: skip
+
+    nan = float("nan")
+    stats = compare(
+        {"ref": [run_(0.4, 0.3), run_(0.5, 0.4)], "free": [run_(0.45, nan), run_(0.5, nan)]}, "ref"
+    )
+    assert math.isnan(stats["free"]["explained_variance"]["mean"])  # a value-free variant has no critic
+    assert stats["free"]["final_accuracy"]["mean"] == pytest.approx(0.475)
