@@ -70,15 +70,15 @@ def _sample_and_score(
 def by_digits(tok: Any, prompts: list[Prompt], per_problem: list[list[Any]]) -> dict[int, dict[str, Any]]:
     """The built-in task's accuracy by difficulty: avg@k per number of digits of the longer operand."""
     from async_vapo.protocol import unpack_i32
+    from async_vapo.tasks.arithmetic import parse_prompt
 
-    groups: dict[int, list[bool]] = {}
+    groups: dict[int, list[list[bool]]] = {}
     for p, verdicts in zip(prompts, per_problem, strict=True):
-        text = str(tok.decode(unpack_i32(p.token_ids).tolist(), skip_special_tokens=True))
-        digits = max(len(str(int(x))) for x in text.rstrip("=").split("+"))
-        groups.setdefault(digits, []).extend(v.correct for v in verdicts)
+        a, b = parse_prompt(str(tok.decode(unpack_i32(p.token_ids).tolist(), skip_special_tokens=True)))
+        groups.setdefault(len(str(max(a, b))), []).append([v.correct for v in verdicts])
     return {
-        d: {"problems": len(v) // max(1, len(per_problem[0])), "accuracy": round(sum(v) / len(v), 4)}
-        for d, v in sorted(groups.items())
+        d: {"problems": len(g), "accuracy": round(sum(map(sum, g)) / sum(map(len, g)), 4)}
+        for d, g in sorted(groups.items())
     }
 
 

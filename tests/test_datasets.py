@@ -107,7 +107,7 @@ def test_hugging_face_source_without_an_answer_field_or_unreachable(tmp_path):
 
 
 def test_addition_min_digits_keeps_the_prompt_format_and_lengthens_every_solution(tmp_path):
-    from async_vapo.tasks.arithmetic import AdditionTask, Problem
+    from async_vapo.tasks.arithmetic import AdditionTask, Problem, parse_prompt
     from async_vapo.tasks.tiny_model import build_tokenizer
 
     tok = build_tokenizer(tmp_path)
@@ -117,10 +117,7 @@ def test_addition_min_digits_keeps_the_prompt_format_and_lengthens_every_solutio
     assert {len(unpack_i32(p.token_ids)) for p in long} == {len(unpack_i32(p.token_ids)) for p in wide}
 
     def steps(p):  # scratchpad steps of the worked solution: one per digit of the longer operand
-        a, b = (
-            int(x)
-            for x in tok.decode(unpack_i32(p.token_ids).tolist(), skip_special_tokens=True)[:-1].split("+")
-        )
+        a, b = parse_prompt(tok.decode(unpack_i32(p.token_ids).tolist(), skip_special_tokens=True))
         return AdditionTask().solution(Problem("", a, b)).count(";")
 
     assert min(steps(p) for p in long) == 5 and max(steps(p) for p in long) == 7

@@ -67,6 +67,12 @@ class AdditionTask:
         return "".join(steps) + "|" + p.answer
 
 
+def parse_prompt(text: str) -> tuple[int, int]:
+    """The operands of a prompt ``AdditionTask.prompt`` wrote ("0004721+0000093=" -> (4721, 93))."""
+    a, b = text.rstrip("=").split("+")
+    return int(a), int(b)
+
+
 def extract_answer(response: str) -> str | None:
     """The integer after the last "|", or None when there is none."""
     if "|" not in response:
