@@ -118,7 +118,10 @@ class TrainConfig(_Section, frozen=True):
     zero_stage: Literal[0, 1, 2, 3] = 1
     seed: int = 0
     max_staleness: int = 1  # 0 = synchronous
-    filter_uniform_rewards: bool = False  # DAPO dynamic sampling
+    # DAPO dynamic sampling: groups whose rewards are all equal are dropped; filter_patience of them in a
+    # row stop the run with an error (the policy solves or fails every prompt; 0 = never stop)
+    filter_uniform_rewards: bool = False
+    filter_patience: int = 1000
     broadcast_every: int = 1
     bucket_mb: float = 64.0
     # how new weights leave the learner: "snapshot" copies the whole model once on rank 0 and sends it
@@ -204,6 +207,11 @@ class Config(_Section, frozen=True):
                 self.algo.estimator == "gae" or self.rollout.n_samples > 1,
                 "group_norm needs rollout.n_samples > 1",
             ),
+            (
+                not self.train.filter_uniform_rewards or self.rollout.n_samples > 1,
+                "train.filter_uniform_rewards needs rollout.n_samples > 1 (a group of one is always uniform)",
+            ),
+            (self.train.filter_patience >= 0, "train.filter_patience must be >= 0 (0 = never stop)"),
             (
                 self.data.task == "addition" or bool(self.data.train_file),
                 "data.train_file is required for task math",

@@ -21,6 +21,9 @@ import yaml
 
 from runs import launch, rows
 
+# The studies compare the paper's method and its variants, so the embedded default's one addition to it,
+# DAPO's dynamic sampling (train.filter_uniform_rewards), is off in every run (the tables were measured so)
+BASE = ["train.filter_uniform_rewards=false"]
 # 24 steps after 8 value-pretraining steps, an evaluation of 128 held-out problems x 2 samples every 8
 QUICK = [
     "train.total_steps=24",
@@ -37,7 +40,7 @@ def run(root: Path, name: str, overrides: Sequence[str], seed: int, quick: bool)
     """One run of ``name`` with ``seed`` under ``root`` (reused when it finished before)."""
     out = root / f"{name}_seed{seed}"
     if not finished(out):
-        extra = [*(QUICK if quick else []), f"train.seed={seed}", *overrides]
+        extra = [*BASE, *(QUICK if quick else []), f"train.seed={seed}", *overrides]
         if quick and not any(o.startswith("algo.value_pretrain_steps") for o in overrides):
             extra.append("algo.value_pretrain_steps=8")
         print(f"run {name} seed {seed} ...", file=sys.stderr, flush=True)

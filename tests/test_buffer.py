@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from async_vapo.buffer import GroupBuffer, PromptLedger, StalenessManager
+from async_vapo.buffer import GroupBuffer, PromptLedger, SamplingStarved, StalenessManager
 from async_vapo.protocol import Prompt, pack_i32
 from tests.helpers import make_group
 
@@ -98,7 +98,23 @@ def test_uniform_reward_groups_filtered_and_counted():
     assert buf.put(make_group(ps[0].uid, rewards=[1.0] * 4)) == "filtered"
     assert buf.put(make_group(ps[1].uid, rewards=[1.0, 0.0, 0.0, 1.0])) == "admitted"
     assert buf.metrics.filtered == 1 and ledger.counts["filtered"] == 1
+    assert ledger.filtered_uids == [ps[0].uid] and ledger.state_dict()["filtered_uids"] == [ps[0].uid]
     assert sm.running == 0
+
+
+def test_an_unbroken_run_of_uniform_groups_stops_with_a_clear_error():
+    """Dynamic sampling on a policy that solves every prompt would leave the learner waiting forever."""
+    _, ledger, sm, _ = setup(n_rows=20)
+    buf = GroupBuffer(ledger, sm, filter_uniform_rewards=True, filter_patience=3)
+    ps = issue(ledger, sm, 6)
+    assert buf.put(make_group(ps[0].uid, rewards=[1.0] * 4)) == "filtered"
+    assert buf.put(make_group(ps[1].uid, rewards=[1.0] * 4)) == "filtered"
+    assert buf.put(make_group(ps[2].uid, rewards=[1.0, 0.0, 1.0, 1.0])) == "admitted"  # the run restarts
+    assert buf.put(make_group(ps[3].uid, rewards=[0.0] * 4)) == "filtered"
+    assert buf.put(make_group(ps[4].uid, rewards=[0.0] * 4)) == "filtered"
+    with pytest.raises(SamplingStarved, match=r"last 3 groups .*filter_uniform_rewards"):
+        buf.put(make_group(ps[5].uid, rewards=[0.0] * 4))
+    assert buf.metrics.filtered == 5 and len(buf) == 1
 
 
 def test_duplicates_and_unknown_prompts_dropped():

@@ -42,6 +42,7 @@ def test_overrides_are_typed():
         ("data.task=math", "train_file"),
         ("train.broadcast_every=3", "broadcast_every"),
         ("data.min_digits=8", "data.min_digits"),
+        ("train.filter_patience=-1", "train.filter_patience"),
     ],
 )
 def test_bad_fields_are_named(override, names):
@@ -52,3 +53,10 @@ def test_bad_fields_are_named(override, names):
 def test_malformed_override():
     with pytest.raises(ConfigError, match=r"section\.field=value"):
         load_config(None, ["train.actor_lr"])
+
+
+def test_dynamic_sampling_needs_groups():
+    with pytest.raises(ConfigError, match=r"filter_uniform_rewards needs rollout\.n_samples > 1"):
+        load_config(None, ["train.filter_uniform_rewards=true", "rollout.n_samples=1"])
+    embedded = Path(__file__).resolve().parents[1] / "configs" / "embedded_default.yaml"
+    assert load_config(embedded).train.filter_uniform_rewards  # the embedded default's one addition

@@ -9,6 +9,7 @@ import os
 import threading
 import time
 
+import pytest
 import torch
 import zmq
 
@@ -174,6 +175,33 @@ def test_a_dying_controller_loop_fails_the_learner_instead_of_hanging_it():
         else:
             raise AssertionError("take_batch did not raise")
         assert time.monotonic() - t0 < 5
+    finally:
+        push.close(0)
+        ctx.term()
+        controller.stop()
+
+
+def test_dynamic_sampling_starved_of_signal_fails_the_learner_with_the_reason():
+    """Every group uniform (a policy that solves every prompt) under dynamic sampling: the learner must be
+    told why instead of waiting for a batch forever."""
+    from async_vapo.buffer import SamplingStarved
+    from tests.helpers import make_group
+
+    controller, cfg, ledger = _controller(4, filter_uniform_rewards=True, filter_patience=2)
+    issued = ledger.take(2, "w0")
+    controller.staleness.on_started(2)
+    controller.start()
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(cfg.data_endpoint)
+    try:
+        for p in issued:
+            push.send(bytes(Codec().encode(make_group(p.uid, rewards=[1.0] * 4))))
+        with pytest.raises(RuntimeError, match="controller failed") as info:
+            controller.take_batch(1, timeout_s=20)
+        assert isinstance(info.value.__cause__, SamplingStarved)
+        assert "last 2 groups" in str(info.value.__cause__)
+        assert controller.metrics().filtered == 2
     finally:
         push.close(0)
         ctx.term()

@@ -216,8 +216,9 @@ def test_faults_during_a_run_then_resume(tiny_model_dir, tmp_path):
     ledger = state["ledger"]
     trained = ledger["trained_uids"]
     pending = {p[0] for p in ledger["pending"]}
+    filtered = set(ledger["filtered_uids"])  # dynamic sampling (the embedded default): spent, not lost
     assert len(trained) == len(set(trained)) == (1 + STEPS) * GROUPS  # value pretraining + training
-    assert not set(trained) & pending
+    assert not set(trained) & pending and not set(trained) & filtered and not filtered & pending
     # the data order an uninterrupted run of this seed draws (PromptLedger: seeded per-epoch shuffle)
     from async_vapo.tasks.arithmetic import AdditionTask
 
@@ -225,7 +226,7 @@ def test_faults_during_a_run_then_resume(tiny_model_dir, tmp_path):
     order = list(range(len(uids)))
     random.Random(0 * 1_000_003 + 0).shuffle(order)
     drawn = {f"{uids[order[i]]}@0" for i in range(ledger["cursor"])}
-    assert set(trained) | pending == drawn  # none lost, none skipped
+    assert set(trained) | filtered | pending == drawn  # none lost, none skipped
     verdicts = verdicts_before_kill + Counter(train[-1]["controller_counters"])
     for kind in ("verdict_timeout", "verdict_error", "verdict_bad_output", "verdict_ok"):
         assert verdicts[kind] > 0, dict(verdicts)

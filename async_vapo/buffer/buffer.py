@@ -3,7 +3,9 @@
 Groups come in (``put``), whole groups go out in batches (``take_batch``, Group-Sampling keeps a prompt's
 samples together). A group is judged twice: on arrival and again when the learner takes it, since the
 learner's version may have moved while it waited. Too stale: counted, its prompt requeued. All rewards
-equal and dynamic sampling on: counted as filtered (no learning signal), the prompt is spent.
+equal and dynamic sampling on: counted as filtered (no learning signal), the prompt is spent; a long
+unbroken run of such groups means the policy solves (or fails) every prompt, and stops the run with a
+clear error instead of leaving the learner waiting for a batch that never comes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from async_vapo.buffer.staleness import StalenessManager
 from async_vapo.protocol.messages import TrajectoryGroup
 
 Verdict = Literal["admitted", "stale", "filtered", "duplicate"]
+
+
+class SamplingStarved(RuntimeError):
+    """Dynamic sampling filtered every group for too long: there is nothing left to learn from."""
 
 
 @dataclass
@@ -35,10 +41,13 @@ class GroupBuffer:
         staleness: StalenessManager,
         filter_uniform_rewards: bool = False,
         max_groups: int = 1024,
+        filter_patience: int = 1000,
     ) -> None:
         self.ledger = ledger
         self.staleness = staleness
         self.filter_uniform_rewards = filter_uniform_rewards
+        self.filter_patience = filter_patience
+        self.filtered_in_a_row = 0
         self.max_groups = max_groups
         self.queue: deque[TrajectoryGroup] = deque()
         self.metrics = BufferMetrics()
@@ -59,6 +68,13 @@ class GroupBuffer:
             self.metrics.filtered += 1
             self.ledger.finish(uid, "filtered")
             self.staleness.on_dropped()
+            self.filtered_in_a_row += 1
+            if self.filter_patience and self.filtered_in_a_row >= self.filter_patience:
+                raise SamplingStarved(
+                    f"the last {self.filtered_in_a_row} groups all had uniform rewards (every response "
+                    f"{rewards.pop()}): the policy solves or fails every prompt, so dynamic sampling "
+                    "(train.filter_uniform_rewards) leaves nothing to train on"
+                )
             return "filtered"
         if len(self.queue) >= self.max_groups:
             raise OverflowError(
@@ -66,6 +82,7 @@ class GroupBuffer:
                 "should have prevented this"
             )
         self.queue.append(group)
+        self.filtered_in_a_row = 0
         self.metrics.admitted += 1
         self.staleness.on_accepted()
         return "admitted"

@@ -43,6 +43,7 @@ class PromptLedger:
         self.in_buffer: dict[str, Prompt] = {}  # came back, waiting to be trained on
         self.counts: Counter[str] = Counter()
         self.trained_uids: list[str] = []
+        self.filtered_uids: list[str] = []  # dropped by dynamic sampling (spent, like trained ones)
         self._order_epoch = -1
         self._order: list[int] = []
 
@@ -98,15 +99,16 @@ class PromptLedger:
         """``outcome``: "trained" or "filtered"."""
         if self.in_buffer.pop(uid, None) is not None:
             self.counts[outcome] += 1
-            if outcome == "trained":
-                self.trained_uids.append(uid)
+            (self.trained_uids if outcome == "trained" else self.filtered_uids).append(uid)
 
     def _forget_old_epochs(self, epoch: int) -> None:
-        """Keep the trained-uid audit of the last two epochs only (older prompts can no longer be in
-        flight), so that the ledger and its checkpoints stay bounded over a long run."""
-        keep = [u for u in self.trained_uids if int(u.rsplit("@", 1)[1]) >= epoch - 1]
-        self.counts["trained_uids_forgotten"] += len(self.trained_uids) - len(keep)
-        self.trained_uids = keep
+        """Keep the trained/filtered-uid audit of the last two epochs only (older prompts can no longer be
+        in flight), so that the ledger and its checkpoints stay bounded over a long run."""
+        for name in ("trained_uids", "filtered_uids"):
+            uids = getattr(self, name)
+            keep = [u for u in uids if int(u.rsplit("@", 1)[1]) >= epoch - 1]
+            self.counts[f"{name}_forgotten"] += len(uids) - len(keep)
+            setattr(self, name, keep)
 
     def state_dict(self) -> dict[str, Any]:
         pending = (
@@ -118,6 +120,7 @@ class PromptLedger:
             "pending": [[p.uid, p.token_ids, p.answer, p.task, p.attempt] for p in pending],
             "counts": dict(self.counts),
             "trained_uids": list(self.trained_uids),
+            "filtered_uids": list(self.filtered_uids),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -128,3 +131,4 @@ class PromptLedger:
         self.in_buffer = {}
         self.counts = Counter(state["counts"])
         self.trained_uids = list(state["trained_uids"])
+        self.filtered_uids = list(state.get("filtered_uids", []))  # absent in checkpoints before it

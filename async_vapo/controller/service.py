@@ -85,7 +85,9 @@ class Controller:
         self.version = _Version(initial_version)
         self.ledger = ledger
         self.staleness = StalenessManager(train.groups_per_step, train.max_staleness, self.version)
-        self.buffer = GroupBuffer(ledger, self.staleness, train.filter_uniform_rewards)
+        self.buffer = GroupBuffer(
+            ledger, self.staleness, train.filter_uniform_rewards, filter_patience=train.filter_patience
+        )
         self.lock = threading.Lock()  # buffer, ledger, staleness: shared with the main thread
         self.ready = threading.Condition(self.lock)
         self.counters: Counter[str] = Counter()
