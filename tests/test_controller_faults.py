@@ -183,18 +183,24 @@ def test_a_dying_controller_loop_fails_the_learner_instead_of_hanging_it():
 
 def test_dynamic_sampling_starved_of_signal_fails_the_learner_with_the_reason():
     """Every group uniform (a policy that solves every prompt) under dynamic sampling: the learner must be
-    told why instead of waiting for a batch forever."""
+    told why instead of waiting for a batch forever. Dynamic sampling starts with the policy phase."""
     from async_vapo.buffer import SamplingStarved
     from tests.helpers import make_group
 
-    controller, cfg, ledger = _controller(4, filter_uniform_rewards=True, filter_patience=2)
-    issued = ledger.take(2, "w0")
-    controller.staleness.on_started(2)
+    controller, cfg, ledger = _controller(5, filter_uniform_rewards=True, filter_patience=2)
+    first, *issued = ledger.take(3, "w0")
+    controller.staleness.on_started(3)
     controller.start()
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.connect(cfg.data_endpoint)
     try:
+        # Value-Pretraining: the critic learns from every group, uniform ones included
+        push.send(bytes(Codec().encode(make_group(first.uid, rewards=[1.0] * 4))))
+        got = controller.take_batch(1, timeout_s=20)
+        assert got is not None and got[0].prompt.uid == first.uid
+        controller.mark_trained(got)
+        controller.start_filtering()  # the policy phase
         for p in issued:
             push.send(bytes(Codec().encode(make_group(p.uid, rewards=[1.0] * 4))))
         with pytest.raises(RuntimeError, match="controller failed") as info:

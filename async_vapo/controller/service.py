@@ -85,9 +85,9 @@ class Controller:
         self.version = _Version(initial_version)
         self.ledger = ledger
         self.staleness = StalenessManager(train.groups_per_step, train.max_staleness, self.version)
-        self.buffer = GroupBuffer(
-            ledger, self.staleness, train.filter_uniform_rewards, filter_patience=train.filter_patience
-        )
+        # dynamic sampling starts with the policy phase (``start_filtering``): Value-Pretraining trains the
+        # critic, which learns from every group (an all-wrong prompt's value is what it must learn)
+        self.buffer = GroupBuffer(ledger, self.staleness, False, filter_patience=train.filter_patience)
         self.lock = threading.Lock()  # buffer, ledger, staleness: shared with the main thread
         self.ready = threading.Condition(self.lock)
         self.counters: Counter[str] = Counter()
@@ -187,6 +187,12 @@ class Controller:
     def mark_trained(self, batch: list[TrajectoryGroup]) -> None:
         with self.lock:
             self.buffer.mark_trained(batch)
+
+    def start_filtering(self) -> None:
+        """The policy phase begins: from now on uniform-reward groups are dropped if the config says so
+        (``train.filter_uniform_rewards``; a policy gradient gets no signal from them)."""
+        with self.lock:
+            self.buffer.filter_uniform_rewards = self.train.filter_uniform_rewards
 
     def set_version(self, version: int) -> None:
         """The learner's policy version: staleness is judged against it, not against the engines."""

@@ -187,6 +187,8 @@ class Trainer:
     def train(self) -> None:
         t = self.cfg.train
         first = self.step
+        if self.controller is not None:
+            self.controller.start_filtering()  # dynamic sampling is for the policy phase
         if self.step == 0 and t.eval_every:
             self.evaluate()  # the starting point of the learning curve
         busy0 = self._rollout_totals()
