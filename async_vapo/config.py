@@ -36,6 +36,11 @@ class DataConfig(_Section, frozen=True):
     prompt_field: str = "problem"
     answer_field: str = "answer"
     prompt_template: str = "{problem}"  # str.format template over the row's fields
+    # the held-out file's own layout when it differs from the training file's (DAPO-Math-17k trains, AIME
+    # 2024 evaluates); "" = the training file's field / template
+    eval_prompt_field: str = ""
+    eval_answer_field: str = ""
+    eval_prompt_template: str = ""
     verifier: str = ""  # "" = the task's own (addition / math-verify); or a registry name or "module:factory"
     n_train: int = 100_000  # addition: size of the generated training set
     n_eval: int = 256  # held-out problems for periodic evaluation

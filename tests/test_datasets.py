@@ -122,3 +122,31 @@ def test_addition_min_digits_keeps_the_prompt_format_and_lengthens_every_solutio
 
     assert min(steps(p) for p in long) == 5 and max(steps(p) for p in long) == 7
     assert min(steps(p) for p in wide) == 1
+
+
+def test_paper_recipe_reads_its_training_and_held_out_layouts(tmp_path):
+    """configs/vapo_qwen2.5_32b.yaml trains on DAPO-Math-17k's layout (a chat message list, the answer
+    under reward_model) and evaluates on AIME 2024's (bare problem / answer): both through the learner's
+    own prompt building, the held-out prompts wrapped in the recipe's instruction (it used to read AIME
+    with DAPO's field names and fail at start-up)."""
+    from async_vapo.config import load_config
+    from async_vapo.learner.setup import build_prompts
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "vapo_qwen2.5_32b.yaml"
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"What is {i}+{i}? Answer: ..."}],
+            "reward_model": {"ground_truth": str(2 * i)},
+        }
+        for i in range(3)
+    ]
+    dapo = tmp_path / "dapo.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), dapo)
+    cfg = load_config(recipe, [f"data.train_file={dapo}"])
+    train, held_out = build_prompts(cfg, CharTokenizer())
+    assert [p.answer for p in train] == ["0", "2", "4"]
+    text = "".join(chr(i) for i in unpack_i32(train[1].token_ids).tolist()[1:])
+    assert text == "What is 1+1? Answer: ..."
+    assert len(held_out) == 30 and held_out[0].answer == "204"
+    text = "".join(chr(i) for i in unpack_i32(held_out[0].token_ids).tolist()[1:])
+    assert text.startswith("Solve the problem below") and "Every morning Aya" in text

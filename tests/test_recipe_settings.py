@@ -1,13 +1,16 @@
 """The settings in which the 32B recipe differs from the embedded default, run for real on CPU through the
 launcher: two learner ranks (gloo), ZeRO-3 with the streamed publish, gradient checkpointing, micro-batches of one sequence with
 two mini-batches per step, two engines (each fed by its own learner rank), sampling temperature 0.7, a short response limit (truncated
-responses), and a broadcast every second version with max_staleness 1. While it runs, every listening
+responses), and a broadcast every second version with max_staleness 1; then the recipe's task side: math
+prompts in DAPO-Math-17k's layout for training and AIME's for evaluation, math-verify in 16 verifier
+processes, 16 samples per prompt, a reward of -1 for a wrong answer, no dynamic sampling. While it runs, every listening
 socket of its processes is recorded: a single-machine run opens none beyond loopback. (TP > 1 engines: see
 ``test_rollout_tp.py``; the memory plan of the full-size recipe: ``test_deploy.py``.)"""
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import subprocess
 import sys
@@ -41,10 +44,11 @@ RECIPE_LIKE = [
 ]
 
 
-def launch_watching_listeners(out, *extra: str, timeout: float = 900):
+def launch_watching_listeners(out, *extra: str, timeout: float = 900, peak: list[int] | None = None):
     """The launcher as ``test_e2e.launch`` runs it, while every listening TCP socket of its process tree
-    (learner ranks, vLLM engines and their workers, verifier pools) is recorded once a second. Output goes
-    to files (a pipe nobody reads while the run goes on would fill and block it)."""
+    (learner ranks, vLLM engines and their workers, verifier pools) is recorded once a second (and the
+    most processes the tree held, appended to ``peak``). Output goes to files (a pipe nobody reads while
+    the run goes on would fill and block it)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1")
     cmd = [sys.executable, "-m", "async_vapo.launch", "--output-dir", str(out), *SMALL, *extra]
     logs = out.parent / "launcher.out", out.parent / "launcher.err"
@@ -52,9 +56,14 @@ def launch_watching_listeners(out, *extra: str, timeout: float = 900):
     with open(logs[0], "w") as so, open(logs[1], "w") as se:
         proc = subprocess.Popen(cmd, stdout=so, stderr=se, text=True, env=env)
         deadline = time.monotonic() + timeout
+        most = 0
         while proc.poll() is None and time.monotonic() < deadline:
-            seen |= listening_sockets(process_tree(proc.pid))
+            tree = process_tree(proc.pid)
+            most = max(most, len(tree))
+            seen |= listening_sockets(tree)
             time.sleep(1.0)
+        if peak is not None:
+            peak.append(most)
         if proc.poll() is None:
             proc.kill()
         proc.wait()
@@ -87,3 +96,65 @@ def test_recipe_settings_train_end_to_end(tiny_model_dir, tmp_path):
     assert any(r["truncated_frac"] > 0 for r in train)  # the short limit cuts some responses
     evals = [r for r in rows(out) if r["phase"] == "eval"]
     assert evals and evals[-1]["policy_version"] == 4
+
+
+def test_recipe_math_task_end_to_end(tiny_model_dir, tmp_path):
+    """The 32B recipe's data and reward settings through the launcher, with prompts the tiny model can
+    read (additions; it never writes "Answer:", so math-verify finds no answer and every reward is the
+    recipe's -1: the wrong-answer reward, not a default 0, must reach the learner)."""
+    from async_vapo.tasks.arithmetic import AdditionTask
+
+    task = AdditionTask()
+    train_file, eval_file = tmp_path / "dapo.jsonl", tmp_path / "aime.jsonl"
+    problems = task.problems(64, seed=3, prefix="m")
+    train_file.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": [{"role": "user", "content": task.prompt(p)}],
+                    "reward_model": {"ground_truth": p.answer},
+                }
+            )
+            + "\n"
+            for p in problems[:48]
+        )
+    )
+    eval_file.write_text(
+        "".join(json.dumps({"problem": task.prompt(p), "answer": p.answer}) + "\n" for p in problems[48:])
+    )
+    out, peak = tmp_path / "math", []
+    run, _ = launch_watching_listeners(
+        out,
+        "data.task=math",
+        f"data.train_file={train_file}",
+        f"data.eval_file={eval_file}",
+        "data.prompt_field=prompt.0.content",
+        "data.answer_field=reward_model.ground_truth",
+        "data.eval_prompt_field=problem",
+        "data.eval_answer_field=answer",
+        'data.eval_prompt_template="{problem}"',  # quoted: YAML reads {problem} as a mapping
+        "rollout.n_samples=16",
+        "rollout.verifier_processes=16",
+        "rollout.wrong_reward=-1.0",
+        "train.filter_uniform_rewards=false",  # the recipe's (every group here is uniform)
+        "train.groups_per_step=2",
+        "rollout.max_tokens=40",
+        "train.total_steps=2",
+        "train.eval_every=2",
+        "train.checkpoint_every=0",
+        peak=peak,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    train = [r for r in rows(out) if r["phase"] == "train"]
+    assert [r["step"] for r in train] == [0, 1]
+    assert all(r["trained_sequences"] == 2 * 16 for r in train)  # 2 groups of 16 samples
+    assert all(r["reward_mean"] == -1.0 and r["accuracy"] == 0.0 for r in train)
+    verdicts = train[-1]["controller_counters"]
+    assert "verdict_timeout" not in verdicts, verdicts  # a verifier's load is never charged to a sample
+    assert verdicts.get("verdict_no_answer", 0) >= 2 * 16 * 3, (
+        verdicts
+    )  # the math verifier scored every sample
+    evals = [r for r in rows(out) if r["phase"] == "eval"]
+    assert evals[-1]["eval_problems"] == 16 and evals[-1]["eval_accuracy"] == 0.0
+    # launcher, learner, rollout worker, its engine core and the 16 verifier processes at once
+    assert peak[0] >= 16 + 4, peak

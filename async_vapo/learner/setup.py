@@ -112,10 +112,22 @@ def _task_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Promp
             addition_prompts(tokenizer, d.n_train, d.seed, "train-", d.min_digits),
             addition_prompts(tokenizer, d.n_eval, d.seed + 99_991, "eval-", d.min_digits),
         )
-    fields = (d.prompt_template, d.prompt_field, d.answer_field, "math")
-    train = load_prompts(d.train_file, tokenizer, *fields, split=d.train_split)
+    train = load_prompts(
+        d.train_file,
+        tokenizer,
+        d.prompt_template,
+        d.prompt_field,
+        d.answer_field,
+        "math",
+        split=d.train_split,
+    )
+    eval_fields = (
+        d.eval_prompt_template or d.prompt_template,
+        d.eval_prompt_field or d.prompt_field,
+        d.eval_answer_field or d.answer_field,
+    )
     evals = (
-        load_prompts(d.eval_file, tokenizer, *fields, split=d.eval_split)
+        load_prompts(d.eval_file, tokenizer, *eval_fields, "math", split=d.eval_split)
         if d.eval_file
         else train[: d.n_eval]
     )

@@ -38,9 +38,17 @@ def extract_math_answer(response: str) -> str | None:
 class MathVerifier:
     name = "math"
 
-    def __call__(self, response: str, answer: str) -> Verdict:
+    def __init__(self) -> None:
+        """Imports math-verify and parses once here, at load time, which the pool does not charge to any
+        sample: done lazily in the first call, 16 fresh verifier processes importing at once on a busy
+        machine timed out their first samples (and each replacement its own first)."""
         from math_verify import parse, verify
 
+        self._parse, self._verify = parse, verify
+        verify(parse("$1$", parsing_timeout=None), parse("$1$", parsing_timeout=None), timeout_seconds=None)
+
+    def __call__(self, response: str, answer: str) -> Verdict:
+        parse, verify = self._parse, self._verify
         extracted = extract_math_answer(response)
         if extracted is None:
             return Verdict(False, "no_answer")
