@@ -87,7 +87,9 @@ class Controller:
         self.staleness = StalenessManager(train.groups_per_step, train.max_staleness, self.version)
         # dynamic sampling starts with the policy phase (``start_filtering``): Value-Pretraining trains the
         # critic, which learns from every group (an all-wrong prompt's value is what it must learn)
-        self.buffer = GroupBuffer(ledger, self.staleness, False, filter_patience=train.filter_patience)
+        self.buffer = GroupBuffer(
+            ledger, self.staleness, filter_uniform_rewards=False, filter_patience=train.filter_patience
+        )
         self.lock = threading.Lock()  # buffer, ledger, staleness: shared with the main thread
         self.ready = threading.Condition(self.lock)
         self.counters: Counter[str] = Counter()
