@@ -44,11 +44,11 @@ RECIPE_LIKE = [
 ]
 
 
-def launch_watching_listeners(out, *extra: str, timeout: float = 900, peak: list[int] | None = None):
+def launch_watching_listeners(out, *extra: str, timeout: float = 900):
     """The launcher as ``test_e2e.launch`` runs it, while every listening TCP socket of its process tree
-    (learner ranks, vLLM engines and their workers, verifier pools) is recorded once a second (and the
-    most processes the tree held, appended to ``peak``). Output goes to files (a pipe nobody reads while
-    the run goes on would fill and block it)."""
+    (learner ranks, vLLM engines and their workers, verifier pools) is recorded once a second, with the
+    most processes the tree held at once. Output goes to files (a pipe nobody reads while the run goes on
+    would fill and block it)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1")
     cmd = [sys.executable, "-m", "async_vapo.launch", "--output-dir", str(out), *SMALL, *extra]
     logs = out.parent / "launcher.out", out.parent / "launcher.err"
@@ -62,17 +62,19 @@ def launch_watching_listeners(out, *extra: str, timeout: float = 900, peak: list
             most = max(most, len(tree))
             seen |= listening_sockets(tree)
             time.sleep(1.0)
-        if peak is not None:
-            peak.append(most)
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-    return subprocess.CompletedProcess(cmd, proc.returncode, logs[0].read_text(), logs[1].read_text()), seen
+    return (
+        subprocess.CompletedProcess(cmd, proc.returncode, logs[0].read_text(), logs[1].read_text()),
+        seen,
+        most,
+    )
 
 
 def test_recipe_settings_train_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "recipe"
-    run, listeners = launch_watching_listeners(out, *RECIPE_LIKE)
+    run, listeners, _ = launch_watching_listeners(out, *RECIPE_LIKE)
     assert run.returncode == 0, run.stderr[-4000:]
     # a single-machine run listens on loopback only: its stores are files, gloo binds to lo, the
     # learner's ZeroMQ sockets to 127.0.0.1 (those are always there: the check sees real sockets)
@@ -122,8 +124,8 @@ def test_recipe_math_task_end_to_end(tiny_model_dir, tmp_path):
     eval_file.write_text(
         "".join(json.dumps({"problem": task.prompt(p), "answer": p.answer}) + "\n" for p in problems[48:])
     )
-    out, peak = tmp_path / "math", []
-    run, _ = launch_watching_listeners(
+    out = tmp_path / "math"
+    run, _, peak = launch_watching_listeners(
         out,
         "data.task=math",
         f"data.train_file={train_file}",
@@ -142,7 +144,6 @@ def test_recipe_math_task_end_to_end(tiny_model_dir, tmp_path):
         "train.total_steps=2",
         "train.eval_every=2",
         "train.checkpoint_every=0",
-        peak=peak,
     )
     assert run.returncode == 0, run.stderr[-4000:]
     train = [r for r in rows(out) if r["phase"] == "train"]
@@ -157,4 +158,4 @@ def test_recipe_math_task_end_to_end(tiny_model_dir, tmp_path):
     evals = [r for r in rows(out) if r["phase"] == "eval"]
     assert evals[-1]["eval_problems"] == 16 and evals[-1]["eval_accuracy"] == 0.0
     # launcher, learner, rollout worker, its engine core and the 16 verifier processes at once
-    assert peak[0] >= 16 + 4, peak
+    assert peak >= 16 + 4, peak

@@ -104,11 +104,14 @@ class PromptLedger:
     def _forget_old_epochs(self, epoch: int) -> None:
         """Keep the trained/filtered-uid audit of the last two epochs only (older prompts can no longer be
         in flight), so that the ledger and its checkpoints stay bounded over a long run."""
-        for name in ("trained_uids", "filtered_uids"):
-            uids = getattr(self, name)
-            keep = [u for u in uids if int(u.rsplit("@", 1)[1]) >= epoch - 1]
-            self.counts[f"{name}_forgotten"] += len(uids) - len(keep)
-            setattr(self, name, keep)
+        self.trained_uids = self._recent(self.trained_uids, epoch, "trained_uids_forgotten")
+        self.filtered_uids = self._recent(self.filtered_uids, epoch, "filtered_uids_forgotten")
+
+    def _recent(self, uids: list[str], epoch: int, forgotten: str) -> list[str]:
+        """The uids of epochs ``epoch - 1`` and later; the others are counted under ``forgotten``."""
+        keep = [u for u in uids if int(u.rsplit("@", 1)[1]) >= epoch - 1]
+        self.counts[forgotten] += len(uids) - len(keep)
+        return keep
 
     def state_dict(self) -> dict[str, Any]:
         pending = (
