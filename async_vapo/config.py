@@ -71,6 +71,10 @@ class RolloutConfig(_Section, frozen=True):
     # weight updates: "keep" continues requests in flight under the new weights (a response may span
     # versions), "drain" lets them finish under the old weights first
     weight_update: Literal["drain", "keep"] = "keep"
+    # CPU: an engine's compute threads are always bound to its own cores (VLLM_CPU_OMP_THREADS_BIND); its
+    # other processes (the rollout worker, vLLM's scheduler, the verifiers) are pinned to those cores too
+    # ("own") or free to run on any core of the node ("all": on a core the learner leaves idle)
+    frontend_cores: Literal["own", "all"] = "own"
 
 
 class AlgoConfig(_Section, frozen=True):

@@ -8,7 +8,10 @@ one of them at ``--max-len``. Each configuration runs, in its own process (for a
 reading), one warm-up and ``--steps`` full VAPO steps through the learner's own code (``compute_targets``
 + ``value_update`` + ``policy_update``, or ``fused_update``) on DeepSpeed engines (ZeRO-1, CPU):
 
-- ``padded``: ``train.micro_batch_size`` sequences per pass, each padded to the batch's longest,
+- ``padded_batch_width``: the padded layout as it was before length-sorted micro-batches (the baseline):
+  ``train.micro_batch_size`` sequences per pass in the batch's order, each padded to the batch's longest,
+- ``padded``: the learner's padded layout: micro-batches cut from length-sorted rows, each run at the
+  width of its own longest row (``learner/forward.py trim``),
 - ``packed``: whole sequences up to ``train.max_tokens_per_micro`` tokens per pass (default: the longest
   row, i.e. the width of one padded row), no padding. On CPU attention runs through SDPA with the
   block-diagonal mask, so a pass's attention grows with the square of its packed length: a budget of
@@ -17,13 +20,19 @@ reading), one warm-up and ``--steps`` full VAPO steps through the learner's own 
 - ``packed_chunked_fused``: + old values and proximal log-probs from the updates' own forwards.
 
 Reported per configuration: trained (real) tokens per second and the peak resident memory above the
-process's steady state during the steps (sampled every 2 ms). JSON on the last line: ``packed_vs_padded``
-(speed ratio of ``packed`` to ``padded``), ``best_vs_padded`` (the last configuration), and
-``peak_mem_ratio`` (``packed_chunked`` over ``padded``).
+process's steady state during the steps (sampled every 2 ms). JSON on the last line: ``sorted_vs_batch_width``
+(``padded`` over ``padded_batch_width``), ``packed_vs_padded`` (speed ratio of ``packed`` to ``padded``),
+``best_vs_padded`` (the last configuration), and ``peak_mem_ratio`` (``packed_chunked`` over ``padded``).
+
+``--preset embedded``: the embedded default's learner instead: the tiny model (built or cached), one step's
+batch of 32 addition prompts x 8 responses with the task's own prompt and worked-solution lengths, 64
+sequences per padded pass, 3 timed steps, the padded configurations only (on CPU, packed attention runs
+with a block-diagonal mask whose cost grows with the square of the pass: slower for these short rows).
 
     .venv/bin/python bench/learner_throughput.py [--max-len 2048] [--groups 2 --samples 4] [--steps 1]
+    .venv/bin/python bench/learner_throughput.py --preset embedded
 
-(about 5 minutes on 2 cores, most of it the padded configuration).
+(about 5 minutes on 2 cores, most of it the batch-width configuration; the preset about 1 minute).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -41,6 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CONFIGS = {
+    "padded_batch_width": {"batch_width": True},
     "padded": {},
     "packed": {"packed": True},
     "packed_chunked": {"packed": True, "chunk": 512},
@@ -69,27 +80,49 @@ def _model_dir(root: Path) -> Path:
     return out
 
 
-def _batch(args: argparse.Namespace):
+def _lengths(args: argparse.Namespace, gen: torch.Generator) -> tuple[list[int], list[int]]:
+    """(prompt length per group, response length per sequence)."""
+    n = args.groups * args.samples
+    if args.preset == "embedded":  # the built-in task's prompts and worked solutions (+ BOS, + EOS)
+        from async_vapo.tasks.arithmetic import AdditionTask
+
+        task, rng = AdditionTask(), random.Random(args.seed)
+        problems = task.problems(n, args.seed, "b")
+        return [len(task.prompt(problems[0])) + 1] * args.groups, [
+            len(task.solution(p)) + 1 + rng.randint(-2, 2) for p in problems
+        ]
+    lengths = torch.exp(torch.randn(n, generator=gen) * 1.0 + torch.log(torch.tensor(args.median)))
+    lengths = lengths.clamp(16, args.max_len).long().tolist()
+    lengths[0] = args.max_len
+    return [int(torch.randint(16, 65, (1,), generator=gen)) for _ in range(args.groups)], lengths
+
+
+def _batch(args: argparse.Namespace, vocab: int):
     from async_vapo.learner.batch import collate
     from async_vapo.protocol import Prompt, Response, TrajectoryGroup, pack_f32, pack_i32
 
     gen = torch.Generator().manual_seed(args.seed)
-    lengths = torch.exp(
-        torch.randn(args.groups * args.samples, generator=gen) * 1.0 + torch.log(torch.tensor(args.median))
-    )
-    lengths = lengths.clamp(16, args.max_len).long().tolist()
-    lengths[0] = args.max_len
+    prompt_lengths, lengths = _lengths(args, gen)
     groups = []
     for g in range(args.groups):
-        prompt = torch.randint(3, 4096, (int(torch.randint(16, 65, (1,), generator=gen)),), generator=gen)
+        prompt = torch.randint(3, vocab, (prompt_lengths[g],), generator=gen)
         responses = []
         for n in lengths[g * args.samples : (g + 1) * args.samples]:
-            toks = torch.randint(3, 4096, (n,), generator=gen).tolist()
+            toks = torch.randint(3, vocab, (n,), generator=gen).tolist()
             score = float(torch.rand(1, generator=gen) < 0.5)
             lps = pack_f32([-8.3] * n)
             responses.append(Response(pack_i32(toks), lps, pack_i32([0] * n), "stop", score, score > 0))
         groups.append(TrajectoryGroup(Prompt(f"p{g}", pack_i32(prompt.tolist()), "1"), responses, "b", 0.0))
     return collate(groups, 0)
+
+
+def _batch_width_layout() -> None:
+    """The baseline: micro-batches in the batch's row order, each run at the batch's full width (the
+    padded layout before length-sorted, trimmed micro-batches), by replacing the two functions."""
+    from async_vapo.learner import forward, step
+
+    step.length_order = lambda b, micro: torch.arange(b.size)
+    forward.trim = lambda b: (b.input_ids, b.attention_mask, b.resp_index)
 
 
 def _run_config(name: str, args_dict: dict, model_dir: str, out: str) -> None:
@@ -110,7 +143,9 @@ def _run_config(name: str, args_dict: dict, model_dir: str, out: str) -> None:
     args = argparse.Namespace(**args_dict)
     init_distributed("gloo")
     opt = CONFIGS[name]
-    b = _batch(args)
+    if opt.get("batch_width"):
+        _batch_width_layout()
+    b = _batch(args, load_policy(model_dir, torch.float32).config.vocab_size)
     real_tokens = int(b.attention_mask.sum())
     per_pass = args.pack_tokens or b.input_ids.shape[1]  # default: one padded row's width
     train = TrainConfig(zero_stage=1)
@@ -157,10 +192,18 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--work", default="/tmp/learner_throughput")
+    ap.add_argument("--preset", choices=["embedded"], help="the embedded default's learner (see above)")
     args = ap.parse_args()
     root = Path(args.work)
     root.mkdir(parents=True, exist_ok=True)
-    model_dir = str(_model_dir(root))
+    if args.preset == "embedded":
+        from async_vapo.tasks.tiny_model import ensure_tiny_model
+
+        args.groups, args.samples, args.micro, args.steps = 32, 8, 64, 3
+        args.only = [c for c in args.only if c.startswith("padded")]
+        model_dir = str(ensure_tiny_model())
+    else:
+        model_dir = str(_model_dir(root))
     ctx = mp.get_context("spawn")
     results = {}
     for name in args.only:
@@ -184,6 +227,10 @@ def main() -> int:
         )
     summary: dict = {"configs": results}
     base = results.get("padded")
+    if base and "padded_batch_width" in results:
+        summary["sorted_vs_batch_width"] = round(
+            base["trained_tokens_per_s"] / results["padded_batch_width"]["trained_tokens_per_s"], 2
+        )
     if base:
         r0 = base["real_tokens"]
         summary["real_tokens"], summary["padded_tokens"] = r0, base["padded_tokens"]

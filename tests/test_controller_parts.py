@@ -164,6 +164,22 @@ def test_learner_cores_own_or_all():
         assert set(every) > set(share.learner_devices[0])
 
 
+def test_engine_frontends_own_or_all_cores():
+    """CPU placement: ``rollout.frontend_cores=all`` frees an engine's other processes (the rollout worker
+    it spawns from, vLLM's scheduler, the verifiers) to every core of the node; its compute threads stay
+    bound to its own cores."""
+    _, lay, own = _plan(1, 0, 1, 2)
+    _, _, free = _plan(1, 0, 1, 2, "rollout.frontend_cores=all")
+    share = lay.nodes[0]
+    every = tuple(sorted({c for d in (*share.learner_devices, *share.engine_devices) for c in d}))
+    for i, devs in enumerate(share.engine_devices):
+        (c_own, _), (c_free, _) = own.workers[i], free.workers[i]
+        assert c_own.cores == tuple(devs) and c_free.cores == every
+        assert c_own.env["VLLM_CPU_OMP_THREADS_BIND"] == c_free.env["VLLM_CPU_OMP_THREADS_BIND"]
+        assert c_free.env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, devs))
+    assert len(every) > len(share.engine_devices[0])  # the test's node has more cores than one engine's
+
+
 def test_run_files_are_absolute_with_a_relative_output_dir(tmp_path, monkeypatch):
     """``output_dir: runs/...`` (the embedded default's) once hung the learner: ``file://runs/...`` names a
     host ``runs``, so the learner world waited at a store nobody else used."""

@@ -162,8 +162,9 @@ def test_micro_batch_size_does_not_change_the_update(tiny_model_dir, tmp_path, w
     for micro in micros[1:]:
         other = params[str(micro)]
         assert other["optimizer_steps"] == 4 and other["lr"] == whole["lr"]
-        # packed passes sum in another order (and chunk the LM head): float rounding, same update
-        assert _max_diff(whole, other) < (1e-6 if isinstance(micro, int) else 5e-6), micro
+        # smaller micro-batches sum rows in another order (length-sorted, each at its own width), packed
+        # ones also chunk the LM head: float rounding (Adam divides small gradients), same update
+        assert _max_diff(whole, other) < 5e-6, micro
     if world == 2:  # ranks agree (ZeRO-3: gathered from the shards)
         assert _max_diff(whole, outs[1]["params"][str(micros[0])]) == 0.0
 

@@ -9,7 +9,7 @@ import torch
 
 from async_vapo import algo
 from async_vapo.learner.batch import collate
-from async_vapo.learner.forward import Micro, pack, policy_forward, token_slices, value_forward
+from async_vapo.learner.forward import Micro, pack, policy_forward, token_slices, trim, value_forward
 from async_vapo.protocol import Prompt, Response, TrajectoryGroup, pack_f32, pack_i32
 
 PROMPTS = [3, 9]  # tokens, one prompt per group
@@ -111,3 +111,44 @@ def test_values_and_gradients_match_between_packed_and_padded(models):
     torch.testing.assert_close(outs[1][b.mask], ref[b.mask], atol=1e-5, rtol=0)
     for g0, g1 in zip(*grads, strict=True):
         torch.testing.assert_close(g0, g1, atol=5e-5, rtol=1e-4)
+
+
+def _outputs_and_grads(model, fn, w):
+    out = fn()
+    (out * w).sum().backward()
+    grads = [q.grad.clone() for q in model.parameters()]
+    model.zero_grad()
+    return out, grads
+
+
+def test_a_micro_batch_of_short_rows_runs_at_its_own_width_with_the_full_width_results(models):
+    """A micro-batch selected from a batch keeps the batch's width; the padded forward trims it to its
+    longest row: same log-probs, values and gradients as the model's own forward at the full width."""
+    policy, value = models
+    b = _batch(policy.config.vocab_size)
+    short = b.select(torch.tensor([0, 2, 3]))  # rows of 7, 4 and 21 tokens; the batch is 43 wide
+    ids, attn, resp_index = trim(short)
+    assert ids.shape[1] == 21 < short.input_ids.shape[1] == 43
+    assert torch.equal(attn, short.attention_mask[:, :21]) and int(attn[:, 20].sum()) == 1
+    assert int(resp_index.max()) == 20 and torch.equal(resp_index[short.mask], short.resp_index[short.mask])
+    w = torch.randn(short.mask.shape, generator=torch.Generator().manual_seed(3)) * short.mask
+
+    def full_width_logprobs():
+        logits = policy(input_ids=short.input_ids, attention_mask=short.attention_mask).logits
+        idx = short.resp_index.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+        return algo.token_logprobs(logits.gather(1, idx) / 0.7, short.response_ids)
+
+    cases = [
+        (policy, lambda: policy_forward(policy, short, 0.7, Micro(sequences=8))[0], full_width_logprobs),
+        (
+            value,
+            lambda: value_forward(value, short, Micro(sequences=8)),
+            lambda: value(short.input_ids, short.attention_mask).gather(1, short.resp_index),
+        ),
+    ]
+    for model, trimmed, full in cases:
+        out, grads = _outputs_and_grads(model, trimmed, w)
+        ref, ref_grads = _outputs_and_grads(model, full, w)
+        torch.testing.assert_close(out[short.mask], ref[short.mask], atol=1e-5, rtol=0)
+        for g, rg in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, rg, atol=5e-5, rtol=1e-4)

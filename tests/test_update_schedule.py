@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from async_vapo.config import ConfigError, check_learner_split, load_config
-from async_vapo.learner.step import UnevenSplitError, micro_slices, split_mini_batches
+from async_vapo.learner.batch import Batch
+from async_vapo.learner.forward import Micro
+from async_vapo.learner.step import UnevenSplitError, _sweep, length_order, micro_slices, split_mini_batches
 
 
 def test_mini_batches_hold_whole_groups_in_equal_numbers():
@@ -33,6 +35,33 @@ def test_micro_slices_pad_to_the_ranks_passes():
     assert micro_slices(3, 2, 4) == [slice(0, 2), slice(2, 4), None, None]
     with pytest.raises(ValueError):
         micro_slices(9, 2, 3)
+
+
+def _rows(lengths: list[int]) -> Batch:
+    """A batch whose only meaningful fields are the rows' lengths (attention) and their ids (group_ids)."""
+    n, width = len(lengths), max(lengths)
+    attn = (torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
+    zeros = torch.zeros((n, 1))
+    return Batch(
+        attn, attn, zeros.long(), zeros.long(), zeros.bool(), zeros, zeros.long(),
+        torch.zeros(n), torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool), torch.arange(n),
+    )  # fmt: skip
+
+
+def test_forward_sweeps_cut_length_sorted_micro_batches_and_return_rows_in_order():
+    lengths = [9, 2, 30, 4, 4, 17, 1]
+    b = _rows(lengths)
+    assert length_order(b, Micro(sequences=3)).tolist() == [6, 1, 3, 4, 0, 5, 2]  # stable
+    assert length_order(b, Micro(tokens=64)).tolist() == list(range(7))  # packed: as they come
+    seen: list[list[int]] = []
+
+    def fn(ub: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(ub.attention_mask.sum(1).tolist())
+        return ub.group_ids, ub.attention_mask.sum(1)
+
+    rows, lens = _sweep(b, Micro(sequences=3), fn)
+    assert seen == [[1, 2, 4], [4, 9, 17], [30]]  # micro-batches of similar lengths
+    assert rows.tolist() == list(range(7)) and lens.tolist() == lengths  # back in the batch's order
 
 
 def test_groups_per_step_must_split_over_ranks_and_mini_batches():

@@ -69,12 +69,17 @@ def plan_node(
     )
 
 
+def _every_core(share: NodeShare) -> tuple[int, ...]:
+    """CPU: every core of the node's share (learner ranks' and engines')."""
+    return tuple(sorted({c for devs in (*share.learner_devices, *share.engine_devices) for c in devs}))
+
+
 def _learners(
     cfg: Config, lay: Layout, node: NodeInfo, share: NodeShare, model_path: str, site: Site, resume: bool
 ) -> list[tuple[Child, LearnerArgs]]:
     ep = site.endpoints
     out = []
-    every_core = sorted({c for devs in (*share.learner_devices, *share.engine_devices) for c in devs})
+    every_core = _every_core(share)
     ranks_here = len(share.learner_ranks)
     for local_rank, (rank, devs) in enumerate(zip(share.learner_ranks, share.learner_devices, strict=True)):
         first = rank == 0
@@ -116,6 +121,7 @@ def _workers(
 ) -> list[tuple[Child, WorkerConfig]]:
     r = cfg.rollout
     out = []
+    every_core = _every_core(share)
     for e, devs in zip(share.engines, share.engine_devices, strict=True):
         wcfg = WorkerConfig(
             worker_id=f"rollout-{e}",
@@ -140,6 +146,6 @@ def _workers(
                 "VLLM_CPU_KVCACHE_SPACE": site.kv_cache_gib,
                 "CUDA_VISIBLE_DEVICES": "",
             }
-        cores = () if lay.on_gpu else tuple(devs)
+        cores = () if lay.on_gpu else (every_core if r.frontend_cores == "all" else tuple(devs))
         out.append((Child(wcfg.worker_id, env | site.extra_env, cores), wcfg))
     return out

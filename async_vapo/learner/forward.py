@@ -1,7 +1,9 @@
 """Forward passes of the learner: packed or padded layout, and a chunked LM head.
 
 **Layouts.** A ``Batch`` is response-aligned and right-padded (``learner/batch.py``). The padded layout runs
-the model on ``[B, L]`` with an attention mask: every sequence costs the batch's longest. The packed
+the model on ``[B, L']`` with an attention mask, ``L'`` the longest row *of the micro-batch* (a micro-batch
+selected from a batch keeps the batch's width; ``trim`` cuts it): every sequence costs the micro-batch's
+longest, and the learner cuts micro-batches from length-sorted rows (``learner/step.py``). The packed
 layout (``Micro.tokens > 0``) concatenates the micro-batch's sequences without padding into one row
 ``[1, N]`` with position ids restarting at 0 per sequence and no attention mask: transformers derives a
 block-diagonal causal mask from the position ids (``masking_utils.find_packed_sequence_indices``; the
@@ -71,6 +73,14 @@ def pack(b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, pos, index
 
 
+def trim(b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids [B, L'], attention_mask [B, L'], resp_index [B, T]) with ``L'`` the longest row of ``b``:
+    the padding columns no row of ``b`` uses are dropped. ``resp_index`` is clamped to ``L' - 1`` (only its
+    masked entries can exceed it: a valid response token's predicting position is inside its row)."""
+    width = max(1, int(b.attention_mask.sum(1).max()))
+    return b.input_ids[:, :width], b.attention_mask[:, :width], b.resp_index.clamp(max=width - 1)
+
+
 def _chunk_logprobs(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,9 +119,10 @@ def response_logits(policy: Any, b: Batch, packed: bool) -> torch.Tensor:
         ids, pos, index = pack(b)
         out = policy(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=index[b.mask])
         return out.logits[0]
-    logits = policy(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
-    rows = torch.arange(b.size, device=logits.device).unsqueeze(1).expand_as(b.resp_index)
-    return logits[rows[b.mask], b.resp_index[b.mask]]
+    ids, attn, resp_index = trim(b)
+    logits = policy(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    rows = torch.arange(b.size, device=logits.device).unsqueeze(1).expand_as(resp_index)
+    return logits[rows[b.mask], resp_index[b.mask]]
 
 
 def policy_forward(
@@ -131,4 +142,5 @@ def value_forward(value_model: Any, b: Batch, micro: Micro | int = 0) -> torch.T
     if as_micro(micro).packed:
         ids, pos, index = pack(b)
         return value_model(ids, position_ids=pos)[0][index]
-    return value_model(b.input_ids, b.attention_mask).gather(1, b.resp_index)
+    ids, attn, resp_index = trim(b)
+    return value_model(ids, attn).gather(1, resp_index)

@@ -128,16 +128,32 @@ def _rank_slices(b: Batch, micro: Micro) -> list[slice | None]:
     return real + [None] * (n - len(real))
 
 
+def length_order(b: Batch, micro: Micro) -> torch.Tensor:
+    """The order in which ``b``'s rows are cut into micro-batches: padded layout, by length (stable), so
+    that each micro-batch is trimmed to rows of similar length (``forward.trim``); packed layout, as
+    they come (a pass costs its real tokens either way). long [B], a permutation of ``range(B)``."""
+    if micro.packed:
+        return torch.arange(b.size, device=b.input_ids.device)
+    return torch.argsort(b.attention_mask.sum(1), stable=True)
+
+
 def _passes(b: Batch, micro: Micro) -> Iterator[tuple[Batch, bool]]:
     """(micro-batch, is_real) for a forward-only sweep, padded to the ranks' maximum number of passes."""
     for sl in _rank_slices(b, micro):
         yield (b.select(sl), True) if sl is not None else (b.select(slice(0, 1)), False)
 
 
-def _sweep(b: Batch, micro: Micro, fn: Callable[[Batch], Any]) -> list[Any]:
-    """``fn`` on every micro-batch of ``b`` (padding passes run too, their outputs are dropped)."""
-    outs = [(fn(ub), real) for ub, real in _passes(b, micro)]
-    return [out for out, real in outs if real]
+def _sweep(
+    b: Batch, micro: Micro, fn: Callable[[Batch], tuple[torch.Tensor, ...]]
+) -> tuple[torch.Tensor, ...]:
+    """``fn`` on every micro-batch of ``b``, cut from its rows in ``length_order``; ``fn``'s row-aligned
+    outputs concatenated back into ``b``'s row order (padding passes run too, their outputs dropped)."""
+    order = length_order(b, micro)
+    outs = [(fn(ub), real) for ub, real in _passes(b.select(order), micro)]
+    kept = [out for out, real in outs if real]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return tuple(torch.cat(parts)[inverse] for parts in zip(*kept, strict=True))
 
 
 def _whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -230,16 +246,20 @@ def compute_targets(
     micro = as_micro(micro)
     was_training = policy.training
     policy.eval()
-    outs = _sweep(b, micro, lambda ub: policy_forward(policy, ub, temperature, micro, with_entropy=True))
+
+    def logprobs_and_entropy(ub: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        logp, ent = policy_forward(policy, ub, temperature, micro, with_entropy=True)
+        assert ent is not None
+        return logp, ent
+
+    prox_logprobs, entropy = _sweep(b, micro, logprobs_and_entropy)
     if was_training:
         policy.train()
-    prox_logprobs = torch.cat([lp for lp, _ in outs])
-    entropy = torch.cat([ent for _, ent in outs])
     metrics: dict[str, float] = {"entropy": float(algo.masked_mean(entropy, b.mask))}
     old_values = None
     if cfg.estimator == "gae" and value_model is not None:
         value_model.eval()
-        old_values = torch.cat(_sweep(b, micro, lambda ub: value_forward(value_model, ub, micro)))
+        (old_values,) = _sweep(b, micro, lambda ub: (value_forward(value_model, ub, micro),))
         value_model.train()
     adv, returns, loss_mask = _advantages(b, cfg, old_values, metrics, prox_logprobs)
     metrics["behaviour_kl"] = _behaviour_kl(prox_logprobs, b)
@@ -266,6 +286,7 @@ def run_update(
         for rows in split_mini_batches(
             b.group_ids, sched.mini_batches, sched.seed * 1000 + sched.shuffle_offset + epoch
         ):
+            rows = rows[length_order(b.select(rows), sched.micro)]
             mb = b.select(rows)
             loss_of = prepare(rows, mb)
             slices = _rank_slices(mb, sched.micro)

@@ -95,6 +95,9 @@ class RolloutEngine:
             logprobs=0,
             seed=seed,
             output_kind=RequestOutputKind.FINAL_ONLY,
+            # token ids only: the worker decodes each finished response once; vLLM would otherwise
+            # detokenize every step (and every log-prob's token) in this process
+            detokenize=False,
         )
         final: Any = None
         async for out in self.llm.generate(
