@@ -239,7 +239,8 @@ def main() -> int:
                 results["packed"]["trained_tokens_per_s"] / base["trained_tokens_per_s"], 2
             )
         last = results[args.only[-1]]
-        summary["best_vs_padded"] = round(last["trained_tokens_per_s"] / base["trained_tokens_per_s"], 2)
+        if last is not base:
+            summary["best_vs_padded"] = round(last["trained_tokens_per_s"] / base["trained_tokens_per_s"], 2)
         if "packed_chunked" in results:
             summary["peak_mem_ratio"] = round(
                 results["packed_chunked"]["peak_extra_mb"] / max(1e-9, base["peak_extra_mb"]), 3

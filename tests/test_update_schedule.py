@@ -1,5 +1,6 @@
 """The update schedule's pure parts: whole groups into exactly ``n`` equal mini-batches, micro-batches
-padded to the ranks' common number of passes, and the config check that keeps ranks in step."""
+padded to the ranks' common number of passes and cut from length-sorted rows, and the config check that
+keeps ranks in step."""
 
 from __future__ import annotations
 
