@@ -126,6 +126,49 @@ def test_ctrl_c_checkpoints_and_leaves_no_process(tiny_model_dir, tmp_path):
     assert _run_processes(str(out)) == []  # learner, workers and vLLM engines are gone
 
 
+def _process_groups(pgids: set[int]) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,pgid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()[1:] if int(line.split()[1]) in pgids]
+
+
+def test_sigterm_during_start_up_stops_every_process_promptly(tiny_model_dir, tmp_path):
+    """Stopped while vLLM is still starting, before the rollout worker has registered with the controller
+    (so the controller cannot tell it to shut down): the launcher SIGTERMs it, which closes vLLM, instead
+    of waiting out the 30 s it gives a worker that was told. Every child leads its own process group."""
+    import signal
+    import time
+
+    out = tmp_path / "early"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "async_vapo.launch",
+        "--output-dir",
+        str(out),
+        *SMALL,
+        "train.total_steps=50",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    state = out / "run" / "node0.json"
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:] if proc.stderr else ""
+        time.sleep(0.2)
+    children = json.loads(state.read_text())
+    pgids = {*children["learners"].values(), *children["workers"].values()}
+    time.sleep(3)  # the learner and the worker are starting; vLLM takes longer than this to come up
+    assert not (out / "metrics.jsonl").exists()  # still in start-up
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, err[-3000:]
+    assert took < 25, f"{took:.0f} s to stop"  # before the fix: 30 s waiting for the worker, then SIGTERM
+    time.sleep(1)
+    assert _process_groups(pgids) == []  # learner, worker, vLLM engine core and verifiers are gone
+
+
 def test_learner_crash_reaches_the_user_and_stops_the_run(tiny_model_dir, tmp_path):
     res = launch(
         tmp_path / "crash", "model.value_path=/nonexistent/critic", "train.total_steps=2", timeout=240

@@ -205,12 +205,19 @@ class Supervisor:
         dead = [p for p in self.learners if p.exitcode is not None]
         if not dead:
             return None
-        code = max(p.exitcode or 0 for p in dead)
+        code = max(self._exit_code(p) for p in dead)
         if code == 0:
             return None if any(p.is_alive() for p in self.learners) else 0
         rank = self.share.learner_ranks[self.learners.index(dead[0])]
         log.error("a learner rank died; stopping the run", rank=rank, exitcode=dead[0].exitcode)
         return code
+
+    def _exit_code(self, p: Any) -> int:
+        """A learner our stop's SIGTERM reached before it installed its handler (during start-up, with
+        nothing to checkpoint) stopped as asked: 0."""
+        if self.stopping and p.exitcode == -signal.SIGTERM:
+            return 0
+        return p.exitcode or 0
 
     def _tend_workers(self, max_restarts: int) -> None:
         """Restart rollout workers that died (with everything they spawned), up to ``max_restarts``."""
@@ -269,7 +276,12 @@ class Supervisor:
         deadline = time.monotonic() + (120 if graceful else 10)
         for p in self.learners:
             p.join(max(0.0, deadline - time.monotonic()))
-        for p in self.workers:  # the controller told them to shut down; give them time to close vLLM
+        # the controller told the workers it knew to shut down; one stopped before it registered (a run
+        # stopped during start-up) was never told: SIGTERM makes every worker close vLLM and exit
+        for p in self.workers:
+            if graceful and p.is_alive() and p.pid:
+                os.kill(p.pid, signal.SIGTERM)
+        for p in self.workers:  # give them time to close vLLM
             p.join(max(0.0, min(30.0 if graceful else 0.0, deadline - time.monotonic())))
         for p in self.learners + self.workers:
             if p.is_alive():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -240,7 +241,13 @@ def worker_main(cfg: WorkerConfig) -> None:
 
     async def main() -> int:
         worker = RolloutWorker(cfg)
-        await worker.run()
+        run = asyncio.ensure_future(worker.run())
+        # SIGTERM (the launcher stopping the run): leave the loop as on a shutdown message, closing vLLM
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, run.cancel)
+        try:
+            await run
+        except asyncio.CancelledError:
+            log.info("stopped by SIGTERM", worker=cfg.worker_id)
         return worker.exit_code
 
     code = uvloop.run(main())
