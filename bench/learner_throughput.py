@@ -121,7 +121,7 @@ def _batch_width_layout() -> None:
     padded layout before length-sorted, trimmed micro-batches), by replacing the two functions."""
     from async_vapo.learner import forward, step
 
-    step.length_order = lambda b, micro: torch.arange(b.size)
+    step.length_order = lambda lengths, micro: torch.arange(len(lengths))
     forward.trim = lambda b: (b.input_ids, b.attention_mask, b.resp_index)
 
 
@@ -145,11 +145,12 @@ def _run_config(name: str, args_dict: dict, model_dir: str, out: str) -> None:
     opt = CONFIGS[name]
     if opt.get("batch_width"):
         _batch_width_layout()
-    b = _batch(args, load_policy(model_dir, torch.float32).config.vocab_size)
+    policy = load_policy(model_dir, torch.float32)
+    b = _batch(args, policy.config.vocab_size)
     real_tokens = int(b.attention_mask.sum())
     per_pass = args.pack_tokens or b.input_ids.shape[1]  # default: one padded row's width
     train = TrainConfig(zero_stage=1)
-    pol = make_engine(load_policy(model_dir, torch.float32), 1e-5, train, False, args.micro)
+    pol = make_engine(policy, 1e-5, train, False, args.micro)
     val = make_engine(load_value(model_dir, "", torch.float32), 1e-5, train, False, args.micro)
     sched = UpdateSchedule(1, 1, args.micro, 0, 0, per_pass if opt.get("packed") else 0, opt.get("chunk", 0))
     cfg = AlgoConfig()

@@ -128,13 +128,14 @@ def _rank_slices(b: Batch, micro: Micro) -> list[slice | None]:
     return real + [None] * (n - len(real))
 
 
-def length_order(b: Batch, micro: Micro) -> torch.Tensor:
-    """The order in which ``b``'s rows are cut into micro-batches: padded layout, by length (stable), so
-    that each micro-batch is trimmed to rows of similar length (``forward.trim``); packed layout, as
-    they come (a pass costs its real tokens either way). long [B], a permutation of ``range(B)``."""
+def length_order(lengths: torch.Tensor, micro: Micro) -> torch.Tensor:
+    """The order in which rows of these ``lengths`` (long [B], prompt + response tokens) are cut into
+    micro-batches: padded layout, by length (stable), so that each micro-batch is trimmed to rows of
+    similar length (``forward.trim``); packed layout, as they come (a pass costs its real tokens either
+    way). long [B], a permutation of ``range(B)``."""
     if micro.packed:
-        return torch.arange(b.size, device=b.input_ids.device)
-    return torch.argsort(b.attention_mask.sum(1), stable=True)
+        return torch.arange(len(lengths), device=lengths.device)
+    return torch.argsort(lengths, stable=True)
 
 
 def _passes(b: Batch, micro: Micro) -> Iterator[tuple[Batch, bool]]:
@@ -148,7 +149,7 @@ def _sweep(
 ) -> tuple[torch.Tensor, ...]:
     """``fn`` on every micro-batch of ``b``, cut from its rows in ``length_order``; ``fn``'s row-aligned
     outputs concatenated back into ``b``'s row order (padding passes run too, their outputs dropped)."""
-    order = length_order(b, micro)
+    order = length_order(b.attention_mask.sum(1), micro)
     outs = [(fn(ub), real) for ub, real in _passes(b.select(order), micro)]
     kept = [out for out, real in outs if real]
     inverse = torch.empty_like(order)
@@ -286,7 +287,7 @@ def run_update(
         for rows in split_mini_batches(
             b.group_ids, sched.mini_batches, sched.seed * 1000 + sched.shuffle_offset + epoch
         ):
-            rows = rows[length_order(b.select(rows), sched.micro)]
+            rows = rows[length_order(b.attention_mask[rows].sum(1), sched.micro)]
             mb = b.select(rows)
             loss_of = prepare(rows, mb)
             slices = _rank_slices(mb, sched.micro)
