@@ -60,6 +60,9 @@ class RolloutConfig(_Section, frozen=True):
     max_model_len: int = 256
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
+    # sequences an engine decodes at once (vLLM's max_num_seqs); the staleness bound caps what is in flight
+    # at (max_staleness + 1) x groups_per_step x n_samples, so more than that is never used
+    max_num_seqs: int = 256
     num_workers: int = 1  # engines; on GPUs rollout_gpus // tensor_parallel_size
     verifier_processes: int = 1
     verifier_timeout_s: float = 5.0
@@ -195,6 +198,7 @@ class Config(_Section, frozen=True):
             ),
             (1 <= self.data.min_digits <= 7, "data.min_digits must be between 1 and 7"),
             (self.rollout.n_samples >= 1, "rollout.n_samples must be >= 1"),
+            (self.rollout.max_num_seqs >= 1, "rollout.max_num_seqs must be >= 1"),
             (
                 self.rollout.temperature > 0 and 0 < self.rollout.top_p <= 1,
                 "rollout.temperature must be > 0 and rollout.top_p in (0, 1] (the learner's policy is "

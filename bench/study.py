@@ -22,8 +22,10 @@ import yaml
 from runs import launch, rows
 
 # The studies compare the paper's method and its variants, so the embedded default's one addition to it,
-# DAPO's dynamic sampling (train.filter_uniform_rewards), is off in every run (the tables were measured so)
-BASE = ["train.filter_uniform_rewards=false"]
+# DAPO's dynamic sampling (train.filter_uniform_rewards), is off in every run; staleness and the engine's
+# batch are pinned where the tables were measured, whatever the default becomes (staleness.py sets its own
+# max_staleness after these)
+BASE = ["train.filter_uniform_rewards=false", "train.max_staleness=1", "rollout.max_num_seqs=256"]
 # 24 steps after 8 value-pretraining steps, an evaluation of 128 held-out problems x 2 samples every 8
 QUICK = [
     "train.total_steps=24",

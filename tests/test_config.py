@@ -43,6 +43,7 @@ def test_overrides_are_typed():
         ("train.broadcast_every=3", "broadcast_every"),
         ("data.min_digits=8", "data.min_digits"),
         ("train.filter_patience=-1", "train.filter_patience"),
+        ("rollout.max_num_seqs=0", "rollout.max_num_seqs"),
     ],
 )
 def test_bad_fields_are_named(override, names):

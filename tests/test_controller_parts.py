@@ -106,7 +106,7 @@ def test_registry_spreads_owners_and_reports_silence():
 
 def _plan(nnodes: int, node_rank: int, ranks: int = 2, workers: int = 2, *extra: str):
     base = ["rollout.n_samples=4", "rollout.max_tokens=40", "rollout.verifier_timeout_s=3"]
-    cfg = load_config(None, [*base, *extra])
+    cfg = load_config(None, [*base, "rollout.max_num_seqs=384", *extra])
     lay = layout(0, 0, nnodes, 8, 1, ranks, workers)
     node = NodeInfo(nnodes, node_rank, "10.0.0.1", 29500, "flags")
     ep = Endpoints("tcp://10.0.0.1:5001", "tcp://10.0.0.1:5002", 5003, "10.0.0.1")
@@ -134,6 +134,7 @@ def test_node_plan_of_a_two_node_cpu_run():
             assert w.rollout == cfg.rollout  # the recipe's section, not a copy of its fields
             assert child.env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, child.cores))
             assert w.engine.tensor_parallel_size == 1 and w.data_endpoint == "tcp://10.0.0.1:5001"
+            assert w.engine.max_num_seqs == 384  # the recipe's engine batch reaches vLLM
 
 
 def test_node_plan_of_one_machine_uses_file_stores():

@@ -134,6 +134,7 @@ def _workers(
                 dtype="auto" if lay.on_gpu else "float32",
                 tensor_parallel_size=len(devs) if lay.on_gpu else 1,
                 gpu_memory_utilization=r.gpu_memory_utilization,
+                max_num_seqs=r.max_num_seqs,
             ),
             rollout=r,
             curve_dir=cfg.curve_dir,

@@ -13,6 +13,7 @@ and the importance weight ``pi / mu`` accounts for the truncation.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 from dataclasses import dataclass
@@ -160,6 +161,10 @@ class RolloutEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+        # AsyncLLM.__del__ shuts down once more: left to interpreter exit, it runs after vLLM's module globals
+        # are cleared and prints a traceback at the end of every run; dropped now, it is a quiet no-op
+        del self.llm
+        gc.collect()
 
 
 def token_versions(spans: Any, n_tokens: int, fallback: int) -> list[int]:
