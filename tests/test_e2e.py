@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,14 +27,28 @@ SMALL = [
 ]
 
 
+def launcher_command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "async_vapo.launch", "--output-dir", str(out), *SMALL, *extra]
+
+
+def launcher_env() -> dict[str, str]:
+    return dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1")
+
+
 def launch(out: Path, *extra: str, timeout: int = 420) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1")
     return subprocess.run(
-        [sys.executable, "-m", "async_vapo.launch", "--output-dir", str(out), *SMALL, *extra],
-        capture_output=True,
+        launcher_command(out, *extra), capture_output=True, text=True, timeout=timeout, env=launcher_env()
+    )
+
+
+def start(out: Path, *extra: str) -> subprocess.Popen:
+    """The launcher in the background, to be signalled; its stderr kept for the assertions."""
+    return subprocess.Popen(
+        launcher_command(out, *extra),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        env=env,
+        env=launcher_env(),
     )
 
 
@@ -92,27 +108,8 @@ def _run_processes(marker: str) -> list[str]:
 
 
 def test_ctrl_c_checkpoints_and_leaves_no_process(tiny_model_dir, tmp_path):
-    import signal
-    import time
-
     out = tmp_path / "interrupted"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "async_vapo.launch",
-            "--output-dir",
-            str(out),
-            *SMALL,
-            "train.total_steps=1000",
-            "train.checkpoint_every=1000",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc = start(out, "train.total_steps=1000", "train.checkpoint_every=1000")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if (out / "metrics.jsonl").exists() and '"phase": "train"' in (out / "metrics.jsonl").read_text():
@@ -137,21 +134,8 @@ def test_sigterm_during_start_up_stops_every_process_promptly(tiny_model_dir, tm
     """Stopped while vLLM is still starting, before the rollout worker has registered with the controller
     (so the controller cannot tell it to shut down): the launcher SIGTERMs it, which closes vLLM, instead
     of waiting out the 30 s it gives a worker that was told. Every child leads its own process group."""
-    import signal
-    import time
-
     out = tmp_path / "early"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "async_vapo.launch",
-        "--output-dir",
-        str(out),
-        *SMALL,
-        "train.total_steps=50",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    proc = start(out, "train.total_steps=50")
     state = out / "run" / "node0.json"
     deadline = time.monotonic() + 120
     while not state.exists() and time.monotonic() < deadline:

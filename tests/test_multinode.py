@@ -7,14 +7,12 @@ node 0 can): the launchers ignore and log them."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
 from async_vapo.cluster.ports import free_port
-from tests.test_e2e import SMALL, rows
+from tests.test_e2e import launcher_command, launcher_env, rows
 
 pytestmark = pytest.mark.slow
 
@@ -46,9 +44,9 @@ def forge_notices(state_file, port: int, timeout_s: float = 300) -> bool:
 def test_two_nodes_train_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "two_nodes"
     port = free_port()
-    env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1")
+    env = launcher_env()
     common = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
-    cmd = [sys.executable, "-m", "async_vapo.launch", "--output-dir", str(out), *SMALL, "train.total_steps=2"]
+    cmd = launcher_command(out, "train.total_steps=2")
     err_files = [tmp_path / f"node{rank}.err" for rank in (1, 0)]  # files: a full pipe would block a node
     nodes = [
         subprocess.Popen(

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import subprocess
-import sys
 import time
 
 import pytest
 
 from tests.helpers import listening_sockets, process_tree
-from tests.test_e2e import SMALL, rows
+from tests.test_e2e import launcher_command, launcher_env, rows
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +47,7 @@ def launch_watching_listeners(out, *extra: str, timeout: float = 900):
     (learner ranks, vLLM engines and their workers, verifier pools) is recorded once a second, with the
     most processes the tree held at once. Output goes to files (a pipe nobody reads while the run goes on
     would fill and block it)."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1")
-    cmd = [sys.executable, "-m", "async_vapo.launch", "--output-dir", str(out), *SMALL, *extra]
+    env, cmd = launcher_env(), launcher_command(out, *extra)
     logs = out.parent / "launcher.out", out.parent / "launcher.err"
     seen: set[tuple[str, int]] = set()
     with open(logs[0], "w") as so, open(logs[1], "w") as se:

@@ -52,10 +52,9 @@ def _rows(lengths: list[int]) -> Batch:
 def test_forward_sweeps_cut_length_sorted_micro_batches_and_return_rows_in_order():
     lengths = [9, 2, 30, 4, 4, 17, 1]
     b = _rows(lengths)
-    assert length_order(torch.tensor(lengths), Micro(sequences=3)).tolist() == [6, 1, 3, 4, 0, 5, 2]  # stable
-    assert length_order(torch.tensor(lengths), Micro(tokens=64)).tolist() == list(
-        range(7)
-    )  # packed: as they come
+    row_lengths = torch.tensor(lengths)
+    assert length_order(row_lengths, Micro(sequences=3)).tolist() == [6, 1, 3, 4, 0, 5, 2]  # stable
+    assert length_order(row_lengths, Micro(tokens=64)).tolist() == list(range(7))  # packed: as they come
     seen: list[list[int]] = []
 
     def fn(ub: Batch) -> tuple[torch.Tensor, torch.Tensor]:
