@@ -200,6 +200,10 @@ class Config(_Section, frozen=True):
             (self.rollout.n_samples >= 1, "rollout.n_samples must be >= 1"),
             (self.rollout.max_num_seqs >= 1, "rollout.max_num_seqs must be >= 1"),
             (
+                1 <= self.rollout.tensor_parallel_size <= 64,
+                "rollout.tensor_parallel_size must be between 1 and 64",
+            ),
+            (
                 self.rollout.temperature > 0 and 0 < self.rollout.top_p <= 1,
                 "rollout.temperature must be > 0 and rollout.top_p in (0, 1] (the learner's policy is "
                 "softmax(logits / temperature); greedy sampling has no log-probs to correct with)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from async_vapo.cluster import estimate_memory, layout, model_shape, node_info
+from async_vapo.cluster import engine_core_binding, estimate_memory, layout, model_shape, node_info
 from async_vapo.cluster.nodes import first_slurm_host
 from async_vapo.cluster.placement import PlacementError
 from async_vapo.config import load_config
@@ -72,6 +72,27 @@ def test_cpu_layout_two_nodes():
     assert not lay.on_gpu and lay.learner_world == 2
     assert [n.learner_ranks for n in lay.nodes] == [[0], [1]]
     assert [n.engines for n in lay.nodes] == [[0], [1]]
+
+
+@pytest.mark.parametrize(
+    "cores, tp, bind",
+    [
+        ([0, 1], 1, "0,1"),
+        ([0, 1, 2, 3], 2, "0,1|2,3"),  # equal runs of the engine's cores
+        ([4, 5, 6, 7, 8], 2, "4,5|6,7"),  # a core left over stays idle rather than unbalance the workers
+        ([0, 1], 4, "0|1|0|1"),  # fewer cores than workers: shared round-robin
+        ([3], 2, "3|3"),
+    ],
+)
+def test_engine_core_binding(cores, tp, bind):
+    assert engine_core_binding(cores, tp) == bind
+
+
+def test_cpu_layout_keeps_tensor_parallel_size():
+    lay = layout(0, 0, nnodes=1, gpus_per_node=8, tensor_parallel_size=4, workers_per_node=2)
+    assert not lay.on_gpu and lay.tensor_parallel_size == 4 and lay.n_engines == 2
+    with pytest.raises(PlacementError, match="tensor_parallel_size 0"):
+        layout(0, 0, 1, 8, 0)
 
 
 def test_memory_plan_qwen32b():

@@ -44,6 +44,7 @@ def test_overrides_are_typed():
         ("data.min_digits=8", "data.min_digits"),
         ("train.filter_patience=-1", "train.filter_patience"),
         ("rollout.max_num_seqs=0", "rollout.max_num_seqs"),
+        ("rollout.tensor_parallel_size=0", "rollout.tensor_parallel_size"),
     ],
 )
 def test_bad_fields_are_named(override, names):

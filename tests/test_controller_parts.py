@@ -107,7 +107,7 @@ def test_registry_spreads_owners_and_reports_silence():
 def _plan(nnodes: int, node_rank: int, ranks: int = 2, workers: int = 2, *extra: str):
     base = ["rollout.n_samples=4", "rollout.max_tokens=40", "rollout.verifier_timeout_s=3"]
     cfg = load_config(None, [*base, "rollout.max_num_seqs=384", *extra])
-    lay = layout(0, 0, nnodes, 8, 1, ranks, workers)
+    lay = layout(0, 0, nnodes, 8, cfg.rollout.tensor_parallel_size, ranks, workers)  # as the CLI does
     node = NodeInfo(nnodes, node_rank, "10.0.0.1", 29500, "flags")
     ep = Endpoints("tcp://10.0.0.1:5001", "tcp://10.0.0.1:5002", 5003, "10.0.0.1")
     files = RunFiles.under(__import__("pathlib").Path("/run/x"), "n1") if nnodes == 1 else None
@@ -135,6 +135,17 @@ def test_node_plan_of_a_two_node_cpu_run():
             assert child.env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, child.cores))
             assert w.engine.tensor_parallel_size == 1 and w.data_endpoint == "tcp://10.0.0.1:5001"
             assert w.engine.max_num_seqs == 384  # the recipe's engine batch reaches vLLM
+
+
+def test_node_plan_of_tensor_parallel_cpu_engines():
+    """``rollout.tensor_parallel_size`` on CPU: each engine runs that many vLLM workers, dealt over the
+    engine's cores (here one core each: two workers share it)."""
+    _, lay, plan = _plan(1, 0, 1, 2, "rollout.tensor_parallel_size=2", "rollout.frontend_cores=own")
+    assert lay.tensor_parallel_size == 2 and "x TP 2" in lay.describe()
+    for child, w in plan.workers:
+        assert w.engine.tensor_parallel_size == 2
+        (core,) = child.cores
+        assert child.env["VLLM_CPU_OMP_THREADS_BIND"] == f"{core}|{core}"
 
 
 def test_node_plan_of_one_machine_uses_file_stores():

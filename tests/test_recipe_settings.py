@@ -1,10 +1,11 @@
 """The settings in which the 32B recipe differs from the embedded default, run for real on CPU through the
 launcher: two learner ranks (gloo), ZeRO-3 with the streamed publish, gradient checkpointing, micro-batches of one sequence with
-two mini-batches per step, two engines (each fed by its own learner rank), sampling temperature 0.7, a short response limit (truncated
+two mini-batches per step, two tensor-parallel engines (TP 2: two vLLM workers each, every engine fed by its own
+learner rank over a weight group of 1 + 2), sampling temperature 0.7, a short response limit (truncated
 responses), and a broadcast every second version with max_staleness 1; then the recipe's task side: math
 prompts in DAPO-Math-17k's layout for training and AIME's for evaluation, math-verify in 16 verifier
 processes, 16 samples per prompt, a reward of -1 for a wrong answer, no dynamic sampling. While it runs, every listening
-socket of its processes is recorded: a single-machine run opens none beyond loopback. (TP > 1 engines: see
+socket of its processes is recorded: a single-machine run opens none beyond loopback. (The recipe's TP 4: see
 ``test_rollout_tp.py``; the memory plan of the full-size recipe: ``test_deploy.py``.)"""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ RECIPE_LIKE = [
     "--learner-ranks",
     "2",
     "rollout.num_workers=2",
+    "rollout.tensor_parallel_size=2",  # the recipe's 4 at TP 2: one core per engine, its 2 workers share it
     "train.zero_stage=3",
     "train.publish=auto",  # = stream under ZeRO-3
     "train.micro_batch_size=1",
@@ -90,6 +92,8 @@ def test_recipe_settings_train_end_to_end(tiny_model_dir, tmp_path):
     # LM head, is filtered in the engines' workers (rollout/weights.py); any other layer would show
     assert "Failed to load weights" not in run.stdout + run.stderr
     assert set(train[-1]["groups_by_worker"]) == {"rollout-0", "rollout-1"}
+    ready = [line for line in (run.stdout + run.stderr).splitlines() if "worker ready" in line]
+    assert len(ready) == 2 and all("tp=2" in line for line in ready), ready  # both engines at TP 2
     # behaviour log-probs at temperature 0.7 are the learner's tempered policy: small KL on fresh data
     assert train[0]["behaviour_kl"] < 1e-3
     assert any(r["truncated_frac"] > 0 for r in train)  # the short limit cuts some responses

@@ -2,7 +2,7 @@
 
 from async_vapo.cluster.memory import MemoryPlan, ModelShape, estimate_memory, model_shape
 from async_vapo.cluster.nodes import NodeInfo, node_info
-from async_vapo.cluster.placement import Layout, NodeShare, layout
+from async_vapo.cluster.placement import Layout, NodeShare, engine_core_binding, layout
 from async_vapo.cluster.rendezvous import Endpoints, RunStore
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "NodeInfo",
     "NodeShare",
     "RunStore",
+    "engine_core_binding",
     "estimate_memory",
     "layout",
     "model_shape",

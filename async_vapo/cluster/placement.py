@@ -42,7 +42,7 @@ class Layout:
         unit = "GPU" if self.on_gpu else "core"
         lines = [
             f"{self.nnodes} node(s); learner world {self.learner_world}; {self.n_engines} vLLM engine(s)"
-            + (f" x TP {self.tensor_parallel_size}" if self.on_gpu else "")
+            + (f" x TP {self.tensor_parallel_size}" if self.tensor_parallel_size > 1 else "")
         ]
         for n in self.nodes:
             parts = [
@@ -92,10 +92,18 @@ def gpu_layout(
 
 
 def cpu_layout(
-    nnodes: int, learner_ranks_per_node: int, workers_per_node: int, cores: list[int] | None = None
+    nnodes: int,
+    learner_ranks_per_node: int,
+    workers_per_node: int,
+    cores: list[int] | None = None,
+    tensor_parallel_size: int = 1,
 ) -> Layout:
+    """Half of the node's cores for the learner ranks, half for the engines. A TP engine on CPU spreads its
+    ``tensor_parallel_size`` vLLM workers over its cores (``engine_core_binding``)."""
     if learner_ranks_per_node < 1 or workers_per_node < 1:
         raise PlacementError("each node needs at least one learner rank and one rollout worker on CPU")
+    if tensor_parallel_size < 1:
+        raise PlacementError(f"tensor_parallel_size {tensor_parallel_size} < 1")
     if cores is None:
         cores = (
             sorted(os.sched_getaffinity(0))
@@ -117,7 +125,26 @@ def cpu_layout(
         )
         for n in range(nnodes)
     ]
-    return Layout(False, nnodes, 0, 1, nnodes * learner_ranks_per_node, nnodes * workers_per_node, shares)
+    return Layout(
+        False,
+        nnodes,
+        0,
+        tensor_parallel_size,
+        nnodes * learner_ranks_per_node,
+        nnodes * workers_per_node,
+        shares,
+    )
+
+
+def engine_core_binding(cores: list[int], tensor_parallel_size: int) -> str:
+    """vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` for one CPU engine: a comma-separated core list per TP worker,
+    ``|`` between workers. The engine's cores are dealt out in equal runs; with fewer cores than workers,
+    workers share cores round-robin (``[0, 1]`` at TP 4: ``0|1|0|1``)."""
+    if tensor_parallel_size <= 1:
+        return ",".join(map(str, cores))
+    per = max(1, len(cores) // tensor_parallel_size)
+    runs = [cores[(i * per) % len(cores) :][:per] for i in range(tensor_parallel_size)]
+    return "|".join(",".join(map(str, r)) for r in runs)
 
 
 def layout(
@@ -132,4 +159,6 @@ def layout(
     """GPU layout when GPU counts are given, else the CPU layout."""
     if train_gpus > 0 or rollout_gpus > 0:
         return gpu_layout(train_gpus, rollout_gpus, nnodes, gpus_per_node, tensor_parallel_size)
-    return cpu_layout(nnodes, learner_ranks_per_node, workers_per_node)
+    return cpu_layout(
+        nnodes, learner_ranks_per_node, workers_per_node, tensor_parallel_size=tensor_parallel_size
+    )

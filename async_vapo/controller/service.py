@@ -296,7 +296,7 @@ class Controller:
                 n = self.ledger.requeue_worker(hello.worker_id, "worker_restarted")
             log.warning("worker reconnected; its prompts were requeued", worker=hello.worker_id, requeued=n)
         if await self.weights.welcome(w, hello, self.version.v):
-            log.info("worker ready", worker=w.worker_id, pid=w.pid, version=w.version, owner=w.owner)
+            log.info("worker ready", worker=w.worker_id, pid=w.pid, version=w.version, owner=w.owner, tp=w.tp)
         elif self.registry.is_current(w):
             self.registry.remove(w.worker_id)
 

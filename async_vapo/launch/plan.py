@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from async_vapo.cluster import Endpoints, Layout, NodeInfo, NodeShare
+from async_vapo.cluster import Endpoints, Layout, NodeInfo, NodeShare, engine_core_binding
 from async_vapo.config import Config
 from async_vapo.learner.setup import LearnerArgs
 from async_vapo.rollout.engine import EngineConfig
@@ -132,7 +132,7 @@ def _workers(
                 seed=cfg.train.seed + e,
                 max_model_len=r.max_model_len,
                 dtype="auto" if lay.on_gpu else "float32",
-                tensor_parallel_size=len(devs) if lay.on_gpu else 1,
+                tensor_parallel_size=len(devs) if lay.on_gpu else lay.tensor_parallel_size,
                 gpu_memory_utilization=r.gpu_memory_utilization,
                 max_num_seqs=r.max_num_seqs,
             ),
@@ -143,7 +143,7 @@ def _workers(
             env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devs))}
         else:
             env = {
-                "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, devs)),
+                "VLLM_CPU_OMP_THREADS_BIND": engine_core_binding(devs, lay.tensor_parallel_size),
                 "VLLM_CPU_KVCACHE_SPACE": site.kv_cache_gib,
                 "CUDA_VISIBLE_DEVICES": "",
             }

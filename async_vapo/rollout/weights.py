@@ -11,11 +11,13 @@ after every reload and rebuild the derived kernels; the
 test that compares the engine's log-probs with transformers catches a regression.
 
 Warnings: after every reload vLLM's layer-wise loader warns ``<Layer>: Failed to load weights`` for each
-layer that has loadable tensors but received none, and puts the layer's previous tensors back. Two such
-layers are expected and harmless: rotary embeddings (their ``cos_sin_cache`` is computed from the config,
-never part of a checkpoint) and an LM head tied to the embedding (the checkpoint has no ``lm_head.weight``;
-we re-tie it to the new embedding, see above). ``_ExpectedMissing`` drops exactly those records and counts
-them; the warning for any other layer (a weight the learner did not send) still reaches the log.
+layer that has loadable tensors but received none, and puts the layer's previous tensors back. Three such
+cases are expected and harmless: rotary embeddings (their ``cos_sin_cache`` is computed from the config,
+never part of a checkpoint), an LM head tied to the embedding (the checkpoint has no ``lm_head.weight``;
+we re-tie it to the new embedding, see above), and, on a tensor-parallel rank, a vocabulary shard that
+holds only padding rows (vLLM pads the vocabulary to a multiple of 64 before splitting it: at TP 2 a
+vocabulary of 17 tokens leaves rank 1 no real row). ``_ExpectedMissing`` drops exactly those records and
+counts them; the warning for any other layer (a weight the learner did not send) still reaches the log.
 
 CPU note: vLLM's CPU backend repacks linear weights after loading, so ``model.load_weights`` on the live
 model fails; ``model_runner.reload_weights(weights_iterator=..., is_checkpoint_format=True)`` redoes the
@@ -64,8 +66,10 @@ class WeightReceiver:
         self, host: str, port: int, world_size: int, backend: str, timeout_s: float, store_file: str = ""
     ) -> int:
         rank = 1 + int(getattr(self, "rank", 0))
-        self._tied = _tied_groups(self.model_runner.get_model())  # type: ignore[attr-defined]
-        self._quiet_expected_warnings({type(m).__name__ for g in self._tied for m, _ in g[1:]})
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        self._tied = _tied_groups(model)
+        tied = {type(m).__name__ for g in self._tied for m, _ in g[1:]}
+        self._quiet_expected_warnings(tied | _padding_only_shards(model))
         spec = GroupSpec(host, port, world_size, backend, timeout_s, store_file)
         self._weight_pg = join_group(spec, rank, serve=False)
         return rank
@@ -131,3 +135,13 @@ def _tied_groups(model: Any) -> list[list[tuple[Any, str]]]:
         for name, param in module.named_parameters(recurse=False):
             by_id.setdefault(id(param), []).append((module, name))
     return [g for g in by_id.values() if len(g) > 1]
+
+
+def _padding_only_shards(model: Any) -> set[str]:
+    """Class names of the vocabulary-parallel layers whose shard on this rank holds no checkpoint row."""
+    out = set()
+    for _, module in model.named_modules():
+        idx = getattr(module, "shard_indices", None)
+        if idx is not None and idx.num_org_elements == 0 and idx.num_added_elements == 0:
+            out.add(type(module).__name__)
+    return out
