@@ -64,11 +64,42 @@ def make_groups(model_dir: str, n_groups: int, n: int, seed: int):
     return groups
 
 
+def long_group(model_dir: str, response_tokens: int, seed: int):
+    """One group at the recipe's response length: a response cut at ``response_tokens`` (finish "length",
+    wrong) and a short correct one, with the model's own behaviour log-probs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from async_vapo.algo import token_logprobs
+    from async_vapo.protocol import Prompt, Response, TrajectoryGroup, pack_f32, pack_i32
+    from async_vapo.tasks.arithmetic import AdditionTask
+    from async_vapo.tasks.tiny_model import prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    task = AdditionTask()
+    (p,) = task.problems(1, seed, "long")
+    ids = prompt_ids(tok, task, p)
+    gen = torch.Generator().manual_seed(seed)
+    responses = []
+    for n, finish, correct in ((response_tokens, "length", False), (40, "stop", True)):
+        row = torch.randint(3, model.config.vocab_size, (n,), generator=gen)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + row.tolist()])).logits[:, len(ids) - 1 : -1]
+        lps = token_logprobs(logits, row[None])[0]
+        reward = 1.0 if correct else 0.0
+        responses.append(
+            Response(
+                pack_i32(row.tolist()), pack_f32(lps.tolist()), pack_i32([0] * n), finish, reward, correct
+            )
+        )
+    return [TrajectoryGroup(Prompt(p.uid, pack_i32(ids), p.answer, "addition"), responses, "h", 0.0)]
+
+
 def rank_main(rank: int, world: int, port: int, job: dict) -> None:
     from async_vapo.learner.models import local_rank_env
 
     os.environ.update(local_rank_env(rank, world, port))
-    torch.set_num_threads(1)
+    torch.set_num_threads(job.get("threads", 1))
     torch.manual_seed(0)
     random.seed(0)
     from async_vapo.config import AlgoConfig, TrainConfig
@@ -86,23 +117,26 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
     init_distributed("gloo")
     model_dir = job["model_dir"]
     algo = AlgoConfig(**job.get("algo", {}))
-    groups = make_groups(model_dir, job["groups"], job["n"], seed=1)
+    if job.get("response_tokens"):
+        groups = long_group(model_dir, job["response_tokens"], seed=1)
+    else:
+        groups = make_groups(model_dir, job["groups"], job["n"], seed=1)
     for gi, keep in job.get("keep_responses", {}).items():  # uneven groups: fewer rows on some rank
         groups[int(gi)] = msgspec.structs.replace(groups[int(gi)], responses=groups[int(gi)].responses[:keep])
     b = collate(groups[rank::world], 0)  # the learner's split: group i on rank i % world
     stage = job.get("zero_stage", 1)
     temperature = job.get("temperature", 1.0)
 
-    def engines(warmup: int = 0):
+    def engines(warmup: int = 0, checkpointing: bool = False):
         torch.manual_seed(0)
-        train = TrainConfig(warmup_steps=warmup, zero_stage=stage)
+        train = TrainConfig(warmup_steps=warmup, zero_stage=stage, gradient_checkpointing=checkpointing)
         pol = make_engine(load_policy(model_dir, torch.float32), job.get("actor_lr", 1e-4), train, False, 64)
         val = make_engine(load_value(model_dir, "", torch.float32), 1e-3, train, False, 64)
         return pol, val
 
     def step(pol, val, k, micro=64, mini_batches=1):
         if isinstance(micro, str):  # "T/C": packed micro-batches of up to T tokens, LM head in chunks of C
-            tokens, chunk = map(int, micro.split("/"))
+            tokens, chunk = map(int, micro.split("/")[:2])
             sched = UpdateSchedule(1, mini_batches, 64, k, 0, tokens, chunk)
         else:
             sched = UpdateSchedule(1, mini_batches, micro, k)
@@ -138,8 +172,8 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
                 "value": [p.flatten()[:4096].tolist() for p in full_params(val)],
             }
 
-        for micro in job["micros"]:
-            pol, val = engines(warmup=job.get("warmup", 0))
+        for micro in job["micros"]:  # a trailing "/gc": with gradient checkpointing
+            pol, val = engines(job.get("warmup", 0), str(micro).endswith("/gc"))
             out.setdefault("initial", head(pol, val))
             for k in range(job["steps"]):
                 out["steps"].append(step(pol, val, k, micro, job.get("mini_batches", 1)))

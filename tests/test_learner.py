@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 
 import pytest
@@ -198,3 +199,35 @@ def test_two_ranks_train_like_one_rank_on_the_union(tiny_model_dir, tmp_path):
                 torch.tensor(got[i][:n]), torch.tensor(adv1[row][:n]), atol=1e-5, rtol=1e-5
             )
     assert _max_diff(one["params"]["1"], two[0]["params"]["1"]) < 1e-5
+
+
+def test_the_recipes_response_length_updates_like_single_sequence_passes(tiny_model_dir, tmp_path):
+    """The 32B recipe's response limit, 20,480 tokens (one response cut there and a short one, in one
+    group), through a VAPO step under the recipe's learner settings: ZeRO-3, packed micro-batches of up to
+    22,528 tokens, the LM head over 4,096 response tokens at a time and gradient checkpointing; against one
+    sequence per pass with none of them. Same parameters after the step; length-adaptive GAE at the
+    recipe's alpha 0.05 gives the long row lambda 1 - 1/(0.05 x 20480) and the short one 1 - 1/(0.05 x 40)."""
+    outs = run(
+        {
+            "kind": "micro",
+            "model_dir": str(tiny_model_dir),
+            "response_tokens": 20480,
+            "steps": 1,
+            "micros": [1, "22528/4096/gc"],
+            "zero_stage": 3,
+            "algo": {"alpha": 0.05},
+            "threads": 2,  # one rank: both cores (attention over 20.5k tokens dominates)
+        },
+        1,
+        tmp_path,
+        timeout=900,
+    )
+    (out,) = outs
+    plain, recipe = out["params"]["1"], out["params"]["22528/4096/gc"]
+    assert _max_diff(plain, out["initial"]) > 1e-5  # the step moved the parameters
+    assert _max_diff(plain, recipe) < 5e-6
+    for s in out["steps"]:
+        assert s["lengths"] == [20480, 40]
+        lam = [1 - 1 / (0.05 * 20480), 1 - 1 / (0.05 * 40)]
+        assert s["lambda_policy_mean"] == pytest.approx(sum(lam) / 2, abs=1e-6)
+        assert all(math.isfinite(x) for x in s["advantages"][0])
