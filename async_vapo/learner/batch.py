@@ -33,6 +33,16 @@ class Batch:
     def size(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @property
+    def row_lengths(self) -> torch.Tensor:
+        """long [B]: tokens in each row (prompt + response)."""
+        return self.attention_mask.sum(1)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """long [B]: response tokens in each row."""
+        return self.mask.sum(1)
+
     def select(self, rows: torch.Tensor | slice) -> Batch:
         return Batch(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 

@@ -64,7 +64,7 @@ def pack(b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
     ``index[b, t]`` is the flat position predicting response token ``t`` (padding positions point at the
     row's last token: finite, and masked by every consumer)."""
-    lengths = b.attention_mask.sum(1)
+    lengths = b.row_lengths
     keep = b.attention_mask.bool()
     ids = b.input_ids[keep].unsqueeze(0)
     starts = torch.cumsum(lengths, 0) - lengths
@@ -77,7 +77,7 @@ def trim(b: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids [B, L'], attention_mask [B, L'], resp_index [B, T]) with ``L'`` the longest row of ``b``:
     the padding columns no row of ``b`` uses are dropped. ``resp_index`` is clamped to ``L' - 1`` (only its
     masked entries can exceed it: a valid response token's predicting position is inside its row)."""
-    width = max(1, int(b.attention_mask.sum(1).max()))
+    width = max(1, int(b.row_lengths.max()))
     return b.input_ids[:, :width], b.attention_mask[:, :width], b.resp_index.clamp(max=width - 1)
 
 

@@ -121,7 +121,7 @@ def _rank_slices(b: Batch, micro: Micro) -> list[slice | None]:
     """The micro-batches of ``b`` (by sequences, or by tokens when packed), padded with ``None`` to the
     largest number of micro-batches of any rank (one small all-reduce)."""
     if micro.packed:
-        real: list[slice | None] = list(token_slices(b.attention_mask.sum(1).tolist(), micro.tokens))
+        real: list[slice | None] = list(token_slices(b.row_lengths.tolist(), micro.tokens))
     else:
         real = list(micro_slices(b.size, micro.sequences, -(-b.size // micro.sequences)))
     n = _all_max(len(real), b.input_ids.device)
@@ -149,7 +149,7 @@ def _sweep(
 ) -> tuple[torch.Tensor, ...]:
     """``fn`` on every micro-batch of ``b``, cut from its rows in ``length_order``; ``fn``'s row-aligned
     outputs concatenated back into ``b``'s row order (padding passes run too, their outputs dropped)."""
-    order = length_order(b.attention_mask.sum(1), micro)
+    order = length_order(b.row_lengths, micro)
     outs = [(fn(ub), real) for ub, real in _passes(b.select(order), micro)]
     kept = [out for out, real in outs if real]
     inverse = torch.empty_like(order)
@@ -180,7 +180,7 @@ def _lambdas(lengths: torch.Tensor, cfg: AlgoConfig, metrics: dict[str, float]) 
 
 def _critic_returns(b: Batch, old_values: torch.Tensor, cfg: AlgoConfig) -> torch.Tensor:
     """The critic's targets of ``b``'s rows from their old values (row-wise: any subset of rows)."""
-    lam_critic, _ = _lambdas(b.mask.sum(1), cfg, {})
+    lam_critic, _ = _lambdas(b.response_lengths, cfg, {})
     rewards = algo.terminal_rewards(b.scores, b.mask)
     return algo.gae(rewards, old_values, b.mask, cfg.gamma, lam_critic)[1]
 
@@ -206,7 +206,7 @@ def _advantages(
         adv = algo.group_normalized_advantages(b.scores, b.group_ids, mask)
         returns = torch.zeros_like(rewards)
     else:
-        lam_critic, lam_policy = _lambdas(mask.sum(1), cfg, metrics)
+        lam_critic, lam_policy = _lambdas(b.response_lengths, cfg, metrics)
         # Decoupled-GAE (algo.decoupled_gae), with the critic's half replaced by V-trace when configured
         adv = algo.gae(rewards, old_values, mask, cfg.gamma, lam_policy)[0]
         if cfg.value_correction != "vtrace":
@@ -436,7 +436,7 @@ def fused_update(
 
 
 def batch_metrics(b: Batch, max_tokens: int, learner_version: int) -> dict[str, float]:
-    lengths = b.mask.sum(1).float()
+    lengths = b.response_lengths.float()
     oldest = b.versions.masked_fill(~b.mask, learner_version).min(1).values
     newest = b.versions.masked_fill(~b.mask, -1).max(1).values
     stale = (learner_version - oldest).float()
