@@ -1,5 +1,6 @@
 """The settings in which the 32B recipe differs from the embedded default, run for real on CPU through the
-launcher: two learner ranks (gloo), ZeRO-3 with the streamed publish, gradient checkpointing, micro-batches of one sequence with
+launcher: two learner ranks (gloo), ZeRO-3 with the streamed publish, a bf16 learner (DeepSpeed's bf16 mode; the CPU
+engines sample in fp32), gradient checkpointing, micro-batches of one sequence with
 two mini-batches per step, two tensor-parallel engines (TP 2: two vLLM workers each, every engine fed by its own
 learner rank over a weight group of 1 + 2), sampling temperature 0.7, a short response limit (truncated
 responses), and a broadcast every second version with max_staleness 1; then the recipe's task side: math
@@ -28,6 +29,7 @@ RECIPE_LIKE = [
     "rollout.num_workers=2",
     "rollout.tensor_parallel_size=2",  # the recipe's 4 at TP 2: one core per engine, its 2 workers share it
     "train.zero_stage=3",
+    "model.dtype=bfloat16",
     "train.publish=auto",  # = stream under ZeRO-3
     "train.micro_batch_size=1",
     "train.max_tokens_per_micro=150",  # packed micro-batches of 2-3 sequences (the recipe packs)
@@ -92,6 +94,10 @@ def test_recipe_settings_train_end_to_end(tiny_model_dir, tmp_path):
     # LM head, is filtered in the engines' workers (rollout/weights.py); any other layer would show
     assert "Failed to load weights" not in run.stdout + run.stderr
     assert set(train[-1]["groups_by_worker"]) == {"rollout-0", "rollout-1"}
+    built = [line for line in (run.stdout + run.stderr).splitlines() if "learner models built" in line]
+    assert len(built) == 2 and all("dtype=bfloat16" in line and "zero_stage=3" in line for line in built), (
+        built
+    )
     ready = [line for line in (run.stdout + run.stderr).splitlines() if "worker ready" in line]
     assert len(ready) == 2 and all("tp=2" in line for line in ready), ready  # both engines at TP 2
     # behaviour log-probs at temperature 0.7 are the learner's tempered policy: small KL on fresh data

@@ -88,9 +88,16 @@ def build_models(cfg: Config, model_path: str, on_gpu: bool, micro: int) -> tupl
     bf16 = dtype == torch.bfloat16
     t = cfg.train
     policy = make_engine(load_policy(model_path, dtype), t.actor_lr, t, bf16, micro)
-    if cfg.algo.estimator != "gae":
-        return policy, None
-    value = make_engine(load_value(model_path, cfg.model.value_path, dtype), t.critic_lr, t, bf16, micro)
+    value = None
+    if cfg.algo.estimator == "gae":
+        value = make_engine(load_value(model_path, cfg.model.value_path, dtype), t.critic_lr, t, bf16, micro)
+    log.info(
+        "learner models built",
+        dtype=str(dtype).removeprefix("torch."),
+        zero_stage=t.zero_stage,
+        gradient_checkpointing=t.gradient_checkpointing,
+        critic=value is not None,
+    )
     return policy, value
 
 
