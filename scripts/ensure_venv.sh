@@ -19,12 +19,18 @@ stamp=$(printf '%s' "$stamp_src" | sha256sum | cut -c1-16)
 if [ "$plan" != 1 ] && [ -x .venv/bin/python ] && [ "$(cat .venv/.async_vapo_stamp 2>/dev/null)" = "$stamp" ]; then
   exit 0
 fi
-pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+# --no-cache-dir: wheels fetched from an index are not kept a second time in pip's cache (the environment
+# alone is ~4 GiB; CI machines have run out of disk during this install)
+pip=(.venv/bin/python -m pip install --disable-pip-version-check --no-cache-dir -q)
 run() { if [ "$plan" = 1 ]; then echo "$*"; else "$@"; fi; }
 if [ "$plan" = 1 ]; then
   echo "target=$target"
 else
   echo "[ensure_venv] installing the $target environment into .venv (a few minutes on first run)" >&2
+  free_kib=$(df -Pk . | awk 'NR == 2 {print $4}')
+  if [ "${free_kib:-0}" -lt $((5 * 1024 * 1024)) ]; then
+    echo "[ensure_venv] warning: $((free_kib / 1024)) MiB free here; the environment needs about 5 GiB" >&2
+  fi
   SECONDS=0
   [ -x .venv/bin/python ] || "$py" -m venv .venv
 fi
