@@ -10,6 +10,7 @@ line. Finished runs are reused (delete ``--out`` to start over), so an interrupt
     .venv/bin/python bench/ablation.py --quick                          # ~4 min per run on 2 cores
     .venv/bin/python bench/ablation.py --only vapo no_value_pretrain vanilla_ppo group_norm --seeds 0 1 2
     .venv/bin/python bench/ablation.py                                  # the full table, ~10 min per run
+    .venv/bin/python bench/ablation.py --only group_norm --set data.min_digits=3   # longer responses
 """
 
 from __future__ import annotations
@@ -50,15 +51,22 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--target", type=float, default=0.35, help="held-out accuracy for samples-to-target")
     ap.add_argument("--out", default="runs/bench_ablation")
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides for every variant (another task setting)",
+    )
     ap.add_argument("--report-only", action="store_true", help="summarise the finished runs, start none")
     args = ap.parse_args()
-    root = Path(args.out) / ("quick" if args.quick else "full")
+    root = Path(args.out) / "__".join(["quick" if args.quick else "full", *args.set])
     names = list(args.only or VARIANTS)
     if "vapo" not in names:
         names.insert(0, "vapo")  # the reference of the paired differences
     # 256 held-out problems instead of the quick protocol's 128: one evaluation's noise (~3 points at 128)
     # is the size of the differences between variants; it costs ~5 s per evaluation
-    grid = {name: ["data.n_eval=256", *VARIANTS[name]] for name in names}
+    grid = {name: ["data.n_eval=256", *args.set, *VARIANTS[name]] for name in names}
     results = run_grid(root, grid, args.seeds, args.quick, report_only=args.report_only)
     missing = {n: [s for s in args.seeds if s not in {r["seed"] for r in results.get(n, [])}] for n in names}
     missing = {n: seeds for n, seeds in missing.items() if seeds}
@@ -71,6 +79,7 @@ def main() -> None:
     report = {
         "bench": "ablation",
         "quick": args.quick,
+        "set": args.set,
         "seeds": args.seeds,
         "target": args.target,
         "variants": stats,
