@@ -166,8 +166,18 @@ def print_table(stats: dict[str, dict[str, Any]], reference: str) -> None:
         diffs = []
         for key in ("final_accuracy", "auc"):
             d = r.get(f"{key}_vs_{reference}")
-            diffs.append(f"{d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "-")
+            diffs.append(_diff_cell(d))
         print(f"{name:<28}{cells[0]:>16}{cells[1]:>16}{cells[2]:>16}{diffs[0]:>34}{diffs[1]:>34}")
+
+
+def _diff_cell(d: dict[str, Any] | None) -> str:
+    """``diff [lo, hi]``; ``diff (1 seed)`` where one paired seed gives no interval; ``-`` for none."""
+    if not d:
+        return "-"
+    lo, hi = d["ci95"]
+    if math.isnan(lo):
+        return f"{d['diff']:+.3f} (1 seed)"
+    return f"{d['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def _cell(x: dict[str, Any]) -> str:

@@ -72,3 +72,31 @@ def test_compare_reports_a_missing_statistic_as_nan_without_failing():
     )
     assert math.isnan(stats["free"]["explained_variance"]["mean"])  # a value-free variant has no critic
     assert stats["free"]["final_accuracy"]["mean"] == pytest.approx(0.475)
+
+
+def test_a_difference_over_one_seed_is_printed_without_an_interval(capsys):
+    from study import print_table
+
+    runs = {
+        "vapo": [
+            {
+                "seed": 0,
+                "final_accuracy": 0.5,
+                "auc": 0.4,
+                "explained_variance": 0.3,
+                "explained_variance_last": 0.3,
+            }
+        ],
+        "x": [
+            {
+                "seed": 0,
+                "final_accuracy": 0.45,
+                "auc": 0.41,
+                "explained_variance": 0.2,
+                "explained_variance_last": 0.2,
+            }
+        ],
+    }
+    print_table(compare(runs, "vapo"), "vapo")
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("x ")]
+    assert "-0.050 (1 seed)" in row and "+0.010 (1 seed)" in row and "nan" not in row
