@@ -8,8 +8,10 @@ import torch
 from async_vapo.algo import (
     aggregate_loss,
     explained_variance,
+    gae,
     group_normalized_advantages,
     masked_mean,
+    masked_var,
     masked_whiten,
     policy_loss,
     positive_nll_loss,
@@ -163,6 +165,23 @@ def test_explained_variance():
     assert float(explained_variance(torch.randn(2, 3), const, mask)) == 0.0
     mean_pred = torch.full_like(g, float(g.mean()))
     assert float(explained_variance(mean_pred, g, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_explained_variance_of_returns_equal_up_to_rounding_is_zero():
+    """A step whose rewards were all 0: GAE's returns (A + V) are 0 up to float rounding; the critic's
+    values still vary. Without the tolerance the ratio was -2e14 (a real run's step)."""
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(64, 40, dtype=torch.bool)
+    mask[:, 30:] = False
+    values = torch.rand(64, 40, generator=gen) * 0.1
+    _, returns = gae(torch.zeros(64, 40), values, mask, 1.0, 1.0)
+    assert 0 < float(masked_var(returns, mask)) < 1e-12  # rounding, not spread
+    assert float(explained_variance(values, returns, mask)) == 0.0
+    # a real spread, however small next to the values, is still measured
+    r = torch.zeros(64, 40)
+    r[:32, 29] = 1e-3
+    _, returns = gae(r, values, mask, 1.0, 1.0)
+    assert float(explained_variance(values, returns, mask)) < -100
 
 
 def test_masked_whiten():

@@ -143,12 +143,17 @@ def positive_nll_loss(
     return -total / n
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
-    """1 - Var(G - V) / Var(G) over valid tokens; defined as 0 when Var(G) = 0."""
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, rel_tol: float = 1e-6) -> Tensor:
+    """1 - Var(G - V) / Var(G) over valid tokens (scalar); defined as 0 when the returns have no spread,
+    Var(G) <= (rel_tol * max(1, max |G|))^2. GAE's returns are A + V, so a batch whose rewards are all
+    equal has returns equal up to float rounding (Var(G) ~ 1e-17, not 0), and the plain ratio would be
+    ~ -1e14 (seen in runs where every response of a step was wrong)."""
     var_g = masked_var(returns, mask)
     var_res = masked_var(returns - values, mask)
-    safe = torch.where(var_g > 0, var_g, torch.ones_like(var_g))
-    return torch.where(var_g > 0, 1.0 - var_res / safe, torch.zeros_like(var_g))
+    scale = torch.where(mask.bool(), returns.abs(), torch.zeros_like(returns)).max().clamp(min=1.0)
+    spread = var_g > (rel_tol * scale) ** 2
+    safe = torch.where(spread, var_g, torch.ones_like(var_g))
+    return torch.where(spread, 1.0 - var_res / safe, torch.zeros_like(var_g))
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
