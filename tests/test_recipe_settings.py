@@ -94,11 +94,12 @@ def test_recipe_settings_train_end_to_end(tiny_model_dir, tmp_path):
     # LM head, is filtered in the engines' workers (rollout/weights.py); any other layer would show
     assert "Failed to load weights" not in run.stdout + run.stderr
     assert set(train[-1]["groups_by_worker"]) == {"rollout-0", "rollout-1"}
-    built = [line for line in (run.stdout + run.stderr).splitlines() if "learner models built" in line]
+    lines = (run.stdout + run.stderr).splitlines()
+    built = [line for line in lines if "learner models built" in line]
     assert len(built) == 2 and all("dtype=bfloat16" in line and "zero_stage=3" in line for line in built), (
         built
     )
-    ready = [line for line in (run.stdout + run.stderr).splitlines() if "worker ready" in line]
+    ready = [line for line in lines if "worker ready" in line]
     assert len(ready) == 2 and all("tp=2" in line for line in ready), ready  # both engines at TP 2
     # behaviour log-probs at temperature 0.7 are the learner's tempered policy: small KL on fresh data
     assert train[0]["behaviour_kl"] < 1e-3
