@@ -5,7 +5,9 @@ Prints, per variant over seeds (3 by default): final held-out accuracy (avg@k) a
 learning curve (mean and sd), the critic's explained variance, the paired difference to VAPO (same seed)
 with a 95% interval, and samples-to-target (trained samples until held-out accuracy first reaches
 ``--target``); writes ``ablation.png`` (mean curves with +-1 sd bands) and one JSON object on its last
-line. Finished runs are reused (delete ``--out`` to start over), so an interrupted ablation continues.
+line. Every finished run is recorded in ``bench/results/ablation/<protocol>/`` (committed; see ``study.py``)
+and reused by later invocations on any machine, so an interrupted ablation continues where it stopped
+(delete a record to run it again).
 
     .venv/bin/python bench/ablation.py --quick                          # ~4 min per run on 2 cores
     .venv/bin/python bench/ablation.py --only vapo no_value_pretrain vanilla_ppo group_norm --seeds 0 1 2
@@ -19,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from study import compare, plot_bands, print_table, run_grid
+from study import RESULTS, compare, plot_bands, print_table, run_grid
 
 VARIANTS: dict[str, list[str]] = {
     "vapo": [],
@@ -67,7 +69,9 @@ def main() -> None:
     # 256 held-out problems instead of the quick protocol's 128: one evaluation's noise (~3 points at 128)
     # is the size of the differences between variants; it costs ~5 s per evaluation
     grid = {name: ["data.n_eval=256", *args.set, *VARIANTS[name]] for name in names}
-    results = run_grid(root, grid, args.seeds, args.quick, report_only=args.report_only)
+    results = run_grid(
+        root, RESULTS / "ablation" / root.name, grid, args.seeds, args.quick, report_only=args.report_only
+    )
     missing = {n: [s for s in args.seeds if s not in {r["seed"] for r in results.get(n, [])}] for n in names}
     missing = {n: seeds for n, seeds in missing.items() if seeds}
     stats = compare(results, reference="vapo")

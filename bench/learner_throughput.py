@@ -28,9 +28,10 @@ process's steady state during the steps (sampled every 2 ms). JSON on the last l
 batch of 32 addition prompts x 8 responses with the task's own prompt and worked-solution lengths, 64
 sequences per padded pass, 3 timed steps, the padded configurations only (on CPU, packed attention runs
 with a block-diagonal mask whose cost grows with the square of the pass: slower for these short rows).
+``--dtype bfloat16``: the learner's weights in bf16 (DeepSpeed's bf16 mode, fp32 master weights).
 
     .venv/bin/python bench/learner_throughput.py [--max-len 2048] [--groups 2 --samples 4] [--steps 1]
-    .venv/bin/python bench/learner_throughput.py --preset embedded
+    .venv/bin/python bench/learner_throughput.py --preset embedded [--threads 1] [--dtype bfloat16]
 
 (about 5 minutes on 2 cores, most of it the batch-width configuration; the preset about 1 minute).
 """
@@ -145,13 +146,15 @@ def _run_config(name: str, args_dict: dict, model_dir: str, out: str) -> None:
     opt = CONFIGS[name]
     if opt.get("batch_width"):
         _batch_width_layout()
-    policy = load_policy(model_dir, torch.float32)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    policy = load_policy(model_dir, dtype)
     b = _batch(args, policy.config.vocab_size)
     real_tokens = int(b.attention_mask.sum())
     per_pass = args.pack_tokens or b.input_ids.shape[1]  # default: one padded row's width
     train = TrainConfig(zero_stage=1)
-    pol = make_engine(policy, 1e-5, train, False, args.micro)
-    val = make_engine(load_value(model_dir, "", torch.float32), 1e-5, train, False, args.micro)
+    bf16 = dtype == torch.bfloat16
+    pol = make_engine(policy, 1e-5, train, bf16, args.micro)
+    val = make_engine(load_value(model_dir, "", dtype), 1e-5, train, bf16, args.micro)
     sched = UpdateSchedule(1, 1, args.micro, 0, 0, per_pass if opt.get("packed") else 0, opt.get("chunk", 0))
     cfg = AlgoConfig()
 
@@ -191,6 +194,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="learner weights")
     ap.add_argument("--only", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--work", default="/tmp/learner_throughput")
     ap.add_argument("--preset", choices=["embedded"], help="the embedded default's learner (see above)")

@@ -6,7 +6,8 @@ the trained samples really are 0 to s versions old (the measured histogram is pr
 printed per setting: final held-out accuracy, area under the learning curve and the critic's explained
 variance (mean and sd over seeds), and V-trace minus none paired by seed with a 95% interval. Writes
 ``staleness.png`` (mean curves with +-1 sd bands) and one JSON object on its last line. Finished runs are
-reused, so an interrupted study continues where it stopped.
+recorded in ``bench/results/staleness/`` (committed; see ``study.py``) and reused, so an interrupted study
+continues where it stopped.
 
     .venv/bin/python bench/staleness.py --quick --seeds 0 1 2             # 18 runs, ~4 min each on 2 cores
     .venv/bin/python bench/staleness.py --quick --staleness 1 4 --seeds 0  # a subset
@@ -18,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from study import compare, plot_bands, print_table, run_grid
+from study import RESULTS, compare, plot_bands, print_table, run_grid
 
 
 def settings(staleness: list[int]) -> dict[str, list[str]]:
@@ -43,7 +44,9 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(args.out) / ("quick" if args.quick else "full")
     grid = settings(args.staleness)
-    results = run_grid(root, grid, args.seeds, args.quick, report_only=args.report_only)
+    results = run_grid(
+        root, RESULTS / "staleness" / root.name, grid, args.seeds, args.quick, report_only=args.report_only
+    )
     report: dict = {"bench": "staleness", "quick": args.quick, "seeds": args.seeds, "settings": {}}
     for s in args.staleness:
         pair = {k: results[k] for k in (f"s{s}_none", f"s{s}_vtrace") if k in results}

@@ -1,5 +1,11 @@
 """Shared by the learning studies (``ablation.py``, ``staleness.py``): run a recipe variant per seed with the
-real launcher (finished runs are reused), read its learning curve, and compare variants over seeds.
+real launcher, read its learning curve, and compare variants over seeds.
+
+Every finished run leaves a **record** (its learning curve and figures, the exact overrides, the commit;
+a few KB of JSON) under ``bench/results/<study>/``, which is committed: a study reuses a run whose record
+matches its overrides, on any machine, so a protocol of many hours is completed over several sessions and
+its table can be re-printed from the repository alone (``--report-only``). A run directory that finished
+but has no record yet (an older run) gets one written.
 
 Statistics, per variant over seeds: mean and sample standard deviation of the final held-out accuracy,
 of the normalised area under the learning curve (mean held-out accuracy over the trained samples,
@@ -10,16 +16,21 @@ variant (same seed = same data order, same initial weights) with a two-sided 95%
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import statistics
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from runs import launch, rows
+from runs import ROOT, launch, rows
+
+RESULTS = ROOT / "bench" / "results"
 
 # The studies compare the paper's method and its variants, so the embedded default's one addition to it,
 # DAPO's dynamic sampling (train.filter_uniform_rewards), is off in every run; staleness and the engine's
@@ -38,20 +49,62 @@ QUICK = [
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def run(root: Path, name: str, overrides: Sequence[str], seed: int, quick: bool) -> list[dict[str, Any]]:
-    """One run of ``name`` with ``seed`` under ``root`` (reused when it finished before)."""
+def overrides_of(name: str, overrides: Sequence[str], seed: int, quick: bool) -> list[str]:
+    """Every override of run ``name`` at ``seed``: the studies' pins, the protocol, the variant's own."""
+    extra = [*BASE, *(QUICK if quick else []), f"train.seed={seed}", *overrides]
+    if quick and not any(o.startswith("algo.value_pretrain_steps") for o in overrides):
+        extra.append("algo.value_pretrain_steps=8")
+    return extra
+
+
+def run(
+    root: Path, records: Path, name: str, overrides: Sequence[str], seed: int, quick: bool
+) -> dict[str, Any]:
+    """The ``learning_curve`` of ``name`` at ``seed``: from its record when one matches these overrides,
+    else from a finished run under ``root``, else from a new run (its record written either way)."""
+    extra = overrides_of(name, overrides, seed, quick)
+    record = read_record(records / f"{name}_seed{seed}.json", extra)
+    if record is not None:
+        return record
     out = root / f"{name}_seed{seed}"
     if not finished(out):
-        extra = [*BASE, *(QUICK if quick else []), f"train.seed={seed}", *overrides]
-        if quick and not any(o.startswith("algo.value_pretrain_steps") for o in overrides):
-            extra.append("algo.value_pretrain_steps=8")
         print(f"run {name} seed {seed} ...", file=sys.stderr, flush=True)
         launch(out, extra)
-    return rows(out)
+    curve = learning_curve(rows(out))
+    write_record(records / f"{name}_seed{seed}.json", extra, curve)
+    return curve
+
+
+def read_record(path: Path, overrides: list[str]) -> dict[str, Any] | None:
+    """The learning curve recorded at ``path`` when it was run with exactly ``overrides`` (else None)."""
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if rec.get("overrides") != overrides:
+        return None
+    return {**rec["result"], "curve": [tuple(p) for p in rec["result"]["curve"]]}
+
+
+def write_record(path: Path, overrides: list[str], curve: dict[str, Any]) -> None:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    rec = {
+        "overrides": overrides,
+        "commit": commit.stdout.strip(),
+        "recorded": time.strftime("%Y-%m-%d"),
+        "result": curve,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=1) + "\n")
 
 
 def run_grid(
-    root: Path, grid: dict[str, list[str]], seeds: Sequence[int], quick: bool, report_only: bool = False
+    root: Path,
+    records: Path,
+    grid: dict[str, list[str]],
+    seeds: Sequence[int],
+    quick: bool,
+    report_only: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """``learning_curve`` of every setting of ``grid`` at every seed (each tagged with its ``seed``), run
     seed-major so that an interrupted study has every setting at the first seeds. A failed run is reported
@@ -59,15 +112,23 @@ def run_grid(
     results: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
         for name, overrides in grid.items():
-            if report_only and not finished(root / f"{name}_seed{seed}"):
+            if report_only and not available(
+                root, records, name, overrides_of(name, overrides, seed, quick), seed
+            ):
                 continue
             try:
-                curve = learning_curve(run(root, name, overrides, seed, quick))
+                curve = run(root, records, name, overrides, seed, quick)
             except RuntimeError as exc:
                 print(f"  {name} seed {seed} failed: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
                 continue
             results.setdefault(name, []).append({**curve, "seed": seed})
     return results
+
+
+def available(root: Path, records: Path, name: str, overrides: list[str], seed: int) -> bool:
+    """A record or a finished run of ``name`` at ``seed`` exists (nothing needs to run)."""
+    recorded = read_record(records / f"{name}_seed{seed}.json", overrides) is not None
+    return recorded or finished(root / f"{name}_seed{seed}")
 
 
 def finished(out: Path) -> bool:
@@ -92,6 +153,7 @@ def learning_curve(all_rows: list[dict[str, Any]]) -> dict[str, Any]:
         curve.append((samples, e["eval_accuracy"]))
     ev = [r["explained_variance"] for r in train if r.get("explained_variance") is not None]
     stale = train[-1].get("staleness_hist", {}) if train else {}
+    rl_seconds = train[-1]["time"] - train[0]["time"] + train[0]["step_seconds"] if train else 0.0
     return {
         "curve": curve,
         "final_accuracy": curve[-1][1],
@@ -100,6 +162,7 @@ def learning_curve(all_rows: list[dict[str, Any]]) -> dict[str, Any]:
         "explained_variance": statistics.mean(ev) if ev else float("nan"),
         "explained_variance_last": statistics.mean(ev[-5:]) if ev else float("nan"),
         "staleness_hist": stale,
+        "rl_minutes": round(rl_seconds / 60, 2),  # first training step to the last (evaluations included)
     }
 
 

@@ -100,3 +100,41 @@ def test_a_difference_over_one_seed_is_printed_without_an_interval(capsys):
     print_table(compare(runs, "vapo"), "vapo")
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("x ")]
     assert "-0.050 (1 seed)" in row and "+0.010 (1 seed)" in row and "nan" not in row
+
+
+def test_a_study_reuses_a_committed_record_and_records_a_finished_run(tmp_path, monkeypatch):
+    """A record with the run's exact overrides stands for the run (nothing launches); one with other
+    overrides does not; a finished run directory without a record gets one (the table then reprints from
+    the records alone)."""
+    import json
+
+    import study
+
+    def no_launch(out, overrides):
+        raise AssertionError(f"launched {out}")
+
+    monkeypatch.setattr(study, "launch", no_launch)
+    runs, records = tmp_path / "runs", tmp_path / "records"
+    curve = {"curve": [(0, 0.2), (100, 0.5)], "final_accuracy": 0.5, "auc": 0.35}
+    study.write_record(records / "vapo_seed0.json", study.overrides_of("vapo", [], 0, False), curve)
+    study.write_record(records / "x_seed0.json", study.overrides_of("x", ["algo.alpha=1"], 0, False), curve)
+
+    got = study.run_grid(runs, records, {"vapo": [], "x": ["algo.alpha=2"]}, [0], False, report_only=True)
+    assert got == {"vapo": [{**curve, "seed": 0}]}  # x's record is for another setting: not reused
+
+    out = runs / "x_seed0"  # x, run before records existed: two training steps, then an evaluation
+    out.mkdir(parents=True)
+    (out / "config.yaml").write_text("train: {total_steps: 2, eval_every: 2}\n")
+    metrics = [
+        {"phase": "train", "step": 0, "time": 10.0, "step_seconds": 5.0, "trained_sequences": 8},
+        {"phase": "train", "step": 1, "time": 15.0, "step_seconds": 5.0, "trained_sequences": 8},
+        {"phase": "eval", "step": 1, "time": 16.0, "eval_accuracy": 0.4},
+    ]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    got = study.run_grid(runs, records, {"x": ["algo.alpha=2"]}, [0], False)
+    assert got["x"][0]["final_accuracy"] == 0.4 and got["x"][0]["rl_minutes"] == pytest.approx(
+        10 / 60, abs=0.01
+    )
+    rec = json.loads((records / "x_seed0.json").read_text())
+    assert rec["overrides"][-1] == "algo.alpha=2" and rec["result"]["curve"] == [[16, 0.4]]
+    assert study.read_record(records / "x_seed0.json", study.overrides_of("x", ["algo.alpha=2"], 0, False))
