@@ -1,11 +1,12 @@
 """Shared by the learning studies (``ablation.py``, ``staleness.py``): run a recipe variant per seed with the
 real launcher, read its learning curve, and compare variants over seeds.
 
-Every finished run leaves a **record** (its learning curve and figures, the exact overrides, the commit;
-a few KB of JSON) under ``bench/results/<study>/``, which is committed: a study reuses a run whose record
-matches its overrides, on any machine, so a protocol of many hours is completed over several sessions and
-its table can be re-printed from the repository alone (``--report-only``). A run directory that finished
-but has no record yet (an older run) gets one written.
+Every finished run leaves a **record** (its learning curve and figures, its whole config, the commit; a few
+KB of JSON) under ``bench/results/<study>/``, which is committed: a study reuses a run whose record holds
+the config that run would get now, on any machine, so a protocol of many hours is completed over several
+sessions and its table re-printed from the repository alone (``--report-only``). A change of the embedded
+default invalidates exactly the records whose config it changes. A run directory that finished but has
+no record yet (an older run) gets one written.
 
 Statistics, per variant over seeds: mean and sample standard deviation of the final held-out accuracy,
 of the normalised area under the learning curve (mean held-out accuracy over the trained samples,
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import yaml
 
 from runs import ROOT, launch, rows
@@ -75,24 +77,37 @@ def run(
     return curve
 
 
-def read_record(path: Path, overrides: list[str]) -> dict[str, Any] | None:
-    """The learning curve recorded at ``path`` when it was run with exactly ``overrides`` (else None)."""
+def resolved(overrides: Sequence[str]) -> dict[str, Any]:
+    """The whole config a run with ``overrides`` gets (the embedded default + overrides), less its output
+    directory: what a record must match, so that a change of the default invalidates the records it
+    affects and no other."""
+    from async_vapo.config import load_config
+    from async_vapo.launch.cli import DEFAULT_CONFIG
+
+    tree: dict[str, Any] = msgspec.to_builtins(load_config(DEFAULT_CONFIG, list(overrides)))
+    tree.pop("output_dir", None)
+    return tree
+
+
+def read_record(path: Path, overrides: Sequence[str]) -> dict[str, Any] | None:
+    """The learning curve recorded at ``path`` when its run had the config ``overrides`` give (else None)."""
     try:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if rec.get("overrides") != overrides:
+    if rec.get("config") != resolved(overrides):
         return None
     return {**rec["result"], "curve": [tuple(p) for p in rec["result"]["curve"]]}
 
 
-def write_record(path: Path, overrides: list[str], curve: dict[str, Any]) -> None:
+def write_record(path: Path, overrides: Sequence[str], curve: dict[str, Any]) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     rec = {
-        "overrides": overrides,
+        "overrides": list(overrides),
         "commit": commit.stdout.strip(),
         "recorded": time.strftime("%Y-%m-%d"),
         "result": curve,
+        "config": resolved(overrides),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=1) + "\n")

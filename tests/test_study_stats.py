@@ -121,6 +121,11 @@ def test_a_study_reuses_a_committed_record_and_records_a_finished_run(tmp_path, 
 
     got = study.run_grid(runs, records, {"vapo": [], "x": ["algo.alpha=2"]}, [0], False, report_only=True)
     assert got == {"vapo": [{**curve, "seed": 0}]}  # x's record is for another setting: not reused
+    # the match is on the resolved config: another spelling of the same setting matches, another default not
+    assert study.read_record(records / "x_seed0.json", study.overrides_of("x", ["algo.alpha=1.0"], 0, False))
+    assert not study.read_record(
+        records / "vapo_seed0.json", study.overrides_of("vapo", ["model.dtype=float32"], 0, False)
+    )
 
     out = runs / "x_seed0"  # x, run before records existed: two training steps, then an evaluation
     out.mkdir(parents=True)
