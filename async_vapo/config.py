@@ -22,7 +22,9 @@ class ModelConfig(_Section, frozen=True):
 
     path: str = ""  # HF directory of the policy; "" = the built-in tiny model (built on first use)
     value_path: str = ""  # reward-model / value checkpoint to start the critic from; "" = policy backbone
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # the learner's weights; auto: bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32.
+    # CPU engines sample in fp32 either way (from the learner's bf16-valued weights)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 class DataConfig(_Section, frozen=True):

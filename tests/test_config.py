@@ -62,3 +62,23 @@ def test_dynamic_sampling_needs_groups():
         load_config(None, ["train.filter_uniform_rewards=true", "rollout.n_samples=1"])
     embedded = Path(__file__).resolve().parents[1] / "configs" / "embedded_default.yaml"
     assert load_config(embedded).train.filter_uniform_rewards  # the embedded default's one addition
+
+
+def test_auto_dtype_is_bf16_on_gpus_and_on_cpus_that_multiply_bf16_natively(monkeypatch):
+    import torch
+
+    from async_vapo.learner import models
+
+    flags = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = {
+            f for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for f in line.split()
+        }
+    if flags:  # the probe agrees with what the kernel reports about this machine
+        assert models.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(models, "cpu_has_native_bf16", lambda native=native: native)
+        assert models.torch_dtype("auto", on_gpu=False) == want
+        assert models.torch_dtype("auto", on_gpu=True) == torch.bfloat16
+        assert models.torch_dtype("float32", on_gpu=True) == torch.float32  # an explicit dtype is kept
