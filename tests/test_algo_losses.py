@@ -58,7 +58,7 @@ def test_policy_loss_matches_reference(seed, agg, off_policy):
     b = behav if off_policy else None
     loss, metrics = policy_loss(logp, prox, adv, mask, 0.2, 0.28, b, 2.0, agg)
     ref = reference_policy_loss(logp, prox, b, adv, mask, 0.2, 0.28, 2.0, agg)
-    assert abs(float(loss) - ref) < 1e-9
+    assert abs(float(loss.detach()) - ref) < 1e-9
     assert 0 <= float(metrics["clip_frac_low"]) <= 1
 
 
@@ -78,8 +78,8 @@ def test_clip_higher_is_asymmetric():
     logp = torch.full((1, 2), torch.log(torch.tensor(1.25)).item(), requires_grad=True)
     l_high, _ = policy_loss(logp, prox, adv, mask, 0.2, 0.28)
     l_sym, _ = policy_loss(logp, prox, adv, mask, 0.2, 0.2)
-    assert float(l_high) == pytest.approx(-1.25)
-    assert float(l_sym) == pytest.approx(-1.2)
+    assert float(l_high.detach()) == pytest.approx(-1.25)
+    assert float(l_sym.detach()) == pytest.approx(-1.2)
     (g,) = torch.autograd.grad(l_sym, logp)
     assert torch.all(g == 0)  # clipped side: no gradient
 
@@ -114,7 +114,7 @@ def test_nll_zero_with_zero_gradient_without_correct_samples():
     logp = (-torch.rand(3, 5)).requires_grad_()
     mask = torch.ones(3, 5, dtype=torch.bool)
     loss = positive_nll_loss(logp, mask, torch.zeros(3, dtype=torch.bool))
-    assert float(loss) == 0.0
+    assert float(loss.detach()) == 0.0
     (g,) = torch.autograd.grad(loss, logp)
     assert torch.all(g == 0)
 
@@ -143,17 +143,17 @@ def test_value_loss_clipped_closed_form():
     returns = torch.tensor([[2.0, 0.0]])
     loss, clip_frac = value_loss(values, old, returns, mask, clip_range=0.2)
     # token 0: unclipped (1-2)^2 = 1, clipped (0.2-2)^2 = 3.24 -> 3.24; token 1: 0.01 vs 0.01 -> 0.01
-    assert float(loss) == pytest.approx(0.5 * (3.24 + 0.01) / 2)
+    assert float(loss.detach()) == pytest.approx(0.5 * (3.24 + 0.01) / 2)
     assert float(clip_frac) == pytest.approx(0.5)
     loss_nc, _ = value_loss(values, old, returns, mask, clip_range=None)
-    assert float(loss_nc) == pytest.approx(0.5 * (1.0 + 0.01) / 2)
+    assert float(loss_nc.detach()) == pytest.approx(0.5 * (1.0 + 0.01) / 2)
 
 
 def test_value_loss_ignores_masked_positions():
     mask = torch.tensor([[True, False]])
     v = torch.tensor([[1.0, 1e6]])
     loss, _ = value_loss(v, v, torch.tensor([[0.0, -1e6]]), mask, None)
-    assert float(loss) == pytest.approx(0.5)
+    assert float(loss.detach()) == pytest.approx(0.5)
 
 
 def test_explained_variance():
