@@ -5,8 +5,8 @@ Every finished run leaves a **record** (its learning curve and figures, its whol
 KB of JSON) under ``bench/results/<study>/``, which is committed: a study reuses a run whose record holds
 the config that run would get now, on any machine, so a protocol of many hours is completed over several
 sessions and its table re-printed from the repository alone (``--report-only``). A change of the embedded
-default invalidates exactly the records whose config it changes. A run directory that finished but has
-no record yet (an older run) gets one written.
+default invalidates exactly the records whose config it changes. A finished run directory of the same
+config without a record (an older run) gets one written; one of another config is run again.
 
 Statistics, per variant over seeds: mean and sample standard deviation of the final held-out accuracy,
 of the normalised area under the learning curve (mean held-out accuracy over the trained samples,
@@ -69,18 +69,22 @@ def overrides_of(name: str, overrides: Sequence[str], seed: int, quick: bool) ->
 def run(
     root: Path, records: Path, name: str, overrides: Sequence[str], seed: int, quick: bool
 ) -> dict[str, Any]:
-    """The ``learning_curve`` of ``name`` at ``seed``: from its record when one matches these overrides,
-    else from a finished run under ``root``, else from a new run (its record written either way)."""
+    """The ``learning_curve`` of ``name`` at ``seed``: from its record when one holds the config these
+    overrides give, else from a finished run of that config under ``root``, else from a new run (a
+    finished run of another config is moved aside); the record is written either way."""
     extra = overrides_of(name, overrides, seed, quick)
-    record = read_record(records / f"{name}_seed{seed}.json", extra)
+    want = resolved(extra)
+    record = read_record(records / f"{name}_seed{seed}.json", want)
     if record is not None:
         return record
     out = root / f"{name}_seed{seed}"
-    if not finished(out):
+    if not (finished(out) and run_config(out) == want):
+        if out.exists():
+            out.rename(out.with_name(f"{out.name}.old-{int(time.time())}"))
         print(f"run {name} seed {seed} ...", file=sys.stderr, flush=True)
         launch(out, extra)
     curve = learning_curve(rows(out))
-    write_record(records / f"{name}_seed{seed}.json", extra, curve)
+    write_record(records / f"{name}_seed{seed}.json", extra, run_config(out), curve)
     return curve
 
 
@@ -96,25 +100,39 @@ def resolved(overrides: Sequence[str]) -> dict[str, Any]:
     return tree
 
 
-def read_record(path: Path, overrides: Sequence[str]) -> dict[str, Any] | None:
-    """The learning curve recorded at ``path`` when its run had the config ``overrides`` give (else None)."""
+def run_config(out: Path) -> dict[str, Any] | None:
+    """The config the run in ``out`` had (its ``config.yaml``), less its output directory."""
+    try:
+        tree = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if isinstance(tree, dict):
+        tree.pop("output_dir", None)
+        return tree
+    return None
+
+
+def read_record(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The learning curve recorded at ``path`` when its run had ``config`` (else None)."""
     try:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if rec.get("config") != resolved(overrides):
+    if rec.get("config") != config:
         return None
     return {**rec["result"], "curve": [tuple(p) for p in rec["result"]["curve"]]}
 
 
-def write_record(path: Path, overrides: Sequence[str], curve: dict[str, Any]) -> None:
+def write_record(
+    path: Path, overrides: Sequence[str], config: dict[str, Any] | None, curve: dict[str, Any]
+) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     rec = {
         "overrides": list(overrides),
         "commit": commit.stdout.strip(),
         "recorded": time.strftime("%Y-%m-%d"),
         "result": curve,
-        "config": resolved(overrides),
+        "config": config,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=1) + "\n")
@@ -148,9 +166,11 @@ def run_grid(
 
 
 def available(root: Path, records: Path, name: str, overrides: list[str], seed: int) -> bool:
-    """A record or a finished run of ``name`` at ``seed`` exists (nothing needs to run)."""
-    recorded = read_record(records / f"{name}_seed{seed}.json", overrides) is not None
-    return recorded or finished(root / f"{name}_seed{seed}")
+    """A record or a finished run of ``name`` at ``seed`` with the config ``overrides`` give exists."""
+    want = resolved(overrides)
+    out = root / f"{name}_seed{seed}"
+    recorded = read_record(records / f"{name}_seed{seed}.json", want) is not None
+    return recorded or (finished(out) and run_config(out) == want)
 
 
 def finished(out: Path) -> bool:

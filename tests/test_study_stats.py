@@ -103,43 +103,55 @@ def test_a_difference_over_one_seed_is_printed_without_an_interval(capsys):
 
 
 def test_a_study_reuses_a_committed_record_and_records_a_finished_run(tmp_path, monkeypatch):
-    """A record with the run's exact overrides stands for the run (nothing launches); one with other
-    overrides does not; a finished run directory without a record gets one (the table then reprints from
-    the records alone)."""
+    """A record of the config a run would get stands for the run (nothing launches); one of another
+    config does not; a finished run directory of that config without a record gets one (the table then
+    reprints from the records alone), and one of another config is run again."""
     import json
+
+    import yaml
 
     import study
 
-    def no_launch(out, overrides):
-        raise AssertionError(f"launched {out}")
-
-    monkeypatch.setattr(study, "launch", no_launch)
+    launched = []
+    monkeypatch.setattr(study, "launch", lambda out, overrides: launched.append(out))
     runs, records = tmp_path / "runs", tmp_path / "records"
     curve = {"curve": [(0, 0.2), (100, 0.5)], "final_accuracy": 0.5, "auc": 0.35}
-    study.write_record(records / "vapo_seed0.json", study.overrides_of("vapo", [], 0, False), curve)
-    study.write_record(records / "x_seed0.json", study.overrides_of("x", ["algo.alpha=1"], 0, False), curve)
+
+    def config(name, overrides):
+        return study.resolved(study.overrides_of(name, overrides, 0, False))
+
+    study.write_record(records / "vapo_seed0.json", [], config("vapo", []), curve)
+    study.write_record(records / "x_seed0.json", ["algo.alpha=1"], config("x", ["algo.alpha=1"]), curve)
 
     got = study.run_grid(runs, records, {"vapo": [], "x": ["algo.alpha=2"]}, [0], False, report_only=True)
     assert got == {"vapo": [{**curve, "seed": 0}]}  # x's record is for another setting: not reused
     # the match is on the resolved config: another spelling of the same setting matches, another default not
-    assert study.read_record(records / "x_seed0.json", study.overrides_of("x", ["algo.alpha=1.0"], 0, False))
-    assert not study.read_record(
-        records / "vapo_seed0.json", study.overrides_of("vapo", ["model.dtype=float32"], 0, False)
-    )
+    assert study.read_record(records / "x_seed0.json", config("x", ["algo.alpha=1.0"]))
+    assert not study.read_record(records / "vapo_seed0.json", config("vapo", ["model.dtype=float32"]))
 
-    out = runs / "x_seed0"  # x, run before records existed: two training steps, then an evaluation
+    # x at alpha 2, run before records existed (the launcher wrote its config): the last two of its 120
+    # training steps, then an evaluation
+    out = runs / "x_seed0"
     out.mkdir(parents=True)
-    (out / "config.yaml").write_text("train: {total_steps: 2, eval_every: 2}\n")
+    (out / "config.yaml").write_text(
+        yaml.safe_dump({"output_dir": str(out), **config("x", ["algo.alpha=2"])})
+    )
     metrics = [
-        {"phase": "train", "step": 0, "time": 10.0, "step_seconds": 5.0, "trained_sequences": 8},
-        {"phase": "train", "step": 1, "time": 15.0, "step_seconds": 5.0, "trained_sequences": 8},
-        {"phase": "eval", "step": 1, "time": 16.0, "eval_accuracy": 0.4},
+        {"phase": "train", "step": 118, "time": 10.0, "step_seconds": 5.0, "trained_sequences": 8},
+        {"phase": "train", "step": 119, "time": 15.0, "step_seconds": 5.0, "trained_sequences": 8},
+        {"phase": "eval", "step": 119, "time": 16.0, "eval_accuracy": 0.4},
     ]
     (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     got = study.run_grid(runs, records, {"x": ["algo.alpha=2"]}, [0], False)
-    assert got["x"][0]["final_accuracy"] == 0.4 and got["x"][0]["rl_minutes"] == pytest.approx(
-        10 / 60, abs=0.01
-    )
+    assert not launched
+    assert got["x"][0]["final_accuracy"] == 0.4
+    assert got["x"][0]["rl_minutes"] == pytest.approx(10 / 60, abs=0.01)
     rec = json.loads((records / "x_seed0.json").read_text())
     assert rec["overrides"][-1] == "algo.alpha=2" and rec["result"]["curve"] == [[16, 0.4]]
-    assert study.read_record(records / "x_seed0.json", study.overrides_of("x", ["algo.alpha=2"], 0, False))
+    assert study.read_record(records / "x_seed0.json", config("x", ["algo.alpha=2"]))
+
+    # the same directory asked for at alpha 3: another config, so it is moved aside and run again
+    with pytest.raises(OSError):  # the stand-in launcher leaves no metrics behind
+        study.run_grid(runs, records, {"x": ["algo.alpha=3"]}, [0], False)
+    (aside,) = runs.iterdir()
+    assert launched == [out] and aside.name.startswith("x_seed0.old-") and (aside / "metrics.jsonl").exists()
