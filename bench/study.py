@@ -78,14 +78,22 @@ def run(
     if record is not None:
         return record
     out = root / f"{name}_seed{seed}"
+    commit = "unknown: run before it was recorded"
     if not (finished(out) and run_config(out) == want):
         if out.exists():
             out.rename(out.with_name(f"{out.name}.old-{int(time.time())}"))
         print(f"run {name} seed {seed} ...", file=sys.stderr, flush=True)
+        commit = head_commit()  # the code the run starts with
         launch(out, extra)
     curve = learning_curve(rows(out))
-    write_record(records / f"{name}_seed{seed}.json", extra, run_config(out), curve)
+    write_record(records / f"{name}_seed{seed}.json", extra, run_config(out), curve, commit)
     return curve
+
+
+def head_commit() -> str:
+    res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "async_vapo", "configs"], cwd=ROOT)
+    return res.stdout.strip() + ("+changes" if dirty.returncode else "")
 
 
 def resolved(overrides: Sequence[str]) -> dict[str, Any]:
@@ -124,12 +132,11 @@ def read_record(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def write_record(
-    path: Path, overrides: Sequence[str], config: dict[str, Any] | None, curve: dict[str, Any]
+    path: Path, overrides: Sequence[str], config: dict[str, Any] | None, curve: dict[str, Any], commit: str
 ) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     rec = {
         "overrides": list(overrides),
-        "commit": commit.stdout.strip(),
+        "commit": commit,
         "recorded": time.strftime("%Y-%m-%d"),
         "result": curve,
         "config": config,

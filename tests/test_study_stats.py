@@ -120,8 +120,10 @@ def test_a_study_reuses_a_committed_record_and_records_a_finished_run(tmp_path, 
     def config(name, overrides):
         return study.resolved(study.overrides_of(name, overrides, 0, False))
 
-    study.write_record(records / "vapo_seed0.json", [], config("vapo", []), curve)
-    study.write_record(records / "x_seed0.json", ["algo.alpha=1"], config("x", ["algo.alpha=1"]), curve)
+    study.write_record(records / "vapo_seed0.json", [], config("vapo", []), curve, "abc1234")
+    study.write_record(
+        records / "x_seed0.json", ["algo.alpha=1"], config("x", ["algo.alpha=1"]), curve, "abc1234"
+    )
 
     got = study.run_grid(runs, records, {"vapo": [], "x": ["algo.alpha=2"]}, [0], False, report_only=True)
     assert got == {"vapo": [{**curve, "seed": 0}]}  # x's record is for another setting: not reused
@@ -148,6 +150,7 @@ def test_a_study_reuses_a_committed_record_and_records_a_finished_run(tmp_path, 
     assert got["x"][0]["rl_minutes"] == pytest.approx(10 / 60, abs=0.01)
     rec = json.loads((records / "x_seed0.json").read_text())
     assert rec["overrides"][-1] == "algo.alpha=2" and rec["result"]["curve"] == [[16, 0.4]]
+    assert rec["commit"].startswith("unknown")  # which code ran it is not known
     assert study.read_record(records / "x_seed0.json", config("x", ["algo.alpha=2"]))
 
     # the same directory asked for at alpha 3: another config, so it is moved aside and run again
