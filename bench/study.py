@@ -79,7 +79,7 @@ def run(
         return record
     out = root / f"{name}_seed{seed}"
     commit = "unknown: run before it was recorded"
-    if not (finished(out) and run_config(out) == want):
+    if not reusable(out, want):
         if out.exists():
             out.rename(out.with_name(f"{out.name}.old-{int(time.time())}"))
         print(f"run {name} seed {seed} ...", file=sys.stderr, flush=True)
@@ -177,7 +177,12 @@ def available(root: Path, records: Path, name: str, overrides: list[str], seed: 
     want = resolved(overrides)
     out = root / f"{name}_seed{seed}"
     recorded = read_record(records / f"{name}_seed{seed}.json", want) is not None
-    return recorded or (finished(out) and run_config(out) == want)
+    return recorded or reusable(out, want)
+
+
+def reusable(out: Path, config: dict[str, Any]) -> bool:
+    """The run in ``out`` finished and had ``config``."""
+    return finished(out) and run_config(out) == config
 
 
 def finished(out: Path) -> bool:
