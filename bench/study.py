@@ -67,27 +67,41 @@ def overrides_of(name: str, overrides: Sequence[str], seed: int, quick: bool) ->
 
 
 def run(
-    root: Path, records: Path, name: str, overrides: Sequence[str], seed: int, quick: bool
-) -> dict[str, Any]:
+    root: Path,
+    records: Path,
+    name: str,
+    overrides: Sequence[str],
+    seed: int,
+    quick: bool,
+    start_missing: bool = True,
+) -> dict[str, Any] | None:
     """The ``learning_curve`` of ``name`` at ``seed``: from its record when one holds the config these
     overrides give, else from a finished run of that config under ``root``, else from a new run (a
-    finished run of another config is moved aside); the record is written either way."""
+    finished run of another config is moved aside) unless ``start_missing`` is false (then None); the
+    record is written whenever a curve is read from a run."""
     extra = overrides_of(name, overrides, seed, quick)
     want = resolved(extra)
-    record = read_record(records / f"{name}_seed{seed}.json", want)
+    record = read_record(record_path(records, name, seed), want)
     if record is not None:
         return record
     out = root / f"{name}_seed{seed}"
     commit = "unknown: run before it was recorded"
     if not reusable(out, want):
+        if not start_missing:
+            return None
         if out.exists():
             out.rename(out.with_name(f"{out.name}.old-{int(time.time())}"))
         print(f"run {name} seed {seed} ...", file=sys.stderr, flush=True)
         commit = head_commit()  # the code the run starts with
         launch(out, extra)
     curve = learning_curve(rows(out))
-    write_record(records / f"{name}_seed{seed}.json", extra, run_config(out), curve, commit)
+    write_record(record_path(records, name, seed), extra, run_config(out), curve, commit)
     return curve
+
+
+def record_path(records: Path, name: str, seed: int) -> Path:
+    """Where the record of ``name`` at ``seed`` lives (committed under ``bench/results``)."""
+    return records / f"{name}_seed{seed}.json"
 
 
 def head_commit() -> str:
@@ -159,25 +173,14 @@ def run_grid(
     results: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
         for name, overrides in grid.items():
-            if report_only and not available(
-                root, records, name, overrides_of(name, overrides, seed, quick), seed
-            ):
-                continue
             try:
-                curve = run(root, records, name, overrides, seed, quick)
+                curve = run(root, records, name, overrides, seed, quick, start_missing=not report_only)
             except RuntimeError as exc:
                 print(f"  {name} seed {seed} failed: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
                 continue
-            results.setdefault(name, []).append({**curve, "seed": seed})
+            if curve is not None:
+                results.setdefault(name, []).append({**curve, "seed": seed})
     return results
-
-
-def available(root: Path, records: Path, name: str, overrides: list[str], seed: int) -> bool:
-    """A record or a finished run of ``name`` at ``seed`` with the config ``overrides`` give exists."""
-    want = resolved(overrides)
-    out = root / f"{name}_seed{seed}"
-    recorded = read_record(records / f"{name}_seed{seed}.json", want) is not None
-    return recorded or reusable(out, want)
 
 
 def reusable(out: Path, config: dict[str, Any]) -> bool:
