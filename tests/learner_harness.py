@@ -13,17 +13,13 @@ import torch
 
 
 def make_groups(model_dir: str, n_groups: int, n: int, seed: int):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from async_vapo.algo import token_logprobs
-    from async_vapo.protocol import Prompt, Response, TrajectoryGroup, pack_f32, pack_i32
     from async_vapo.rewards import AdditionVerifier
     from async_vapo.tasks.arithmetic import AdditionTask
     from async_vapo.tasks.tiny_model import prompt_ids
 
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok, model = _policy(model_dir)
     task, verify = AdditionTask(), AdditionVerifier()
     groups = []
     for p in task.problems(n_groups, seed, "h"):
@@ -45,37 +41,21 @@ def make_groups(model_dir: str, n_groups: int, n: int, seed: int):
         for i in range(n):
             row = resp[i].tolist()
             L = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
-            text = tok.decode(row[:L], skip_special_tokens=True)
-            v = verify(text, p.answer)
-            responses.append(
-                Response(
-                    pack_i32(row[:L]),
-                    pack_f32(lps[i, :L].tolist()),
-                    pack_i32([0] * L),
-                    "stop" if len(row) > L or row[-1] == tok.eos_token_id else "length",
-                    float(v.correct),
-                    v.correct,
-                    v.detail,
-                )
-            )
-        groups.append(
-            TrajectoryGroup(Prompt(p.uid, pack_i32(ids), p.answer, "addition"), responses, "h", 0.0)
-        )
+            v = verify(tok.decode(row[:L], skip_special_tokens=True), p.answer)
+            finish = "stop" if len(row) > L or row[-1] == tok.eos_token_id else "length"
+            responses.append(_response(row[:L], lps[i, :L].tolist(), finish, v.correct, v.detail))
+        groups.append(_group(p, ids, responses))
     return groups
 
 
 def long_group(model_dir: str, response_tokens: int, seed: int):
     """One group at the recipe's response length: a response cut at ``response_tokens`` (finish "length",
     wrong) and a short correct one, with the model's own behaviour log-probs."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from async_vapo.algo import token_logprobs
-    from async_vapo.protocol import Prompt, Response, TrajectoryGroup, pack_f32, pack_i32
     from async_vapo.tasks.arithmetic import AdditionTask
     from async_vapo.tasks.tiny_model import prompt_ids
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok, model = _policy(model_dir)
     task = AdditionTask()
     (p,) = task.problems(1, seed, "long")
     ids = prompt_ids(tok, task, p)
@@ -86,13 +66,32 @@ def long_group(model_dir: str, response_tokens: int, seed: int):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids + row.tolist()])).logits[:, len(ids) - 1 : -1]
         lps = token_logprobs(logits, row[None])[0]
-        reward = 1.0 if correct else 0.0
-        responses.append(
-            Response(
-                pack_i32(row.tolist()), pack_f32(lps.tolist()), pack_i32([0] * n), finish, reward, correct
-            )
-        )
-    return [TrajectoryGroup(Prompt(p.uid, pack_i32(ids), p.answer, "addition"), responses, "h", 0.0)]
+        responses.append(_response(row.tolist(), lps.tolist(), finish, correct))
+    return [_group(p, ids, responses)]
+
+
+def _policy(model_dir: str):
+    """The tiny model's tokenizer and its policy in eval mode (the behaviour policy of the batches)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def _response(row: list[int], logprobs: list[float], finish: str, correct: bool, verdict: str = ""):
+    """A version-0 response with reward 1 when correct, else 0."""
+    from async_vapo.protocol import Response, pack_f32, pack_i32
+
+    return Response(
+        pack_i32(row), pack_f32(logprobs), pack_i32([0] * len(row)), finish, float(correct), correct, verdict
+    )
+
+
+def _group(problem, prompt: list[int], responses: list):
+    from async_vapo.protocol import Prompt, TrajectoryGroup, pack_i32
+
+    return TrajectoryGroup(
+        Prompt(problem.uid, pack_i32(prompt), problem.answer, "addition"), responses, "h", 0.0
+    )
 
 
 def rank_main(rank: int, world: int, port: int, job: dict) -> None:
