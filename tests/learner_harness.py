@@ -94,6 +94,18 @@ def _group(problem, prompt: list[int], responses: list):
     )
 
 
+def micro_schedule(micro: int | str, k: int, mini_batches: int = 1):
+    """The update schedule of step ``k`` under ``micro`` and whether it checkpoints gradients. ``micro``:
+    sequences per micro-batch, or "T/C[/gc]": packed micro-batches of up to T tokens, the LM head in chunks
+    of C, gradient checkpointing when "/gc" ends it."""
+    from async_vapo.learner.step import UpdateSchedule
+
+    if isinstance(micro, int):
+        return UpdateSchedule(1, mini_batches, micro, k), False
+    tokens, chunk, *rest = micro.split("/")
+    return UpdateSchedule(1, mini_batches, 64, k, 0, int(tokens), int(chunk)), rest == ["gc"]
+
+
 def rank_main(rank: int, world: int, port: int, job: dict) -> None:
     from async_vapo.learner.models import local_rank_env
 
@@ -134,11 +146,7 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
         return pol, val
 
     def step(pol, val, k, micro=64, mini_batches=1):
-        if isinstance(micro, str):  # "T/C": packed micro-batches of up to T tokens, LM head in chunks of C
-            tokens, chunk = map(int, micro.split("/")[:2])
-            sched = UpdateSchedule(1, mini_batches, 64, k, 0, tokens, chunk)
-        else:
-            sched = UpdateSchedule(1, mini_batches, micro, k)
+        sched, _ = micro_schedule(micro, k, mini_batches)
         t = compute_targets(pol, val, b, algo, temperature, sched.micro)
         vm = value_update(val, b, t, algo, sched)
         pm = policy_update(pol, b, t, algo, temperature, sched)
@@ -171,8 +179,8 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
                 "value": [p.flatten()[:4096].tolist() for p in full_params(val)],
             }
 
-        for micro in job["micros"]:  # a trailing "/gc": with gradient checkpointing
-            pol, val = engines(job.get("warmup", 0), str(micro).endswith("/gc"))
+        for micro in job["micros"]:
+            pol, val = engines(job.get("warmup", 0), micro_schedule(micro, 0)[1])
             out.setdefault("initial", head(pol, val))
             for k in range(job["steps"]):
                 out["steps"].append(step(pol, val, k, micro, job.get("mini_batches", 1)))
