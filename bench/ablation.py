@@ -11,7 +11,7 @@ and reused by later invocations on any machine, so an interrupted ablation conti
 
     .venv/bin/python bench/ablation.py --quick                          # ~4 min per run on 2 cores
     .venv/bin/python bench/ablation.py --only vapo no_value_pretrain vanilla_ppo group_norm --seeds 0 1 2
-    .venv/bin/python bench/ablation.py                                  # the full table, ~8 min per run
+    .venv/bin/python bench/ablation.py                                  # the full table, ~6.5 min per run
     .venv/bin/python bench/ablation.py --only group_norm --set data.min_digits=3   # longer responses
 """
 

@@ -1,12 +1,13 @@
-"""Shared by the learning studies (``ablation.py``, ``staleness.py``): run a recipe variant per seed with the
-real launcher, read its learning curve, and compare variants over seeds.
+"""Shared by the learning studies (``ablation.py``, ``staleness.py``, ``tune.py``): run a recipe variant per
+seed with the real launcher, read its learning curve, and compare variants over seeds.
 
 Every finished run leaves a **record** (its learning curve and figures, its whole config, the commit; a few
 KB of JSON) under ``bench/results/<study>/``, which is committed: a study reuses a run whose record holds
 the config that run would get now, on any machine, so a protocol of many hours is completed over several
-sessions and its table re-printed from the repository alone (``--report-only``). A change of the embedded
-default invalidates exactly the records whose config it changes. A finished run directory of the same
-config without a record (an older run) gets one written; one of another config is run again.
+sessions and its table re-printed from the repository alone (``--report-only``); a record of one study
+stands for the same config's run in another. A change of the embedded default invalidates exactly the
+records whose config it changes. A finished run directory of the same config without a record (an older
+run) gets one written; one of another config is run again.
 
 Statistics, per variant over seeds: mean and sample standard deviation of the final held-out accuracy,
 of the normalised area under the learning curve (mean held-out accuracy over the trained samples,
@@ -76,12 +77,14 @@ def run(
     start_missing: bool = True,
 ) -> dict[str, Any] | None:
     """The ``learning_curve`` of ``name`` at ``seed``: from its record when one holds the config these
-    overrides give, else from a finished run of that config under ``root``, else from a new run (a
-    finished run of another config is moved aside) unless ``start_missing`` is false (then None); the
-    record is written whenever a curve is read from a run."""
+    overrides give (else from any study's record of that config), else from a finished run of that config
+    under ``root``, else from a new run (a finished run of another config is moved aside) unless
+    ``start_missing`` is false (then None); the record is written whenever a curve is read from a run."""
     extra = overrides_of(name, overrides, seed, quick)
     want = resolved(extra)
     record = read_record(record_path(records, name, seed), want)
+    if record is None:
+        record = find_record(want)  # another study's run of the same config (tune.py's default point)
     if record is not None:
         return record
     out = root / f"{name}_seed{seed}"
@@ -140,9 +143,18 @@ def read_record(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if rec.get("config") != config:
+    if not isinstance(rec, dict) or rec.get("config") != config:
         return None
     return {**rec["result"], "curve": [tuple(p) for p in rec["result"]["curve"]]}
+
+
+def find_record(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The learning curve of a run that had ``config`` from any study's records under ``RESULTS``."""
+    for path in sorted(RESULTS.rglob("*.json")):
+        record = read_record(path, config)
+        if record is not None:
+            return record
+    return None
 
 
 def write_record(
@@ -278,8 +290,10 @@ def _by_seed(runs_: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 
 
 def print_table(stats: dict[str, dict[str, Any]], reference: str) -> None:
-    head = f"{'variant':<28}{'final acc':>16}{'AUC':>16}{'expl. var':>16}"
-    head += f"{'final - ' + reference + ' [95% CI]':>34}{'AUC - ' + reference + ' [95% CI]':>34}"
+    w = max([28, *(len(name) + 2 for name in stats)])  # tune.py's names carry their grid point
+    head = f"{'variant':<{w}}{'final acc':>16}{'AUC':>16}{'expl. var':>16}"
+    dw = max(34, len(reference) + 26)
+    head += f"{'final - ' + reference + ' [95% CI]':>{dw}}{'AUC - ' + reference + ' [95% CI]':>{dw}}"
     print(head)
     for name, r in sorted(stats.items(), key=lambda kv: -kv[1]["final_accuracy"]["mean"]):
         cells = [_cell(r[k]) for k in ("final_accuracy", "auc", "explained_variance")]
@@ -287,7 +301,7 @@ def print_table(stats: dict[str, dict[str, Any]], reference: str) -> None:
         for key in ("final_accuracy", "auc"):
             d = r.get(f"{key}_vs_{reference}")
             diffs.append(_diff_cell(d))
-        print(f"{name:<28}{cells[0]:>16}{cells[1]:>16}{cells[2]:>16}{diffs[0]:>34}{diffs[1]:>34}")
+        print(f"{name:<{w}}{cells[0]:>16}{cells[1]:>16}{cells[2]:>16}{diffs[0]:>{dw}}{diffs[1]:>{dw}}")
 
 
 def _diff_cell(d: dict[str, Any] | None) -> str:

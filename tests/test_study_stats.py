@@ -114,6 +114,7 @@ def test_a_study_reuses_a_committed_record_and_records_a_finished_run(tmp_path, 
 
     launched = []
     monkeypatch.setattr(study, "launch", lambda out, overrides: launched.append(out))
+    monkeypatch.setattr(study, "RESULTS", tmp_path)  # no committed record stands in for these runs
     runs, records = tmp_path / "runs", tmp_path / "records"
     curve = {"curve": [(0, 0.2), (100, 0.5)], "final_accuracy": 0.5, "auc": 0.35}
 
@@ -158,3 +159,66 @@ def test_a_study_reuses_a_committed_record_and_records_a_finished_run(tmp_path, 
         study.run_grid(runs, records, {"x": ["algo.alpha=3"]}, [0], False)
     (aside,) = runs.iterdir()
     assert launched == [out] and aside.name.startswith("x_seed0.old-") and (aside / "metrics.jsonl").exists()
+
+
+def test_tuning_gives_every_variant_the_same_grid_and_keeps_each_ones_best_point(tmp_path, monkeypatch):
+    """bench/tune.py: every variant runs every grid point at every seed (through study.run_grid, with a
+    stand-in launcher whose accuracy peaks at a known learning rate per variant); each keeps its own best
+    point; the ablation's record of the default point stands for that run; a re-run reads the records."""
+    import json
+
+    import yaml
+
+    import study
+    import tune
+
+    results = tmp_path / "results"
+    monkeypatch.setattr(study, "RESULTS", results)
+    launched: list[str] = []
+
+    def fake_launch(out, overrides):
+        cfg = study.resolved(overrides)
+        peak = 5e-5 if cfg["algo"]["estimator"] == "group_norm" else 2e-4
+        acc = 0.6 - 0.1 * abs(math.log2(cfg["train"]["actor_lr"] / peak)) + 0.01 * cfg["train"]["seed"]
+        out.mkdir(parents=True)
+        (out / "config.yaml").write_text(yaml.safe_dump({"output_dir": str(out), **cfg}))
+        metrics = [
+            {"phase": "eval", "step": -1, "time": 0.0, "eval_accuracy": 0.2},
+            {"phase": "train", "step": 119, "time": 60.0, "step_seconds": 0.5, "trained_sequences": 256},
+            {"phase": "eval", "step": 119, "time": 61.0, "eval_accuracy": acc},
+        ]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        launched.append(out.name)
+
+    monkeypatch.setattr(study, "launch", fake_launch)
+    default_lr = study.resolved([])["train"]["actor_lr"]
+    # the ablation's run of vapo at seed 0 (its own settings: the default learning rate), recorded earlier
+    ablation_cfg = study.resolved(study.overrides_of("vapo", ["data.n_eval=256"], 0, False))
+    recorded = {"curve": [(0, 0.2), (256, 0.55)], "final_accuracy": 0.55, "auc": 0.375,
+                "explained_variance": 0.3, "explained_variance_last": 0.3}  # fmt: skip
+    study.write_record(results / "ablation" / "full" / "vapo_seed0.json", [], ablation_cfg, recorded, "abc")
+
+    points = tune.grid_points([f"train.actor_lr=5e-5,{default_lr},2e-4"])
+    assert len(points) == 3 and tune.point_name("vapo", points[2]) == "vapo@actor_lr=2e-4"
+    out = tune.tune(["vapo", "group_norm"], points, [0, 1], tmp_path / "runs", results / "tune" / "full")
+
+    # the same budget: 3 points x 2 seeds each, less the one run the ablation's record stands for
+    every = {
+        f"{tune.point_name(v, p)}_seed{s}" for v in ("vapo", "group_norm") for p in points for s in (0, 1)
+    }
+    assert sorted(launched) == sorted(every - {f"vapo@actor_lr={default_lr}_seed0"})
+    assert len(launched) == 11 and out["runs_per_variant"] == 6
+    assert out["points"][f"vapo@actor_lr={default_lr}"]["final_accuracy"]["per_seed"][0] == 0.55
+    assert out["best"] == {"vapo": "vapo@actor_lr=2e-4", "group_norm": "group_norm@actor_lr=5e-5"}
+    # both tuned variants peak at 0.6 (+0.01 per seed): level, paired by seed
+    assert out["tuned"]["group_norm"]["final_accuracy_vs_vapo"]["diff"] == pytest.approx(0.0, abs=1e-9)
+
+    again = tune.tune(
+        ["vapo", "group_norm"], points, [0, 1], tmp_path / "elsewhere", results / "tune" / "full",
+        report_only=True,
+    )  # fmt: skip
+    assert len(launched) == 11 and again["best"] == out["best"]
+    with pytest.raises(ValueError, match="KEY=V1,V2"):
+        tune.grid_points(["train.actor_lr"])
+    with pytest.raises(ValueError, match="KEY=V1,V2"):
+        tune.grid_points(["train.actor_lr=1e-4,,2e-4"])
