@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from study import RESULTS, compare, plot_bands, print_table, run_grid
+from study import RESULTS, compare, markdown_table, plot_bands, print_table, run_grid
 
 VARIANTS: dict[str, list[str]] = {
     "vapo": [],
@@ -61,6 +61,7 @@ def main() -> None:
         help="overrides for every variant (another task setting)",
     )
     ap.add_argument("--report-only", action="store_true", help="summarise the finished runs, start none")
+    ap.add_argument("--markdown", action="store_true", help="also print the table in Markdown")
     args = ap.parse_args()
     root = Path(args.out) / "__".join(["quick" if args.quick else "full", *args.set])
     names = list(args.only or VARIANTS)
@@ -79,6 +80,8 @@ def main() -> None:
         stats[name]["samples_to_target"] = [samples_to(r["curve"], args.target) for r in per_seed]
     print(f"\n{len(args.seeds)} seeds per variant" + (f"; runs missing: {missing}" if missing else ""))
     print_table(stats, reference="vapo")
+    if args.markdown:
+        print("\n" + markdown_table(stats, reference="vapo") + "\n")
     plot_bands(root / "ablation.png", results, "vapo", "ablation: held-out accuracy (mean over seeds, ±1 sd)")
     report = {
         "bench": "ablation",

@@ -274,6 +274,7 @@ def compare(per_variant: dict[str, list[dict[str, Any]]], reference: str) -> dic
                 "std": round(s, 4),
                 "per_seed": [round(r[key], 4) for r in runs_],
             }
+        row["rl_minutes"] = [r.get("rl_minutes") for r in runs_]
         mine = _by_seed(runs_)
         common = sorted(set(mine) & set(ref))
         if name != reference and common:
@@ -302,6 +303,31 @@ def print_table(stats: dict[str, dict[str, Any]], reference: str) -> None:
             d = r.get(f"{key}_vs_{reference}")
             diffs.append(_diff_cell(d))
         print(f"{name:<{w}}{cells[0]:>16}{cells[1]:>16}{cells[2]:>16}{diffs[0]:>{dw}}{diffs[1]:>{dw}}")
+
+
+def markdown_table(stats: dict[str, dict[str, Any]], reference: str) -> str:
+    """``print_table``'s rows as the Markdown table of ``bench/README.md``, with the critic's explained
+    variance over the run and over its last 5 steps, and each seed's final accuracy and minutes of RL."""
+    cols = ["variant", "final acc", "AUC", "expl. var (run / last 5 steps)"]
+    cols += [f"final - {reference} [95% CI]", f"AUC - {reference} [95% CI]", "final per seed"]
+    cols += ["minutes of RL"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for name, r in sorted(stats.items(), key=lambda kv: -kv[1]["final_accuracy"]["mean"]):
+        ev, ev_last = r["explained_variance"]["mean"], r["explained_variance_last"]["mean"]
+        cells = [
+            f"**{name}**" if name == reference else name,
+            _cell(r["final_accuracy"]),
+            _cell(r["auc"]),
+            "-" if math.isnan(ev) else f"{ev:.3f} / {ev_last:.3f}",
+            *(
+                "" if name == reference else _diff_cell(r.get(f"{k}_vs_{reference}"))
+                for k in ("final_accuracy", "auc")
+            ),
+            " / ".join(f"{x:.3f}".removeprefix("0") for x in r["final_accuracy"]["per_seed"]),
+            " / ".join("?" if m is None else f"{m:.1f}" for m in r.get("rl_minutes", [])),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _diff_cell(d: dict[str, Any] | None) -> str:

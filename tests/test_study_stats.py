@@ -75,7 +75,7 @@ def test_compare_reports_a_missing_statistic_as_nan_without_failing():
 
 
 def test_a_difference_over_one_seed_is_printed_without_an_interval(capsys):
-    from study import print_table
+    from study import markdown_table, print_table
 
     runs = {
         "vapo": [
@@ -100,6 +100,13 @@ def test_a_difference_over_one_seed_is_printed_without_an_interval(capsys):
     print_table(compare(runs, "vapo"), "vapo")
     (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("x ")]
     assert "-0.050 (1 seed)" in row and "+0.010 (1 seed)" in row and "nan" not in row
+    # the Markdown table of bench/README.md: the same cells, each seed's final accuracy and minutes
+    runs["x"][0]["rl_minutes"] = 5.26
+    table = markdown_table(compare(runs, "vapo"), "vapo").splitlines()
+    assert table[2].startswith("| **vapo** | 0.500 | 0.400 | 0.300 / 0.300 |  |  | .500 | ? |")
+    assert (
+        table[3] == "| x | 0.450 | 0.410 | 0.200 / 0.200 | -0.050 (1 seed) | +0.010 (1 seed) | .450 | 5.3 |"
+    )
 
 
 def test_a_study_reuses_a_committed_record_and_records_a_finished_run(tmp_path, monkeypatch):
