@@ -74,9 +74,11 @@ class LearnerSide:
         self.control.close()
 
 
-def start_worker(model_dir, tp: int = 1, env: dict | None = None):
-    """A real rollout worker process (vLLM engine with ``tp`` workers) joined to a weight group of
-    world 1 + tp whose learner end is returned: (side, link, proc)."""
+def start_worker(
+    model_dir, tp: int = 1, env: dict | None = None, max_model_len: int = 256, max_tokens: int = 80
+):
+    """A real rollout worker process (vLLM engine with ``tp`` workers and a context of ``max_model_len``
+    tokens) joined to a weight group of world 1 + tp whose learner end is returned: (side, link, proc)."""
     from async_vapo.launch.supervisor import _worker_entry
 
     side = LearnerSide()
@@ -84,8 +86,8 @@ def start_worker(model_dir, tp: int = 1, env: dict | None = None):
         worker_id="w0",
         data_endpoint=side.data.endpoint,
         control_endpoint=side.control.endpoint,
-        engine=EngineConfig(str(model_dir), seed=0, tensor_parallel_size=tp),
-        rollout=RolloutConfig(n_samples=4, max_tokens=80, verifier_timeout_s=5.0),
+        engine=EngineConfig(str(model_dir), seed=0, max_model_len=max_model_len, tensor_parallel_size=tp),
+        rollout=RolloutConfig(n_samples=4, max_tokens=max_tokens, verifier_timeout_s=5.0),
     )
     proc = mp.get_context("spawn").Process(target=_worker_entry, args=(env or {}, [], cfg))
     proc.start()
