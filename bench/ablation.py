@@ -82,7 +82,10 @@ def main() -> None:
     print_table(stats, reference="vapo")
     if args.markdown:
         print("\n" + markdown_table(stats, reference="vapo") + "\n")
-    plot_bands(root / "ablation.png", results, "vapo", "ablation: held-out accuracy (mean over seeds, ±1 sd)")
+    if results:
+        plot_bands(
+            root / "ablation.png", results, "vapo", "ablation: held-out accuracy (mean over seeds, ±1 sd)"
+        )
     report = {
         "bench": "ablation",
         "quick": args.quick,

@@ -17,6 +17,8 @@ variant (same seed = same data order, same initial weights) with a two-sided 95%
 
 from __future__ import annotations
 
+import copy
+import functools
 import itertools
 import json
 import math
@@ -117,6 +119,11 @@ def resolved(overrides: Sequence[str]) -> dict[str, Any]:
     """The whole config a run with ``overrides`` gets (the embedded default + overrides), less its output
     directory: what a record must match, so that a change of the default invalidates the records it
     affects and no other."""
+    return copy.deepcopy(_resolved(tuple(overrides)))
+
+
+@functools.cache
+def _resolved(overrides: tuple[str, ...]) -> dict[str, Any]:
     from async_vapo.config import load_config
     from async_vapo.launch.cli import DEFAULT_CONFIG
 
@@ -143,9 +150,28 @@ def read_record(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(rec, dict) or rec.get("config") != config:
+    if not isinstance(rec, dict) or not same_config(rec.get("config"), config, resolved([])):
         return None
     return {**rec["result"], "curve": [tuple(p) for p in rec["result"]["curve"]]}
+
+
+def same_config(recorded: Any, want: dict[str, Any], default: dict[str, Any]) -> bool:
+    """A record's config stands for ``want``: every field it holds has ``want``'s value, and a field it
+    lacks (added to the config since it was written) has the embedded ``default``'s value in ``want`` (a
+    new field's default keeps the old behaviour); a field only the record has (since removed) is ignored."""
+    if not isinstance(recorded, dict):
+        return False
+    for key, value in want.items():
+        if key not in recorded:
+            if value != default.get(key):
+                return False
+        elif isinstance(value, dict):
+            sub = default.get(key)
+            if not same_config(recorded[key], value, sub if isinstance(sub, dict) else {}):
+                return False
+        elif recorded[key] != value:
+            return False
+    return True
 
 
 def find_record(config: dict[str, Any]) -> dict[str, Any] | None:

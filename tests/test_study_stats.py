@@ -138,6 +138,14 @@ def test_a_study_reuses_a_committed_record_and_records_a_finished_run(tmp_path, 
     # the match is on the resolved config: another spelling of the same setting matches, another default not
     assert study.read_record(records / "x_seed0.json", config("x", ["algo.alpha=1.0"]))
     assert not study.read_record(records / "vapo_seed0.json", config("vapo", ["model.dtype=float32"]))
+    # a field added to the config after a record was written: the record stands for runs at its default
+    # (a new field's default keeps the old behaviour), not for runs that set it; a removed field is ignored
+    older = config("vapo", [])
+    del older["rollout"]["frontend_cores"]
+    older["train"]["a_removed_field"] = 3
+    study.write_record(records / "old_seed0.json", [], older, curve, "abc1234")
+    assert study.read_record(records / "old_seed0.json", config("vapo", []))
+    assert not study.read_record(records / "old_seed0.json", config("vapo", ["rollout.frontend_cores=own"]))
 
     # x at alpha 2, run before records existed (the launcher wrote its config): the last two of its 120
     # training steps, then an evaluation
