@@ -150,7 +150,7 @@ def read_record(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(rec, dict) or not same_config(rec.get("config"), config, resolved([])):
+    if not isinstance(rec, dict) or not same_config(rec.get("config"), config, _resolved(())):
         return None
     return {**rec["result"], "curve": [tuple(p) for p in rec["result"]["curve"]]}
 
