@@ -222,8 +222,8 @@ def run_grid(
 
 
 def reusable(out: Path, config: dict[str, Any]) -> bool:
-    """The run in ``out`` finished and had ``config``."""
-    return finished(out) and run_config(out) == config
+    """The run in ``out`` finished and had ``config`` (judged like a record: ``same_config``)."""
+    return finished(out) and same_config(run_config(out), config, _resolved(()))
 
 
 def finished(out: Path) -> bool:

@@ -147,13 +147,13 @@ def test_a_study_reuses_a_committed_record_and_records_a_finished_run(tmp_path, 
     assert study.read_record(records / "old_seed0.json", config("vapo", []))
     assert not study.read_record(records / "old_seed0.json", config("vapo", ["rollout.frontend_cores=own"]))
 
-    # x at alpha 2, run before records existed (the launcher wrote its config): the last two of its 120
-    # training steps, then an evaluation
+    # x at alpha 2, run before records existed and before rollout.frontend_cores was added (the launcher
+    # wrote its config): the last two of its 120 training steps, then an evaluation; judged like a record
     out = runs / "x_seed0"
     out.mkdir(parents=True)
-    (out / "config.yaml").write_text(
-        yaml.safe_dump({"output_dir": str(out), **config("x", ["algo.alpha=2"])})
-    )
+    before_field = config("x", ["algo.alpha=2"])
+    del before_field["rollout"]["frontend_cores"]
+    (out / "config.yaml").write_text(yaml.safe_dump({"output_dir": str(out), **before_field}))
     metrics = [
         {"phase": "train", "step": 118, "time": 10.0, "step_seconds": 5.0, "trained_sequences": 8},
         {"phase": "train", "step": 119, "time": 15.0, "step_seconds": 5.0, "trained_sequences": 8},
