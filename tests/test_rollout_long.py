@@ -20,7 +20,7 @@ from async_vapo.algo import token_logprobs
 from async_vapo.protocol import Assign, Prompt, Sampling, pack_i32, unpack_f32, unpack_i32
 from async_vapo.tasks.arithmetic import AdditionTask
 from async_vapo.tasks.tiny_model import prompt_ids
-from tests.test_rollout_vllm import start_worker, stop_worker
+from tests.rollout_harness import start_worker, stop_worker
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_rollout_vllm import start_worker, stop_worker, two_updates_then_compare
+from tests.rollout_harness import start_worker, stop_worker, two_updates_then_compare
 
 pytestmark = pytest.mark.slow
 
