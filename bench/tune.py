@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ablation import VARIANTS
-from study import RESULTS, compare, plot_bands, print_table, run_grid
+from study import RESULTS, compare, markdown_table, plot_bands, print_table, run_grid
 
 
 def grid_points(specs: list[str]) -> list[list[str]]:
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the ablation's quick protocol")
     ap.add_argument("--out", default="runs/bench_tune")
     ap.add_argument("--report-only", action="store_true", help="summarise the finished runs, start none")
+    ap.add_argument("--markdown", action="store_true", help="also print both tables in Markdown")
     args = ap.parse_args()
     try:
         points = grid_points(args.grid)
@@ -111,6 +112,9 @@ def main() -> None:
     print_table(out["points"], reference=out["best"].get("vapo", "vapo"))
     print(f"\nkept by mean {args.select}: " + ", ".join(f"{v} -> {n}" for v, n in out["best"].items()))
     print_table(out["tuned"], reference="vapo")
+    if args.markdown:
+        for stats, ref in ((out["points"], out["best"].get("vapo", "vapo")), (out["tuned"], "vapo")):
+            print("\n" + markdown_table(stats, reference=ref) + "\n")
     if out["curves"]:
         plot_bands(root / "tune.png", out["curves"], "vapo", "tuned variants: held-out accuracy (±1 sd)")
     report = {k: out[k] for k in ("points", "best", "tuned", "runs_per_variant")}
