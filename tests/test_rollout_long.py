@@ -17,10 +17,8 @@ import pytest
 import torch
 
 from async_vapo.algo import token_logprobs
-from async_vapo.protocol import Assign, Prompt, Sampling, pack_i32, unpack_f32, unpack_i32
-from async_vapo.tasks.arithmetic import AdditionTask
-from async_vapo.tasks.tiny_model import prompt_ids
-from tests.rollout_harness import start_worker, stop_worker
+from async_vapo.protocol import Assign, Sampling, unpack_f32, unpack_i32
+from tests.rollout_harness import make_prompts, start_worker, stop_worker
 
 pytestmark = pytest.mark.slow
 
@@ -70,10 +68,8 @@ def test_responses_of_the_recipes_length_are_sampled_tagged_and_streamed(tiny_mo
     model_dir = never_ending_copy(tiny_model_dir, tmp_path / "long", MAX_MODEL_LEN)
     tok = AutoTokenizer.from_pretrained(model_dir)
     assert tok.eos_token_id == 17 and tok.pad_token_id == 0
-    task = AdditionTask()
-    (p,) = task.problems(1, 3, "long")
-    ids = prompt_ids(tok, task, p)
-    prompt = Prompt(p.uid, pack_i32(ids), p.answer, "addition")
+    (prompt,) = make_prompts(tok, 1, seed=3, version_tag="long")
+    ids = unpack_i32(prompt.token_ids).tolist()
     side, _, proc = start_worker(model_dir, max_model_len=MAX_MODEL_LEN, max_tokens=MAX_TOKENS)
     try:
 
@@ -85,7 +81,7 @@ def test_responses_of_the_recipes_length_are_sampled_tagged_and_streamed(tiny_mo
     finally:
         stop_worker(side, proc)
 
-    assert group.prompt.uid == p.uid and len(group.responses) == 2
+    assert group.prompt.uid == prompt.uid and len(group.responses) == 2
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for r in group.responses:
         tokens = unpack_i32(r.token_ids).tolist()
