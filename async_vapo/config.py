@@ -156,6 +156,10 @@ class TrainConfig(_Section, frozen=True):
     gradient_checkpointing: bool = False  # recompute activations in backward (long sequences)
     checkpoint_every: int = 20
     eval_every: int = 10
+    # an evaluation round ends (partial, logged) after this long; 0 = derived from the round's work: its
+    # samples x rollout.max_tokens at the engines' measured generation rate, times a margin, with a floor
+    # (controller/evaluation.py eval_timeout_s)
+    eval_timeout_s: float = 0.0
     # CPU: torch threads per learner rank; 0 = its cores divided by the learner ranks on the node
     learner_threads: int = 0
     # CPU: the learner ranks are pinned to their own half of the node's cores ("own") or to every core
@@ -231,6 +235,7 @@ class Config(_Section, frozen=True):
                 "train.filter_uniform_rewards needs rollout.n_samples > 1 (a group of one is always uniform)",
             ),
             (self.train.filter_patience >= 0, "train.filter_patience must be >= 0 (0 = never stop)"),
+            (self.train.eval_timeout_s >= 0, "train.eval_timeout_s must be >= 0 (0 = derived)"),
             (
                 self.data.task == "addition" or bool(self.data.train_file),
                 "data.train_file is required for task math",

@@ -30,8 +30,9 @@ import torch
 import zmq
 
 from async_vapo.buffer import PromptLedger
-from async_vapo.config import TrainConfig
+from async_vapo.config import Config, RolloutConfig, TrainConfig
 from async_vapo.controller import Controller, Wiring
+from async_vapo.controller.admission import GroupRules
 from async_vapo.protocol import (
     Assign,
     Codec,
@@ -173,6 +174,10 @@ def main() -> None:
         ),
         Wiring(data, control),
         ledger,
+        rules=GroupRules.of(
+            Config(rollout=RolloutConfig(n_samples=args.samples, max_tokens=args.tokens, max_model_len=4096)),
+            vocab_size=1000,
+        ),
     )
     ctl.start()
     bound = (args.max_staleness + 1) * args.groups_per_step

@@ -4,7 +4,22 @@ from __future__ import annotations
 
 import time
 
+from async_vapo.controller.admission import GroupRules
 from async_vapo.protocol import Prompt, Response, TrajectoryGroup, pack_f32, pack_i32
+
+
+def rules(**over) -> GroupRules:
+    """The bounds ``make_group``'s defaults respect (4 samples of up to 64 tokens, ids < 1000)."""
+    base = dict(
+        vocab_size=1000,
+        n_samples=4,
+        max_tokens=64,
+        max_model_len=256,
+        correct_reward=1.0,
+        wrong_reward=0.0,
+        tensor_parallel_size=1,
+    )
+    return GroupRules(**(base | over))
 
 
 def make_group(
@@ -16,7 +31,10 @@ def make_group(
     worker: str = "w0",
     seq: int = 0,
     eval_round: int = 0,
+    prompt: Prompt | None = None,
 ) -> TrajectoryGroup:
+    """A group of ``n`` responses; ``prompt``: the prompt exactly as issued (ticket included), which a
+    controller requires; else a fresh one for ``uid`` (enough for the buffer alone)."""
     rewards = rewards if rewards is not None else [float(i % 2) for i in range(n)]
     responses = [
         Response(
@@ -30,7 +48,7 @@ def make_group(
         )
         for i in range(n)
     ]
-    prompt = Prompt(uid, pack_i32([1, 2, 3]), "42")
+    prompt = prompt if prompt is not None else Prompt(uid, pack_i32([1, 2, 3]), "42")
     return TrajectoryGroup(prompt, responses, worker, time.time(), eval_round=eval_round)
 
 

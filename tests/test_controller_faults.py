@@ -22,6 +22,7 @@ from async_vapo.protocol import Control, Hello, JoinGroup, Prompt, pack_i32
 from async_vapo.protocol.codec import Codec
 from async_vapo.weight_sync.broadcast import snapshot
 from async_vapo.weight_sync.group import GroupSpec, join_group
+from tests.helpers import rules
 
 TIMEOUT_S = 3.0
 
@@ -37,7 +38,7 @@ def _controller(
         store_address=store_address,
     )
     cfg = TrainConfig(groups_per_step=groups_per_step, max_staleness=max_staleness, **train)
-    return Controller(cfg, wiring, ledger), wiring, ledger
+    return Controller(cfg, wiring, ledger, rules=rules()), wiring, ledger
 
 
 def test_worker_that_stops_answering_a_weight_sync_is_dropped_in_time():
@@ -196,13 +197,13 @@ def test_dynamic_sampling_starved_of_signal_fails_the_learner_with_the_reason():
     push.connect(cfg.data_endpoint)
     try:
         # Value-Pretraining: the critic learns from every group, uniform ones included
-        push.send(bytes(Codec().encode(make_group(first.uid, rewards=[1.0] * 4))))
+        push.send(bytes(Codec().encode(make_group(prompt=first, rewards=[1.0] * 4))))
         got = controller.take_batch(1, timeout_s=20)
         assert got is not None and got[0].prompt.uid == first.uid
         controller.mark_trained(got)
         controller.start_filtering()  # the policy phase
         for p in issued:
-            push.send(bytes(Codec().encode(make_group(p.uid, rewards=[1.0] * 4))))
+            push.send(bytes(Codec().encode(make_group(prompt=p, rewards=[1.0] * 4))))
         with pytest.raises(RuntimeError, match="controller failed") as info:
             controller.take_batch(1, timeout_s=20)
         assert isinstance(info.value.__cause__, SamplingStarved)
@@ -243,7 +244,7 @@ def test_first_evaluation_waits_for_an_engine():
                 join_group(spec, 1)
             elif isinstance(msg, Assign) and msg.sampling is not None:
                 for p in msg.prompts:
-                    group = make_group(p.uid, n=msg.sampling.n, eval_round=msg.eval_round)
+                    group = make_group(prompt=p, worker="late", n=msg.sampling.n, eval_round=msg.eval_round)
                     push.send(bytes(codec.encode(group)))
         ctl.close(0)
         push.close(0)

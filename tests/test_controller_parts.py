@@ -13,7 +13,7 @@ from async_vapo.controller.dispatch import eligible, share_out
 from async_vapo.controller.evaluation import EvalRounds
 from async_vapo.controller.registry import WorkerRegistry, WorkerState
 from async_vapo.launch.plan import RunFiles, Site, plan_node
-from async_vapo.protocol import Hello
+from async_vapo.protocol import Hello, Prompt, Sampling, pack_i32
 from tests.helpers import make_group
 
 
@@ -65,28 +65,35 @@ def test_eligible_workers_follow_both_staleness_floors():
 
 
 def test_evaluation_rounds_collect_their_own_groups_only():
+    sampling = Sampling(4, 1.0, 1.0, 8)
+    prompts = {u: Prompt(u, pack_i32([1, 2]), "3") for u in ("e0", "e1")}
+
     async def run():
         rounds = EvalRounds()
         loop = asyncio.get_running_loop()
         first, second = loop.create_future(), loop.create_future()
-        a = rounds.open(["e0", "e1"], first)
-        b = rounds.open(["e0"], second)
+        a = rounds.open(sampling, first)
+        b = rounds.open(sampling, second)
         assert a != b and a > 0 and b > 0
-        rounds.collect(make_group("e0", eval_round=b))
-        assert second.done() and [g.prompt.uid for g in second.result()] == ["e0"]
-        rounds.collect(make_group("e1", eval_round=a))
-        rounds.collect(make_group("e1", eval_round=a))  # a duplicate: not counted twice
+        sent_a = {p.uid: p for p in rounds.assign(a, list(prompts.values()), "w0")}
+        (sent_b,) = rounds.assign(b, [prompts["e0"]], "w1")
+        assert sent_b.ticket and sent_b.ticket != sent_a["e0"].ticket  # a fresh ticket per sending
+        assert rounds.issued(b, "e0") == ("w1", sent_b, sampling) and rounds.issued(b, "e1") is None
+        rounds.collect(make_group(prompt=sent_b, eval_round=b))
+        assert second.done() and [g.prompt.uid for g in rounds.groups(b)] == ["e0"]
+        rounds.collect(make_group(prompt=sent_a["e1"], eval_round=a))
+        rounds.collect(make_group(prompt=sent_a["e1"], eval_round=a))  # a duplicate: not counted twice
         rounds.collect(make_group("x", eval_round=a))  # not a prompt of the round
         assert not first.done() and rounds.late == 2
-        rounds.collect(make_group("e0", eval_round=a))
-        assert sorted(g.prompt.uid for g in first.result()) == ["e0", "e1"]
+        assert [p.uid for p in rounds.orphans(a, live={"w1"})] == ["e0"]  # its worker is gone
+        assert rounds.orphans(a, live={"w0"}) == []
+        rounds.give_up(a, "e0")  # failed: the round is over without it
+        assert first.done() and rounds.missing(a) == 1
+        assert sorted(g.prompt.uid for g in rounds.groups(a)) == ["e1"]
         rounds.close(a)
-        rounds.collect(make_group("e0", eval_round=a))  # after the round ended
+        rounds.collect(make_group(prompt=sent_a["e0"], eval_round=a))  # after the round ended
         rounds.collect(make_group("e0", eval_round=99))  # never opened
         assert rounds.late == 4
-        empty = loop.create_future()
-        rounds.open([], empty)
-        assert empty.result() == []
 
     asyncio.run(run())
 

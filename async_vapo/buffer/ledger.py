@@ -9,11 +9,21 @@ outstanding prompts folded in: after a resume they are sampled again, none skipp
 from __future__ import annotations
 
 import random
+import secrets
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from async_vapo.protocol.messages import Prompt
+
+
+class Issued(NamedTuple):
+    """An outstanding prompt: who has it, the exact prompt sent (with its ticket) and the worker's
+    policy version when it was sent (no token of its group can be older)."""
+
+    worker_id: str
+    prompt: Prompt
+    version: int = 0
 
 
 class PromptLedger:
@@ -39,11 +49,13 @@ class PromptLedger:
         self.shuffle = shuffle
         self.cursor = 0
         self.requeued: deque[Prompt] = deque()
-        self.outstanding: dict[str, tuple[str, Prompt]] = {}  # uid -> (worker id, prompt), not back yet
+        self.outstanding: dict[str, Issued] = {}  # uid -> who has it, not back yet
         self.in_buffer: dict[str, Prompt] = {}  # came back, waiting to be trained on
         self.counts: Counter[str] = Counter()
         self.trained_uids: list[str] = []
         self.filtered_uids: list[str] = []  # dropped by dynamic sampling (spent, like trained ones)
+        self.failed_uids: list[str] = []  # out of attempts (``retry``): spent, never trained
+        self.failures: Counter[str] = Counter()  # uid -> failed attempts so far
         self._order_epoch = -1
         self._order: list[int] = []
 
@@ -57,7 +69,11 @@ class PromptLedger:
         row = self._row(self._order[i])
         return Prompt(uid=f"{row.uid}@{epoch}", token_ids=row.token_ids, answer=row.answer, task=row.task)
 
-    def take(self, n: int, worker_id: str) -> list[Prompt]:
+    def take(self, n: int, worker_id: str, version: int = 0) -> list[Prompt]:
+        """``n`` prompts for ``worker_id`` (whose engine holds policy ``version``), requeued ones first.
+
+        Each carries a fresh random ``ticket``: a group is only accepted with the ticket of the prompt
+        it answers, so no peer that did not receive the prompt can answer it (``controller.admission``)."""
         out: list[Prompt] = []
         while len(out) < n:
             if self.requeued:
@@ -67,7 +83,8 @@ class PromptLedger:
                     self._forget_old_epochs(self.cursor // self.n_rows)
                 p = self._row_at(self.cursor)
                 self.cursor += 1
-            self.outstanding[p.uid] = (worker_id, p)
+            p = Prompt(p.uid, p.token_ids, p.answer, p.task, p.attempt, secrets.token_hex(8))
+            self.outstanding[p.uid] = Issued(worker_id, p, version)
             out.append(p)
         self.counts["issued"] += len(out)
         return out
@@ -75,14 +92,30 @@ class PromptLedger:
     def requeue(self, uid: str, reason: str) -> None:
         """Put an outstanding or returned prompt back at the head of the line (attempt + 1)."""
         entry = self.outstanding.pop(uid, None)
-        p = entry[1] if entry is not None else self.in_buffer.pop(uid, None)
+        p = entry.prompt if entry is not None else self.in_buffer.pop(uid, None)
         if p is None:
             return
         self.requeued.append(Prompt(p.uid, p.token_ids, p.answer, p.task, p.attempt + 1))
         self.counts[f"requeued_{reason}"] += 1
 
+    def retry(self, uid: str, reason: str, max_attempts: int) -> bool:
+        """A failed attempt at outstanding prompt ``uid`` (its rollout failed, or its group was malformed):
+        requeued while it has failed fewer than ``max_attempts`` times, else spent and counted ``failed``.
+        False when ``uid`` was not outstanding (nothing changed)."""
+        if uid not in self.outstanding:
+            return False
+        self.failures[uid] += 1
+        if self.failures[uid] < max_attempts:
+            self.requeue(uid, reason)
+            return True
+        del self.outstanding[uid], self.failures[uid]
+        self.counts["failed"] += 1
+        self.counts[f"failed_{reason}"] += 1
+        self.failed_uids.append(uid)
+        return True
+
     def requeue_worker(self, worker_id: str, reason: str = "worker_lost") -> int:
-        uids = [u for u, (w, _) in self.outstanding.items() if w == worker_id]
+        uids = [u for u, issued in self.outstanding.items() if issued.worker_id == worker_id]
         for u in uids:
             self.requeue(u, reason)
         return len(uids)
@@ -92,12 +125,17 @@ class PromptLedger:
         entry = self.outstanding.pop(uid, None)
         if entry is None:
             return False
-        self.in_buffer[uid] = entry[1]
+        self.in_buffer[uid] = entry.prompt
         return True
+
+    def issued(self, uid: str) -> Issued | None:
+        """The outstanding prompt ``uid`` as it was sent, or None (never issued, or already back)."""
+        return self.outstanding.get(uid)
 
     def finish(self, uid: str, outcome: str) -> None:
         """``outcome``: "trained" or "filtered"."""
         if self.in_buffer.pop(uid, None) is not None:
+            self.failures.pop(uid, None)
             self.counts[outcome] += 1
             (self.trained_uids if outcome == "trained" else self.filtered_uids).append(uid)
 
@@ -106,6 +144,7 @@ class PromptLedger:
         in flight), so that the ledger and its checkpoints stay bounded over a long run."""
         self.trained_uids = self._recent(self.trained_uids, epoch, "trained_uids_forgotten")
         self.filtered_uids = self._recent(self.filtered_uids, epoch, "filtered_uids_forgotten")
+        self.failed_uids = self._recent(self.failed_uids, epoch, "failed_uids_forgotten")
 
     def _recent(self, uids: list[str], epoch: int, forgotten: str) -> list[str]:
         """The uids of epochs ``epoch - 1`` and later; the others are counted under ``forgotten``."""
@@ -115,7 +154,9 @@ class PromptLedger:
 
     def state_dict(self) -> dict[str, Any]:
         pending = (
-            list(self.requeued) + list(self.in_buffer.values()) + [p for _, p in self.outstanding.values()]
+            list(self.requeued)
+            + list(self.in_buffer.values())
+            + [i.prompt for i in self.outstanding.values()]
         )
         return {
             "cursor": self.cursor,
@@ -124,6 +165,8 @@ class PromptLedger:
             "counts": dict(self.counts),
             "trained_uids": list(self.trained_uids),
             "filtered_uids": list(self.filtered_uids),
+            "failed_uids": list(self.failed_uids),
+            "failures": dict(self.failures),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -135,3 +178,5 @@ class PromptLedger:
         self.counts = Counter(state["counts"])
         self.trained_uids = list(state["trained_uids"])
         self.filtered_uids = list(state.get("filtered_uids", []))  # absent in checkpoints before it
+        self.failed_uids = list(state.get("failed_uids", []))
+        self.failures = Counter(state.get("failures", {}))

@@ -14,7 +14,9 @@ workers, hand out as many prompts as the staleness bound allows, see ``controlle
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import math
 import threading
 import time
 from collections import Counter
@@ -28,6 +30,7 @@ import zmq.asyncio
 from async_vapo.buffer import GroupBuffer, PromptLedger, StalenessManager
 from async_vapo.cluster.rendezvous import RunStore, load_store_key
 from async_vapo.config import TrainConfig
+from async_vapo.controller.admission import GroupRejection, GroupRules, check_group, check_hello
 from async_vapo.controller.dispatch import eligible, share_out
 from async_vapo.controller.evaluation import EvalRounds
 from async_vapo.controller.metrics import ControllerMetrics
@@ -38,6 +41,7 @@ from async_vapo.protocol import (
     Control,
     Hello,
     Prompt,
+    RolloutFailed,
     Sampling,
     TrajectoryGroup,
     WeightAck,
@@ -79,16 +83,38 @@ class _Version:
         return self.v
 
 
+# a group refused for these came from someone the prompt was not sent to: the prompt stays with its worker
+_NOT_THE_ASSIGNEE = (GroupRejection.WRONG_WORKER, GroupRejection.PROMPT_MISMATCH)
+
+
 class Controller:
-    def __init__(self, train: TrainConfig, wiring: Wiring, ledger: PromptLedger, initial_version: int = 0):
-        self.train, self.wiring = train, wiring
+    def __init__(
+        self,
+        train: TrainConfig,
+        wiring: Wiring,
+        ledger: PromptLedger,
+        initial_version: int = 0,
+        *,
+        rules: GroupRules,
+        max_attempts: int = 3,
+        hello_interval_s: float = 1.0,
+    ):
+        self.train, self.wiring, self.rules = train, wiring, rules
+        self.max_attempts = max_attempts  # a prompt that fails this many times is counted failed, not retried
+        self.hello_interval_s = hello_interval_s  # Hellos from one identity closer than this are refused
+        self._last_hello: dict[str, float] = {}
         self.version = _Version(initial_version)
         self.ledger = ledger
         self.staleness = StalenessManager(train.groups_per_step, train.max_staleness, self.version)
         # dynamic sampling starts with the policy phase (``start_filtering``): Value-Pretraining trains the
         # critic, which learns from every group (an all-wrong prompt's value is what it must learn)
+        # admission control never lets more than (max_staleness + 1) x groups_per_step groups be pending
         self.buffer = GroupBuffer(
-            ledger, self.staleness, filter_uniform_rewards=False, filter_patience=train.filter_patience
+            ledger,
+            self.staleness,
+            filter_uniform_rewards=False,
+            max_groups=(train.max_staleness + 1) * train.groups_per_step,
+            filter_patience=train.filter_patience,
         )
         self.lock = threading.Lock()  # buffer, ledger, staleness: shared with the main thread
         self.ready = threading.Condition(self.lock)
@@ -218,11 +244,15 @@ class Controller:
     def engines_behind(self) -> bool:
         return self.weights.engines_behind()
 
-    def evaluate(
-        self, prompts: list[Prompt], sampling: Sampling, timeout_s: float = 600.0
-    ) -> list[TrajectoryGroup]:
-        fut = asyncio.run_coroutine_threadsafe(self._evaluate(prompts, sampling, timeout_s), self._loop)
-        return fut.result(timeout_s + 30)
+    def start_evaluation(
+        self, prompts: list[Prompt], sampling: Sampling, timeout_s: float
+    ) -> concurrent.futures.Future[list[TrajectoryGroup]]:
+        """An evaluation round on the loop; its future gives the groups back within ``timeout_s`` (fewer
+        when the round ends partial). The caller polls it, so learner ranks never wait in a collective."""
+        return asyncio.run_coroutine_threadsafe(self._evaluate(prompts, sampling, timeout_s), self._loop)
+
+    def evaluate(self, prompts: list[Prompt], sampling: Sampling, timeout_s: float) -> list[TrajectoryGroup]:
+        return self.start_evaluation(prompts, sampling, timeout_s).result(timeout_s + 30)
 
     def metrics(self) -> ControllerMetrics:
         with self.lock:
@@ -250,6 +280,12 @@ class Controller:
     def rollout_totals(self) -> RolloutTotals:
         return self.registry.rollout_totals()
 
+    def generation_rate(self) -> float | None:
+        """Tokens per second the live engines generate together while busy (None: nothing measured)."""
+        t = self.registry.rollout_totals()
+        n = len(self.registry)
+        return t.tokens / t.busy_s * n if t.busy_s > 0 and t.tokens > 0 and n else None
+
     # ---- loops --------------------------------------------------------------------------------------
     async def _recv_data(self) -> None:
         while True:
@@ -257,12 +293,30 @@ class Controller:
             if not isinstance(msg, TrajectoryGroup):
                 self.counters["unexpected_on_data"] += 1
             elif msg.eval_round:  # a late one (its round timed out) or a stranger is counted there
-                self.evals.collect(msg)
+                self._collect_eval(msg)
             else:
                 self._admit(msg)
 
     def _admit(self, group: TrajectoryGroup) -> None:
         with self.ready:
+            issued = self.ledger.issued(group.prompt.uid)
+            why = None
+            if issued is not None:  # (a prompt not outstanding is the buffer's duplicate)
+                why = check_group(
+                    group,
+                    sent_to=issued.worker_id,
+                    sent=issued.prompt,
+                    n_samples=self.rules.n_samples,
+                    max_tokens=self.rules.max_tokens,
+                    oldest_version=issued.version,
+                    newest_version=self.version.v,
+                    rules=self.rules,
+                )
+            if why is not None:
+                self._reject(group, why)
+                if why not in _NOT_THE_ASSIGNEE:  # the assignee's own bad output: a failed attempt
+                    self._failed_attempt(group.prompt.uid, f"bad_group_{why.value}")
+                return
             verdict = self.buffer.put(group)
             self.counters[f"group_{verdict}"] += 1
             if verdict == "admitted" and self.registry.get(group.worker_id) is not None:
@@ -272,10 +326,49 @@ class Controller:
             for r in group.responses:  # (a fixed set of names: a peer cannot grow the counters)
                 self.counters[f"verdict_{verdict_kind(r.verdict)}"] += 1
 
+    def _reject(self, group: TrajectoryGroup, why: GroupRejection) -> None:
+        key = f"group_rejected_{why.value}"
+        self.counters[key] += 1
+        n = self.counters[key]
+        if n & (n - 1) == 0:  # the 1st, 2nd, 4th, ... of each reason: visible, never a flood
+            log.warning("group rejected", reason=why.value, uid=group.prompt.uid[:80], count=n)
+
+    def _failed_attempt(self, uid: str, reason: str) -> None:
+        """An issued prompt's attempt failed (caller holds the lock): requeued, or counted failed once it
+        has had ``max_attempts``; either way its admission credit comes back."""
+        if self.ledger.retry(uid, reason, self.max_attempts):
+            self.staleness.on_dropped()
+            self.ready.notify_all()
+
+    def _collect_eval(self, group: TrajectoryGroup) -> None:
+        entry = self.evals.issued(group.eval_round, group.prompt.uid)
+        if entry is not None:
+            sent_to, sent, sampling = entry
+            why = check_group(
+                group,
+                sent_to=sent_to,
+                sent=sent,
+                n_samples=sampling.n,
+                max_tokens=sampling.max_tokens,
+                oldest_version=0,
+                newest_version=self.version.v,
+                rules=self.rules,
+            )
+            if why is not None:
+                self._reject(group, why)
+                if why not in _NOT_THE_ASSIGNEE:
+                    self.evals.give_up(group.eval_round, group.prompt.uid)
+                return
+        self.evals.collect(group)
+
     async def _recv_control(self) -> None:
         while True:
             wid, msg = await self.control.recv()
             if isinstance(msg, Hello):
+                if (why := self._refuse_hello(wid, msg)) is not None:
+                    self.counters[f"hello_rejected_{why}"] += 1
+                    log.warning("hello refused", identity=wid[:64], reason=why)
+                    continue
                 # in the background: the handshake waits for acks that this very loop must receive
                 self._spawn(self._on_hello(msg))
                 continue
@@ -283,17 +376,49 @@ class Controller:
             if w is None:
                 self.counters["message_from_unknown_worker"] += 1
                 continue
+            if getattr(msg, "worker_id", wid) != wid:  # a worker speaks only for itself
+                self.counters["control_identity_mismatch"] += 1
+                continue
             w.last_seen = time.monotonic()
             if isinstance(msg, WorkerStats):
                 w.stats = msg
             elif isinstance(msg, WeightAck):
                 self.weights.on_ack(msg)
+            elif isinstance(msg, RolloutFailed):
+                self._on_failed(wid, msg)
+
+    def _refuse_hello(self, wid: str, hello: Hello) -> str | None:
+        if (why := check_hello(hello, wid, self.rules)) is not None:
+            return why
+        now = time.monotonic()
+        if now - self._last_hello.get(wid, -math.inf) < self.hello_interval_s:
+            return "too_frequent"
+        self._last_hello[wid] = now
+        return None
+
+    def _on_failed(self, wid: str, msg: RolloutFailed) -> None:
+        """A worker could not finish a prompt it was sent: retry it elsewhere (or count it failed)."""
+        log.warning("rollout failed", worker=wid, uid=msg.uid[:80], error=msg.error[:200])
+        if msg.eval_round:
+            entry = self.evals.issued(msg.eval_round, msg.uid)
+            if entry is not None and entry[0] == wid and entry[1].ticket == msg.ticket:
+                self.counters["eval_prompt_failed"] += 1
+                self.evals.give_up(msg.eval_round, msg.uid)
+            return
+        with self.ready:
+            issued = self.ledger.issued(msg.uid)
+            if issued is None or issued.worker_id != wid or issued.prompt.ticket != msg.ticket:
+                self.counters["rollout_failed_unknown"] += 1
+                return
+            self.counters["rollout_failed"] += 1
+            self._failed_attempt(msg.uid, "rollout_failed")
 
     async def _on_hello(self, hello: Hello) -> None:
         w, old = self.registry.add(hello)
-        if old is not None:
-            with self.lock:
+        if old is not None:  # a reconnect: its prompts go to others and their credits come back
+            with self.ready:
                 n = self.ledger.requeue_worker(hello.worker_id, "worker_restarted")
+                self.staleness.on_dropped(n)
             log.warning("worker reconnected; its prompts were requeued", worker=hello.worker_id, requeued=n)
         if await self.weights.welcome(w, hello, self.version.v):
             log.info("worker ready", worker=w.worker_id, pid=w.pid, version=w.version, owner=w.owner, tp=w.tp)
@@ -327,14 +452,15 @@ class Controller:
             if not live:
                 continue
             with self.lock:
-                outstanding = Counter(wid for wid, _ in self.ledger.outstanding.values())
+                outstanding = Counter(i.worker_id for i in self.ledger.outstanding.values())
                 plan = share_out(
                     self.staleness.capacity(),
                     [w.worker_id for w in live],
                     outstanding,
                     self.wiring.max_outstanding_per_worker,
                 )
-                assigned = [(wid, self.ledger.take(n, wid)) for wid, n in plan]
+                versions = {w.worker_id: w.version for w in live}
+                assigned = [(wid, self.ledger.take(n, wid, versions[wid])) for wid, n in plan]
                 self.staleness.on_started(sum(n for _, n in plan))
             for wid, prompts in assigned:
                 if not await self.control.send(wid, Assign(prompts)):
@@ -343,17 +469,43 @@ class Controller:
     async def _evaluate(
         self, prompts: list[Prompt], sampling: Sampling, timeout_s: float
     ) -> list[TrajectoryGroup]:
+        """One evaluation round: the groups that came back within ``timeout_s``. A worker lost during the
+        round has its prompts sent to another; a round that runs out of time (or has no worker) ends
+        partial, logged and counted, never raising into the training loop."""
         deadline = time.monotonic() + timeout_s
-        while not (live := self.registry.ready()):
-            if time.monotonic() > deadline:  # e.g. the first evaluation, before any engine is up
-                raise RuntimeError(f"no rollout worker became available for evaluation in {timeout_s:.0f} s")
-            await asyncio.sleep(0.2)
+        while not (live := self.registry.ready()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)  # e.g. the first evaluation, before any engine is up
         done = self._loop.create_future()
-        number = self.evals.open([p.uid for p in prompts], done)
+        number = self.evals.open(sampling, done)
         try:
-            for i, w in enumerate(live):
-                if chunk := prompts[i :: len(live)]:
-                    await self.control.send(w.worker_id, Assign(chunk, sampling, number))
-            return await asyncio.wait_for(done, timeout_s)
+            if live and prompts:
+                await self._eval_send(number, prompts, live, sampling)
+                while not done.done() and (remaining := deadline - time.monotonic()) > 0:
+                    await asyncio.wait({done}, timeout=min(1.0, remaining))
+                    orphans = self.evals.orphans(number, set(self.registry.ids()))
+                    if orphans and (live := self.registry.ready()):
+                        self.counters["eval_prompts_reassigned"] += len(orphans)
+                        await self._eval_send(number, orphans, live, sampling)
+            groups = self.evals.groups(number)
+            if missing := self.evals.missing(number) if live else len(prompts):
+                self.counters["eval_rounds_partial"] += 1
+                log.warning(
+                    "evaluation round ended partial",
+                    got=len(groups),
+                    missing=missing,
+                    timeout_s=round(timeout_s),
+                    workers=len(live),
+                )
+            return groups
         finally:
             self.evals.close(number)
+
+    async def _eval_send(
+        self, number: int, prompts: list[Prompt], live: list[Any], sampling: Sampling
+    ) -> None:
+        """Spread ``prompts`` over ``live`` workers, each prompt with a fresh ticket."""
+        for i, w in enumerate(live):
+            if chunk := prompts[i :: len(live)]:
+                sent = self.evals.assign(number, chunk, w.worker_id)
+                if not await self.control.send(w.worker_id, Assign(sent, sampling, number)):
+                    self._drop_worker(w.worker_id, "unreachable")

@@ -75,14 +75,11 @@ def save(
 
 
 def export_policy(engine: Any, out: Path, tokenizer_dir: str | None) -> None:
-    """Gather the full weights (ZeRO-3 included) and write a Hugging Face directory (rank 0)."""
-    import deepspeed
+    """A Hugging Face directory of the policy, written by rank 0 (every rank takes part: the parameters
+    are gathered one at a time under ZeRO-3, never the whole model at once: ``learner.export``)."""
+    from async_vapo.learner.export import save_hf
 
-    module = engine.module
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        if _rank() == 0:
-            module.save_pretrained(out, safe_serialization=True)
+    save_hf(engine.module, out, writer=_rank() == 0)
     if _rank() == 0 and tokenizer_dir:
         for f in Path(tokenizer_dir).iterdir():
             if f.name.startswith(("tokenizer", "special_tokens")) or f.name == "warm_start.json":

@@ -6,6 +6,7 @@ update -> version += 1 -> publish weights -> metrics / eval / checkpoint
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 from async_vapo.buffer import PromptLedger
 from async_vapo.controller import ControllerMetrics, RolloutTotals
+from async_vapo.controller.evaluation import eval_timeout_s
 from async_vapo.learner import checkpoint
 from async_vapo.learner.batch import Batch, collate, recv_batch, send_batch
 from async_vapo.learner.setup import (
@@ -43,7 +45,7 @@ from async_vapo.learner.step import (
 from async_vapo.metrics import MetricsWriter
 from async_vapo.protocol import Sampling
 from async_vapo.tracking import make_sinks
-from async_vapo.weight_sync.broadcast import snapshot
+from async_vapo.weight_sync.broadcast import Snapshot
 from async_vapo.weight_sync.fanout import RankLinks, gather_status, share_plan
 from async_vapo.weight_sync.publish import StreamPlan, stream_publish
 
@@ -76,7 +78,10 @@ class Trainer:
         self.stream_publish = self.cfg.train.streams_publish
         self._stream_plan: StreamPlan | None = None
         self.links = RankLinks(self.rank)  # the engines this rank feeds (streamed publish)
-        self.controller = start_controller(args, r, self.ledger, self.version) if self.rank == 0 else None
+        vocab = int(self.policy.module.config.vocab_size)
+        self.controller = (
+            start_controller(args, r, self.ledger, self.version, vocab) if self.rank == 0 else None
+        )
         if self.version > 0 and not self.stream_publish:  # resumed: the snapshot for (re)joining engines
             self._publish()  # (every rank: ZeRO-3 gathers are collectives)
         self.metrics = None
@@ -274,12 +279,21 @@ class Trainer:
             self.metrics.plot()
 
     def evaluate(self) -> dict[str, Any] | None:
-        if self.controller is None or self.metrics is None:
-            return None
+        """One evaluation round on the engines (rank 0's controller). Every rank waits for it in
+        one-second rounds of ``_share``, so none sits in a collective longer than that, however long the
+        round takes; a round that runs out of time is partial (``eval_missing``), never an error."""
         r = self.cfg.rollout
-        groups = self.controller.evaluate(
-            self.eval_prompts, Sampling(r.eval_samples, r.eval_temperature, r.eval_top_p, r.max_tokens)
-        )
+        sampling = Sampling(r.eval_samples, r.eval_temperature, r.eval_top_p, r.max_tokens)
+        fut = None
+        if self.controller is not None:
+            timeout = eval_timeout_s(self.cfg, len(self.eval_prompts), self.controller.generation_rate())
+            fut = self.controller.start_evaluation(self.eval_prompts, sampling, timeout)
+        while not self._share(int(fut is None or fut.done())):
+            if fut is not None:
+                concurrent.futures.wait([fut], timeout=1.0)
+        if fut is None or self.metrics is None:
+            return None
+        groups = fut.result()
         correct = [[resp.correct for resp in g.responses] for g in groups]
         row: dict[str, Any] = {
             "phase": "eval",
@@ -288,6 +302,7 @@ class Trainer:
             "eval_accuracy": sum(map(sum, correct)) / max(1, sum(map(len, correct))),
             f"eval_pass@{r.eval_samples}": sum(any(c) for c in correct) / max(1, len(correct)),
             "eval_problems": len(groups),
+            "eval_missing": len(self.eval_prompts) - len(groups),
             "eval_samples": r.eval_samples,
             "time": time.time(),
         }
@@ -304,25 +319,26 @@ class Trainer:
         if self.stream_publish:
             self._publish_streamed()
             return
-        import deepspeed
+        # a snapshot is one copy of the model on rank 0, filled bucket by bucket (ZeRO-3: each parameter
+        # gathered on its own and released), never a gather of the whole model on top of that copy
+        flats: list[torch.Tensor] = []
+        keep = (lambda t: flats.append(t.clone())) if self.controller is not None else None
+        stream_publish(self._bucket_plan(), keep, self.device)
+        if self.controller is not None:
+            self.controller.publish(Snapshot(self.version, self._bucket_plan().buckets, flats))
 
-        params = list(self.policy.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if self.controller is not None:
-                snap = snapshot(
-                    self.version, self.policy.module.named_parameters(), int(self.cfg.train.bucket_mb * 2**20)
-                )
-                self.controller.publish(snap)
-
-    def _publish_streamed(self) -> None:
-        """Every rank walks the bucket plan; each sends the gathered buckets to the engines it owns
-        (``weight_sync.fanout``)."""
+    def _bucket_plan(self) -> StreamPlan:
         if self._stream_plan is None:
             self._stream_plan = StreamPlan.of(
                 self.policy.module.named_parameters(), int(self.cfg.train.bucket_mb * 2**20)
             )
+        return self._stream_plan
+
+    def _publish_streamed(self) -> None:
+        """Every rank walks the bucket plan; each sends the gathered buckets to the engines it owns
+        (``weight_sync.fanout``)."""
         ctl = self.controller
-        targets, plan = ctl.begin_stream(self.version, self._stream_plan.buckets) if ctl else ([], None)
+        targets, plan = ctl.begin_stream(self.version, self._bucket_plan().buckets) if ctl else ([], None)
         plan = share_plan(plan, self.device)
         if not plan.targets:  # no engine can take it now (joining ones get the next publish)
             return
@@ -330,40 +346,38 @@ class Trainer:
             own = {t.worker.worker_id: t.worker.link for t in targets}
             self.links.lookup = own.get
         self.links.prepare(plan)
-        stream_publish(self._stream_plan, self.links.send if self.links.sending else None, self.device)
+        stream_publish(self._bucket_plan(), self.links.send if self.links.sending else None, self.device)
         outcomes = gather_status(plan, self.links.outcomes, self.device)
         if ctl is not None:
             ctl.end_stream(self.version, targets, outcomes)
 
     # ---- state out -----------------------------------------------------------------------------------
     def save(self) -> Path:
-        """Checkpoint; ``step`` in it is the next step to run."""
-        state = {
-            "ledger": self.ledger.state_dict() if self.rank == 0 else {},
-            "value_pretrained": self.progress.value_pretrained,
-        }
+        """Checkpoint; ``step`` in it is the next step to run. The ledger is copied under the controller's
+        lock (the controller thread changes it); the writing happens outside it, so the controller keeps
+        serving (heartbeats, weight-sync acks) however long the save takes."""
         lock = self.controller.lock if self.controller is not None else contextlib.nullcontext()
         with lock:
-            path = checkpoint.save(
-                self.out / "checkpoints",
-                self.step,
-                self.version,
-                self.policy,
-                self.value,
-                state,
-                self.args.model_path,
-            )
+            state = {
+                "ledger": self.ledger.state_dict() if self.rank == 0 else {},
+                "value_pretrained": self.progress.value_pretrained,
+            }
+        path = checkpoint.save(
+            self.out / "checkpoints",
+            self.step,
+            self.version,
+            self.policy,
+            self.value,
+            state,
+            self.args.model_path,
+        )
         log.info("checkpoint saved", path=str(path), step=self.step)
         return path
 
     def _save_value(self, out: Path) -> None:
-        import deepspeed
-
+        """The critic after Value-Pretraining (every rank: parameters are gathered one at a time)."""
         assert self.value is not None
-        params = list(self.value.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if self.rank == 0:
-                self.value.module.save(out)
+        self.value.module.save(out, writer=self.rank == 0)
 
     def close(self) -> None:
         if self.metrics is not None:

@@ -41,10 +41,16 @@ class ValueModel(nn.Module):
         ).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
 
-    def save(self, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out, safe_serialization=True)  # type: ignore[operator]
-        torch.save(self.head.state_dict(), out / VALUE_HEAD)
+    def save(self, out: Path, writer: bool = True, gather: Any = None) -> None:
+        """The backbone in Hugging Face format plus ``value_head.pt``. Every learner rank calls it (each
+        parameter is gathered on its own, a collective under ZeRO-3); the ``writer`` writes."""
+        from async_vapo.learner.export import host_tensors, save_hf
+
+        kw = {"gather": gather} if gather is not None else {}
+        save_hf(self.backbone, out, writer, **kw)
+        head = dict(host_tensors(self.head, writer, **kw))
+        if writer:
+            torch.save(head, out / VALUE_HEAD)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from async_vapo.config import Config, check_learner_split
 from async_vapo.controller import Controller, GroupSettings, Wiring
+from async_vapo.controller.admission import GroupRules, prompt_fits
 from async_vapo.learner import checkpoint
 from async_vapo.learner.models import init_distributed, load_policy, load_value, make_engine, torch_dtype
 from async_vapo.protocol import Prompt
@@ -104,10 +105,32 @@ def build_models(cfg: Config, model_path: str, on_gpu: bool, micro: int) -> tupl
 def build_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Prompt]]:
     """Training and held-out prompts; ``data.verifier`` (if set) names the verifier of every prompt."""
     train, evals = _task_prompts(cfg, tokenizer)
+    train, evals = _fitting(train, cfg, "train"), _fitting(evals, cfg, "eval")
     if cfg.data.verifier:
         train = [Prompt(p.uid, p.token_ids, p.answer, cfg.data.verifier) for p in train]
         evals = [Prompt(p.uid, p.token_ids, p.answer, cfg.data.verifier) for p in evals]
     return train, evals
+
+
+def _fitting(prompts: list[Prompt], cfg: Config, split: str) -> list[Prompt]:
+    """The prompts an engine can answer: at least one token, and shorter than ``rollout.max_model_len``
+    (vLLM refuses longer ones, and the prompt would stay outstanding forever). The rest are counted and
+    logged; none left is an error."""
+    keep = [p for p in prompts if prompt_fits(p, cfg.rollout.max_model_len)]
+    if dropped := len(prompts) - len(keep):
+        log.warning(
+            "prompts too long for rollout.max_model_len (or empty) were left out",
+            split=split,
+            dropped=dropped,
+            kept=len(keep),
+            max_model_len=cfg.rollout.max_model_len,
+        )
+    if prompts and not keep:
+        raise ValueError(
+            f"no {split} prompt fits rollout.max_model_len={cfg.rollout.max_model_len} (all {len(prompts)} "
+            "are empty or at least that long)"
+        )
+    return keep
 
 
 def _task_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Prompt]]:
@@ -153,8 +176,11 @@ def restore(cfg: Config, resume: bool, policy: Any, value: Any | None, ledger: A
     return progress
 
 
-def start_controller(args: LearnerArgs, rank: RankInfo, ledger: Any, version: int) -> Controller:
-    """Rank 0's controller thread, listening on the run's endpoints."""
+def start_controller(
+    args: LearnerArgs, rank: RankInfo, ledger: Any, version: int, vocab_size: int
+) -> Controller:
+    """Rank 0's controller thread, listening on the run's endpoints; groups are checked against the
+    config's bounds and the policy's vocabulary (``controller.admission``)."""
     t = args.cfg.train
     wiring = Wiring(
         data_endpoint=args.data_endpoint,
@@ -166,6 +192,6 @@ def start_controller(args: LearnerArgs, rank: RankInfo, ledger: Any, version: in
         store_key_dir=args.store_key_dir,
         fanout_ranks=rank.world if t.streams_publish and t.weight_fanout else 1,
     )
-    controller = Controller(t, wiring, ledger, version)
+    controller = Controller(t, wiring, ledger, version, rules=GroupRules.of(args.cfg, vocab_size))
     controller.start()
     return controller

@@ -19,7 +19,9 @@ from typing import Literal, get_args
 import msgspec
 import numpy as np
 
-PROTOCOL_VERSION = 2  # 2: evaluation rounds are numbered (Assign / TrajectoryGroup.eval_round)
+# 2: evaluation rounds are numbered (Assign / TrajectoryGroup.eval_round)
+# 3: prompts carry a ticket; a worker reports the prompts it could not finish (RolloutFailed)
+PROTOCOL_VERSION = 3
 
 FinishReason = Literal["stop", "length", "abort"]
 ControlKind = Literal["shutdown"]
@@ -65,13 +67,16 @@ class _Wire(msgspec.Struct, array_like=True, gc=False, frozen=True, tag=True):
 
 class Prompt(msgspec.Struct, array_like=True, gc=False, frozen=True):
     """One unit of work: a prompt to sample ``n`` responses for. ``uid`` is unique per dataset row and
-    epoch; ``attempt`` counts requeues (a stale or lost group's prompt comes back with attempt + 1)."""
+    epoch; ``attempt`` counts requeues (a stale or lost group's prompt comes back with attempt + 1).
+    ``ticket`` is a random string minted each time the prompt is handed out: the group that answers it
+    must carry the prompt exactly as sent, ticket included (uids are predictable, tickets are not)."""
 
     uid: str
     token_ids: bytes  # int32 LE
     answer: str
     task: str = "math"
     attempt: int = 0
+    ticket: str = ""
 
 
 class Response(msgspec.Struct, array_like=True, gc=False, frozen=True):
@@ -191,6 +196,17 @@ class WeightAck(_Wire, tag="ack", frozen=True):
     error: str = ""
 
 
+class RolloutFailed(_Wire, tag="failed", frozen=True):
+    """Rollout worker -> learner: the prompt ``uid`` (sent with ``ticket``) could not be sampled or
+    scored (``error`` says why); the controller requeues it or, out of attempts, counts it as failed."""
+
+    worker_id: str
+    uid: str
+    ticket: str
+    eval_round: int = 0
+    error: str = ""
+
+
 class Hello(_Wire, tag="hello", frozen=True):
     """Rollout worker -> learner on (re)connect: who I am, which version my engine holds, and how many
     vLLM workers (tensor-parallel ranks) it has: each of them joins the engine's weight group."""
@@ -216,7 +232,17 @@ class Control(_Wire, tag="control", frozen=True):
     reason: str = ""  # shutdown: "finished" (the run is over) or "dropped" (exit and be restarted)
 
 
-Message = TrajectoryGroup | Assign | JoinGroup | WeightUpdate | WeightAck | Hello | Control | WorkerStats
+Message = (
+    TrajectoryGroup
+    | Assign
+    | JoinGroup
+    | WeightUpdate
+    | WeightAck
+    | Hello
+    | Control
+    | WorkerStats
+    | RolloutFailed
+)
 
 
 # ---- between learner ranks (torch.distributed, never on the ZeroMQ sockets) ------------------------------

@@ -159,6 +159,11 @@ class RolloutEngine:
                 await self.llm.resume_generation()
         return float(max(seconds))
 
+    @property
+    def dead(self) -> bool:
+        """vLLM's engine core is gone (``AsyncLLM.errored``): nothing it is asked from now on can succeed."""
+        return bool(getattr(self.llm, "errored", False))
+
     def shutdown(self) -> None:
         self.llm.shutdown()
         # AsyncLLM.__del__ shuts down once more: left to interpreter exit, it runs after vLLM's module globals

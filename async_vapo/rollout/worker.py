@@ -35,6 +35,7 @@ from async_vapo.protocol import (
     JoinGroup,
     Prompt,
     Response,
+    RolloutFailed,
     Sampling,
     TrajectoryGroup,
     WeightAck,
@@ -96,6 +97,7 @@ class RolloutWorker:
         self._busy_since: float | None = None
         self._started = time.perf_counter()
         self.generated_tokens = 0
+        self._run: asyncio.Task | None = None  # the task running ``run`` (a dead engine cancels it)
 
     async def run(self) -> None:
         await self.engine.set_version(self.version)
@@ -155,6 +157,26 @@ class RolloutWorker:
             )
 
     async def _rollout(self, prompt: Prompt, sampling: Sampling | None = None, eval_round: int = 0) -> None:
+        """Sample and score one prompt's group and send it; a prompt that cannot be finished is reported
+        (``RolloutFailed``) so that the controller hands it to someone else instead of waiting forever. A
+        dead engine ends the worker (the launcher restarts it) instead of failing every later prompt."""
+        try:
+            group = await self._sample_group(prompt, sampling, eval_round)
+        except Exception as exc:
+            log.error("rollout failed", worker=self.cfg.worker_id, uid=prompt.uid, error=repr(exc)[:300])
+            await self.control.send(
+                RolloutFailed(self.cfg.worker_id, prompt.uid, prompt.ticket, eval_round, repr(exc)[:200])
+            )
+            if self.engine.dead and self._run is not None and not self._run.done():
+                log.error("the vLLM engine is dead; exiting to be restarted", worker=self.cfg.worker_id)
+                self.exit_code = EXIT_DROPPED
+                self._run.cancel()
+            return
+        await self.sender.send(group)
+
+    async def _sample_group(
+        self, prompt: Prompt, sampling: Sampling | None, eval_round: int
+    ) -> TrajectoryGroup:
         r = self.cfg.rollout
         sp = sampling or Sampling(r.n_samples, r.temperature, r.top_p, r.max_tokens)
         while not self._gate.is_set():
@@ -195,10 +217,9 @@ class RolloutWorker:
                     verdict=v.detail,
                 )
             )
-        group = TrajectoryGroup(
+        return TrajectoryGroup(
             prompt, responses, self.cfg.worker_id, time.time(), gen_s, time.perf_counter() - t1, eval_round
         )
-        await self.sender.send(group)
 
     async def _update(self, msg: WeightUpdate) -> None:
         async with self._updating:
@@ -241,13 +262,14 @@ def worker_main(cfg: WorkerConfig) -> None:
 
     async def main() -> int:
         worker = RolloutWorker(cfg)
-        run = asyncio.ensure_future(worker.run())
+        run = worker._run = asyncio.ensure_future(worker.run())
         # SIGTERM (the launcher stopping the run): leave the loop as on a shutdown message, closing vLLM
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, run.cancel)
         try:
             await run
         except asyncio.CancelledError:
-            log.info("stopped by SIGTERM", worker=cfg.worker_id)
+            if worker.exit_code != EXIT_DROPPED:
+                log.info("stopped by SIGTERM", worker=cfg.worker_id)
         return worker.exit_code
 
     code = uvloop.run(main())

@@ -1,0 +1,130 @@
+"""What a worker sends is input, not truth: every group and every control message is checked against
+what the controller issued before anything else sees it.
+
+A group is admitted only when it answers a prompt that is outstanding, comes from the worker that prompt
+was sent to, carries the prompt exactly as sent (its random ticket included, so a peer that never received
+the prompt cannot answer it), and has the shape the run's config allows: ``rollout.n_samples`` responses
+(the ``Sampling`` of an evaluation round), each of 1..``max_tokens`` tokens with ids in ``[0, vocab)``,
+prompt + response within ``max_model_len``, token versions between the worker's version when the prompt
+was sent and the learner's version now, and a reward the verifiers can give that agrees with ``correct``.
+
+Pure functions: the controller (``controller.service``) calls them under its lock and counts the reason a
+group is refused (``GroupRejection``); nothing invalid reaches the buffer or ``collate``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from async_vapo.config import Config
+from async_vapo.protocol import Hello, Prompt, TrajectoryGroup, unpack_i32
+
+# worker ids come from the launcher's node plan (``cluster.nodes``: "w<node>-<engine>" and the like); they
+# name files and log lines, so they are never free text
+WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class GroupRejection(str, Enum):
+    """Why a group was refused (counted as ``group_rejected_<value>``)."""
+
+    WRONG_WORKER = "wrong_worker"  # answered by a worker the prompt was not sent to
+    PROMPT_MISMATCH = "prompt_mismatch"  # the prompt on the wire is not the one sent (ticket included)
+    SAMPLE_COUNT = "sample_count"  # not the number of responses asked for
+    LENGTH = "length"  # a response with no tokens or more than max_tokens
+    MODEL_LEN = "model_len"  # prompt + response over max_model_len
+    TOKEN_RANGE = "token_range"  # a token id outside [0, vocab)
+    VERSIONS = "versions"  # token versions older than the worker's at assignment or newer than the learner's
+    REWARD = "reward"  # a reward no verifier gives, or one that disagrees with ``correct``
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupRules:
+    """The bounds a group must respect, all from the run's config (and the model's vocabulary)."""
+
+    vocab_size: int
+    n_samples: int
+    max_tokens: int
+    max_model_len: int
+    correct_reward: float
+    wrong_reward: float
+    tensor_parallel_size: int
+
+    @classmethod
+    def of(cls, cfg: Config, vocab_size: int) -> GroupRules:
+        r = cfg.rollout
+        return cls(
+            vocab_size=vocab_size,
+            n_samples=r.n_samples,
+            max_tokens=r.max_tokens,
+            max_model_len=r.max_model_len,
+            correct_reward=r.correct_reward,
+            wrong_reward=r.wrong_reward,
+            tensor_parallel_size=r.tensor_parallel_size,
+        )
+
+    def reward_ok(self, reward: float, correct: bool) -> bool:
+        """``reward`` is what the verifiers give for a response judged ``correct`` (or not)."""
+        if self.correct_reward == self.wrong_reward:
+            return reward == self.correct_reward
+        return reward == (self.correct_reward if correct else self.wrong_reward)
+
+
+def check_group(
+    group: TrajectoryGroup,
+    *,
+    sent_to: str,
+    sent: Prompt,
+    n_samples: int,
+    max_tokens: int,
+    oldest_version: int,
+    newest_version: int,
+    rules: GroupRules,
+) -> GroupRejection | None:
+    """Why ``group`` must be refused, or None when it may be admitted.
+
+    ``sent_to`` / ``sent``: the worker and the exact prompt the controller issued for ``group.prompt.uid``;
+    ``n_samples`` / ``max_tokens``: the sampling it was issued with; versions: the worker's policy version
+    when the prompt was sent and the learner's now (no token can lie outside them)."""
+    if group.worker_id != sent_to:
+        return GroupRejection.WRONG_WORKER
+    if group.prompt != sent:
+        return GroupRejection.PROMPT_MISMATCH
+    if len(group.responses) != n_samples:
+        return GroupRejection.SAMPLE_COUNT
+    prompt_len = len(sent.token_ids) // 4
+    for r in group.responses:
+        n = r.n_tokens
+        if not 1 <= n <= max_tokens:
+            return GroupRejection.LENGTH
+        if prompt_len + n > rules.max_model_len:
+            return GroupRejection.MODEL_LEN
+        ids = unpack_i32(r.token_ids)
+        if int(ids.min()) < 0 or int(ids.max()) >= rules.vocab_size:
+            return GroupRejection.TOKEN_RANGE
+        ver = unpack_i32(r.versions)
+        if int(ver[0]) < oldest_version or int(ver[-1]) > newest_version:
+            return GroupRejection.VERSIONS
+        if not math.isfinite(r.reward) or not rules.reward_ok(r.reward, r.correct):
+            return GroupRejection.REWARD
+    return None
+
+
+def check_hello(hello: Hello, sender: str, rules: GroupRules) -> str | None:
+    """Why a ``Hello`` must be refused (a counter suffix), or None. ``sender`` is the socket identity."""
+    if not WORKER_ID.fullmatch(hello.worker_id):
+        return "bad_worker_id"
+    if hello.worker_id != sender:
+        return "identity_mismatch"
+    if hello.tensor_parallel_size != rules.tensor_parallel_size:
+        return "tp_mismatch"
+    return None
+
+
+def prompt_fits(prompt: Prompt, max_model_len: int) -> bool:
+    """A prompt of at least one token that leaves room for a response (vLLM refuses a prompt of
+    ``max_model_len`` tokens or more, and the learner needs a token to predict the first response token
+    from)."""
+    return 1 <= len(prompt.token_ids) // 4 < max_model_len
