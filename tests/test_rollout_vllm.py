@@ -10,10 +10,13 @@ import torch
 
 from async_vapo.protocol import (
     Assign,
+    Prompt,
+    RolloutFailed,
     Sampling,
     TrajectoryGroup,
     WeightAck,
     WeightUpdate,
+    pack_i32,
     unpack_f32,
     unpack_i32,
 )
@@ -130,3 +133,21 @@ def test_behaviour_logprobs_follow_the_sampling_temperature(rollout):
             got = torch.from_numpy(unpack_f32(r.logprobs).copy())
             torch.testing.assert_close(got, hf_logprobs(reference, prompt, ids, 0.7), atol=2e-3, rtol=0)
             assert (got - hf_logprobs(reference, prompt, ids, 1.0)).abs().max() > 1e-2
+
+
+def test_a_prompt_the_engine_refuses_is_reported_and_the_worker_goes_on(rollout):
+    """A prompt over max_model_len makes vLLM raise: the worker must say so (``RolloutFailed``, with the
+    prompt's ticket) instead of only logging it, which left the prompt outstanding and the run waiting."""
+    side, _, _, tok, _ = rollout
+    (good,) = make_prompts(tok, 1, seed=5, version_tag="f")
+    first_id = int(unpack_i32(good.token_ids)[0])
+    too_long = Prompt("too-long@0", pack_i32([first_id] * 300), "1", "addition", 0, "tk")
+
+    async def go():
+        await side.control.send("w0", Assign([too_long]))
+        return await side.next_of(RolloutFailed, timeout=60)
+
+    failed = side.call(go(), timeout=90)
+    assert (failed.worker_id, failed.uid, failed.ticket) == ("w0", "too-long@0", "tk") and failed.error
+    (group,) = assign_and_collect(side, [good])  # the worker still serves
+    assert group.prompt == good and len(group.responses) == 4
