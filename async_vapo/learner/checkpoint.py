@@ -1,22 +1,36 @@
 """Checkpoints: policy and value engines (weights, optimisers, schedulers) through DeepSpeed, plus the
 learner's own state (step, policy version, RNG states, the prompt ledger with the data cursor and every
-pending prompt), written to ``step_N.tmp`` and renamed to ``step_N`` once complete; ``latest`` is
-rewritten atomically last. The policy is also exported in Hugging Face format (``step_N/hf``) for vLLM and
+pending prompt). The policy is also exported in Hugging Face format (``step_N/hf``) for vLLM and
 transformers.
+
+Atomic and durable: everything is written to ``step_N.tmp``, every file and directory in it is fsynced,
+then it is renamed to ``step_N`` (a previous ``step_N`` is moved aside first and deleted only after the
+rename), and ``latest`` is rewritten (write, fsync, rename, fsync the directory) last. So a crash at any
+point leaves the previous checkpoint whole and ``latest`` naming a complete one. A ``step_N`` directory
+exists only once complete; ``latest`` naming one that is gone (deleted by hand, a half-copied run
+directory) falls back to the newest ``step_N`` present, loudly, never silently to step 0.
+
+RNG states are saved as tensors and plain numbers and read back with ``torch.load(weights_only=True)``: a
+checkpoint never runs code when it is loaded.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import numpy as np
+import structlog
 import torch
 import torch.distributed as dist
+
+log = structlog.get_logger(__name__)
+STEP_DIR = re.compile(r"step_(\d+)")
 
 
 def _rank() -> int:
@@ -29,13 +43,72 @@ def _barrier() -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG this process draws from, as tensors and plain numbers (``weights_only`` loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
+        | {"has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss_next},
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (and ``root``): the rename that follows publishes
+    data that is on disk, not in the page cache."""
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` to ``final`` and point ``latest`` at it, never deleting a good
+    checkpoint before its replacement is in place (rank 0)."""
+    _fsync_tree(tmp)
+    aside = root / f"{final.name}.old"
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if aside.exists() and not final.exists():
+            os.replace(aside, final)  # the good checkpoint goes back where it was
+        raise
+    latest_tmp = root / "latest.tmp"
+    with open(latest_tmp, "w") as f:
+        f.write(final.name)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(latest_tmp, root / "latest")
+    _fsync_dir(root)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def save(
@@ -65,11 +138,7 @@ def save(
         export_policy(policy, tmp / "hf", tokenizer_dir)
     _barrier()
     if _rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        latest_tmp = root / "latest.tmp"
-        latest_tmp.write_text(final.name)
-        os.replace(latest_tmp, root / "latest")
+        _publish(root, tmp, final)
     _barrier()
     return final
 
@@ -86,12 +155,39 @@ def export_policy(engine: Any, out: Path, tokenizer_dir: str | None) -> None:
                 shutil.copy(f, out / f.name)
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint to resume from where one is expected."""
+
+
+def complete_steps(root: Path) -> list[Path]:
+    """The complete checkpoints under ``root``, oldest first (``step_N`` exists only once complete)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
 def latest(root: Path) -> Path | None:
+    """The checkpoint to resume from: the one ``latest`` names; if that is missing or broken, the newest
+    complete ``step_N`` (with a warning saying so); None when there is none at all."""
     marker = root / "latest"
-    if not marker.exists():
-        return None
-    path = root / marker.read_text().strip()
-    return path if path.exists() else None
+    named = marker.read_text().strip() if marker.exists() else ""
+    if named and STEP_DIR.fullmatch(named) and (root / named / "learner_state.msgpack").exists():
+        return root / named
+    steps = [p for p in complete_steps(root) if (p / "learner_state.msgpack").exists()]
+    if named and not steps:
+        raise CheckpointError(
+            f"{marker} names {named!r}, which is not a complete checkpoint, and {root} holds no other: "
+            "nothing to resume from (restore the directory, or start without --resume)"
+        )
+    if named or steps:
+        log.warning(
+            "the 'latest' checkpoint marker is missing or names no complete checkpoint; using the newest "
+            "complete one",
+            marker=named or None,
+            using=str(steps[-1]) if steps else None,
+        )
+    return steps[-1] if steps else None
 
 
 def load(path: Path, policy: Any, value: Any | None) -> dict[str, Any]:
@@ -100,5 +196,8 @@ def load(path: Path, policy: Any, value: Any | None) -> dict[str, Any]:
         value.load_checkpoint(str(path / "value"), tag="ds")
     rng = path / f"rng_rank{_rank()}.pt"
     if rng.exists():
-        set_rng_state(torch.load(rng, weights_only=False))
+        try:
+            set_rng_state(torch.load(rng, weights_only=True))
+        except Exception as exc:  # an older checkpoint pickled numpy state: never unpickled here
+            log.warning("RNG state not restored (older format)", path=str(rng), error=repr(exc)[:200])
     return msgspec.msgpack.decode((path / "learner_state.msgpack").read_bytes())
