@@ -124,3 +124,39 @@ def test_stream_plan_uses_full_shapes():
     assert plan.buckets == [[("weight", "float32", [5, 3]), ("bias", "float32", [5])]]
     assert plan.nbytes == 20 * 4
     assert full_shape(lin.weight) == [5, 3]
+
+
+def test_a_collective_that_never_completes_aborts_only_its_group_at_the_deadline():
+    """NCCL's ``wait()`` returns before the collective ran, and past the communicator's timeout the
+    watchdog ends the process: the host must judge completion itself (``is_completed``), abort only that
+    group at its deadline and raise, the way a gloo timeout does."""
+    import time
+
+    import pytest
+
+    from async_vapo.weight_sync.group import CollectiveTimeout, WeightGroup, broadcast
+
+    class NeverDone:  # a work object whose peer is gone: queued, never completed
+        waited = False
+
+        def is_completed(self) -> bool:
+            return False
+
+        def wait(self) -> bool:
+            NeverDone.waited = True  # on NCCL this would return at once, having done nothing
+            return True
+
+    class Comm:
+        aborted = 0
+
+        def broadcast(self, tensor, root):
+            return NeverDone()
+
+        def abort(self) -> None:
+            Comm.aborted += 1
+
+    t0 = time.monotonic()
+    with pytest.raises(CollectiveTimeout, match="aborted"):
+        broadcast(WeightGroup(Comm(), deadline_s=0.3), torch.zeros(4))
+    assert 0.3 <= time.monotonic() - t0 < 2.0
+    assert Comm.aborted == 1 and not NeverDone.waited  # never reported as done

@@ -44,12 +44,12 @@ def _barrier() -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG this process draws from, as tensors and plain numbers (``weights_only`` loadable)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     version, mt, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos)}
         | {"has_gauss": int(has_gauss), "cached": float(cached)},
         "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss_next},
     }

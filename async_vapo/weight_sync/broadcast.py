@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from async_vapo.weight_sync.buckets import BucketMeta, empty_flat, plan_buckets, unpack
-from async_vapo.weight_sync.group import GroupSpec, broadcast, join_group
+from async_vapo.weight_sync.group import GroupSpec, WeightGroup, broadcast, join_group
 
 
 @dataclass
@@ -60,7 +60,7 @@ class EngineLink:
     def __init__(self, spec: GroupSpec, serve_store: bool = True) -> None:
         self.spec = spec
         self.serve_store = serve_store
-        self.pg = None
+        self.pg: WeightGroup | None = None
 
     def connect(self) -> None:
         """Blocks until the engine's workers joined (or raises after the group timeout)."""
