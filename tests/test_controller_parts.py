@@ -214,3 +214,33 @@ def test_run_files_are_absolute_with_a_relative_output_dir(tmp_path, monkeypatch
         assert f.is_absolute() and str(f).startswith(str(tmp_path))
         assert urlparse(f"file://{f}").path == str(f)  # what torch.distributed's file:// rendezvous reads
     assert site.files.groups.is_dir() and store.address == f"file:{site.files.store}"
+
+
+def test_fanout_owners_are_spread_over_nodes_first():
+    """32 learner ranks on 4 nodes feeding 8 engines: one owner per node before a second on any node
+    (rank 0 alone on node 0 fed every engine's bytes through one node's links before)."""
+    reg = WorkerRegistry(fanout_ranks=32, ranks_per_node=8)
+    owners = [reg.add(Hello(f"w{i}", 0, 100 + i))[0].owner for i in range(8)]
+    assert owners == [0, 8, 16, 24, 1, 9, 17, 25]
+    assert len({o // 8 for o in owners[:4]}) == 4
+
+
+def test_gpu_children_see_the_gpus_the_launcher_was_given():
+    """Slurm or a container runtime gives the launcher CUDA_VISIBLE_DEVICES=4,5,6,7: placement device k
+    is the k-th of those, not GPU k of the machine."""
+    ep = Endpoints("tcp://10.0.0.1:5001", "tcp://10.0.0.1:5002", 5003, "10.0.0.1")
+    site = Site(ep, "10.0.0.1:29500", visible_devices="4,5,6,7")
+    assert site.cuda_devices([0, 1]) == "4,5" and site.cuda_devices([3]) == "7"
+    assert Site(ep, "x").cuda_devices([2, 3]) == "2,3"  # nothing given: the machine's numbering
+    with pytest.raises(ValueError, match="only 4"):
+        site.cuda_devices([4])
+
+
+def test_rollout_workers_do_not_inherit_the_launchers_torch_distributed_world():
+    from async_vapo.launch.supervisor import child_environ
+
+    parent = {"RANK": "3", "WORLD_SIZE": "8", "MASTER_PORT": "29500", "LOCAL_RANK": "0", "PATH": "/bin"}
+    worker = child_environ(parent, {"CUDA_VISIBLE_DEVICES": "4,5"}, worker=True)
+    assert worker == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "4,5"}
+    learner = child_environ(parent, {"RANK": "1"}, worker=False)
+    assert learner["RANK"] == "1" and learner["WORLD_SIZE"] == "8"

@@ -47,9 +47,10 @@ class RolloutTotals:
 
 
 class WorkerRegistry:
-    def __init__(self, fanout_ranks: int = 1) -> None:
+    def __init__(self, fanout_ranks: int = 1, ranks_per_node: int = 0) -> None:
         self._workers: dict[str, WorkerState] = {}
         self.fanout_ranks = fanout_ranks
+        self.ranks_per_node = ranks_per_node or fanout_ranks  # learner ranks on each node (0: one node)
 
     def __iter__(self) -> Iterator[WorkerState]:
         return iter(list(self._workers.values()))  # a copy: callers may drop workers while iterating
@@ -78,9 +79,12 @@ class WorkerRegistry:
         return self._workers.get(w.worker_id) is w
 
     def _pick_owner(self) -> int:
-        """The learner rank with the fewest engines (lowest rank on ties)."""
+        """The learner rank with the fewest engines; on ties the first rank of the next node, so that
+        engines are fed from every node's network links, not all from node 0's (ranks 0, 8, 16, 24, 1, ...
+        with 8 ranks per node)."""
         load = Counter(w.owner for w in self._workers.values())
-        return min(range(self.fanout_ranks), key=lambda r: (load[r], r))
+        per = max(1, self.ranks_per_node)
+        return min(range(self.fanout_ranks), key=lambda r: (load[r], r % per, r // per))
 
     def silent(self, now: float, timeout_s: float) -> list[WorkerState]:
         """Workers whose last message is older than ``timeout_s`` (one in a weight sync is waited for)."""

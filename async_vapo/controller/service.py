@@ -69,6 +69,7 @@ class Wiring:
     store_address: str = ""  # the run's rendezvous store: drop notices for the launchers, "done"
     store_key_dir: str = ""  # where the run store's signing key is (multi-node runs)
     fanout_ranks: int = 1  # streamed publish: engines are spread over this many learner ranks
+    ranks_per_node: int = 0  # learner ranks per node (owners are spread over nodes first); 0 = one node
     dispatch_interval_s: float = 0.01
     max_outstanding_per_worker: int = 256
 
@@ -120,7 +121,7 @@ class Controller:
         self.ready = threading.Condition(self.lock)
         self.counters: Counter[str] = Counter()
         self.groups_by_worker: Counter[str] = Counter()
-        self.registry = WorkerRegistry(wiring.fanout_ranks)
+        self.registry = WorkerRegistry(wiring.fanout_ranks, wiring.ranks_per_node)
         self.evals = EvalRounds()
         self.weights = WeightPublisher(
             train,

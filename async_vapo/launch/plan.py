@@ -44,6 +44,21 @@ class Site:
     bind_host: str = ""  # the address learner rank 0 binds its sockets to ("" = the endpoints' host)
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. loopback-only gloo/NCCL/vLLM
     kv_cache_gib: str = "1"  # CPU engines: vLLM's KV cache
+    # the GPUs this node's launcher may use, as its CUDA_VISIBLE_DEVICES said (Slurm, a container
+    # runtime); "" = all. Device k of the placement is the k-th of these, never the k-th of the machine.
+    visible_devices: str = ""
+
+    def cuda_devices(self, devs: list[int] | tuple[int, ...]) -> str:
+        """CUDA_VISIBLE_DEVICES for a child on placement devices ``devs``, mapped through ours."""
+        if not self.visible_devices.strip():
+            return ",".join(map(str, devs))
+        ours = [d.strip() for d in self.visible_devices.split(",") if d.strip()]
+        if max(devs, default=-1) >= len(ours):
+            raise ValueError(
+                f"the placement uses GPU {max(devs)} of this node, but CUDA_VISIBLE_DEVICES "
+                f"({self.visible_devices}) gives the launcher only {len(ours)}"
+            )
+        return ",".join(ours[d] for d in devs)
 
 
 @dataclass(frozen=True)
@@ -98,6 +113,7 @@ def _learners(
             store_key_dir=site.store_key_dir if first else "",
             world_store=str(site.files.world) if site.files else "",
             group_store_dir=str(site.files.groups) if site.files else "",
+            ranks_per_node=ranks_here,
         )
         env = {
             "RANK": str(rank),
@@ -106,7 +122,7 @@ def _learners(
             "MASTER_ADDR": node.master_addr,
             "MASTER_PORT": str(ep.learner_master_port),
             **(
-                {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devs)), "LOCAL_RANK": "0"}
+                {"CUDA_VISIBLE_DEVICES": site.cuda_devices(devs), "LOCAL_RANK": "0"}
                 if lay.on_gpu
                 else {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
             ),
@@ -140,7 +156,7 @@ def _workers(
             curve_dir=cfg.curve_dir,
         )
         if lay.on_gpu:
-            env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, devs))}
+            env = {"CUDA_VISIBLE_DEVICES": site.cuda_devices(devs)}
         else:
             env = {
                 "VLLM_CPU_OMP_THREADS_BIND": engine_core_binding(devs, lay.tensor_parallel_size),

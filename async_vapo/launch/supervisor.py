@@ -56,9 +56,40 @@ def _learner_entry(env: dict[str, str], largs: Any) -> None:
     learner_main(largs)
 
 
+# torchrun's and torch.distributed's variables of the launcher itself: a rollout worker inheriting them
+# would make vLLM's own workers believe they are ranks of the launcher's world
+TORCH_DIST_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_ERROR_FILE",
+)
+
+
+def child_environ(parent: dict[str, str], env: dict[str, str], worker: bool) -> dict[str, str]:
+    """A child's environment: the launcher's, without its torch.distributed variables for a rollout
+    worker (a learner rank gets its own in ``env``), then ``env``."""
+    base = {k: v for k, v in parent.items() if not (worker and k in TORCH_DIST_VARS)}
+    return base | env
+
+
 def _worker_entry(env: dict[str, str], cores: list[int] | tuple[int, ...], wcfg: Any) -> None:
     _own_group()
-    os.environ.update(env)
+    merged = child_environ(dict(os.environ), env, worker=True)
+    os.environ.clear()
+    os.environ.update(merged)
     if cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(cores))
     from async_vapo.rollout.worker import worker_main
@@ -122,6 +153,7 @@ def open_site(cfg: Config, node: NodeInfo) -> tuple[Site, RunStore]:
         bind_host=node.master_addr if local else socket.gethostbyname(node.master_addr),
         extra_env=loopback_env() if one_machine else {},
         kv_cache_gib=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
     )
     return site, store
 

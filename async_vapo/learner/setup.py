@@ -42,6 +42,7 @@ class LearnerArgs:
     store_key_dir: str = ""  # multi-node: where the run store's signing key is
     world_store: str = ""  # one machine: the learner world meets in this FileStore (no TCP listener)
     group_store_dir: str = ""  # one machine: weight groups meet in FileStores in this directory
+    ranks_per_node: int = 0  # learner ranks on each learner node (fan-out owners spread over nodes)
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,7 @@ def start_controller(
         store_address=args.store_address,
         store_key_dir=args.store_key_dir,
         fanout_ranks=rank.world if t.streams_publish and t.weight_fanout else 1,
+        ranks_per_node=args.ranks_per_node,
     )
     controller = Controller(t, wiring, ledger, version, rules=GroupRules.of(args.cfg, vocab_size))
     controller.start()
