@@ -160,6 +160,10 @@ class TrainConfig(_Section, frozen=True):
     # samples x rollout.max_tokens at the engines' measured generation rate, times a margin, with a floor
     # (controller/evaluation.py eval_timeout_s)
     eval_timeout_s: float = 0.0
+    # the learner world's collective timeout: a rank waiting longer in one collective is ended (NCCL's
+    # watchdog). Waits for data and evaluations go in one-second rounds (learner/main.py), so this bounds
+    # only real work: the longest update, save or publish of a step
+    collective_timeout_s: float = 1800.0
     # CPU: torch threads per learner rank; 0 = its cores divided by the learner ranks on the node
     learner_threads: int = 0
     # CPU: the learner ranks are pinned to their own half of the node's cores ("own") or to every core
@@ -236,6 +240,7 @@ class Config(_Section, frozen=True):
             ),
             (self.train.filter_patience >= 0, "train.filter_patience must be >= 0 (0 = never stop)"),
             (self.train.eval_timeout_s >= 0, "train.eval_timeout_s must be >= 0 (0 = derived)"),
+            (self.train.collective_timeout_s > 0, "train.collective_timeout_s must be > 0"),
             (
                 self.data.task == "addition" or bool(self.data.train_file),
                 "data.train_file is required for task math",

@@ -100,10 +100,13 @@ def local_rank_env(rank: int, world: int, master_port: int) -> dict[str, str]:
     }
 
 
-def init_distributed(backend: str, file_store: str = "") -> None:
+def init_distributed(backend: str, file_store: str = "", timeout_s: float = 1800.0) -> None:
     """Single-process default (RANK 0 of 1) unless a launcher set the torch.distributed environment.
     ``file_store``: meet in a ``FileStore`` at that path instead of the TCPStore at MASTER_ADDR (one
-    machine: a TCPStore listens on every interface)."""
+    machine: a TCPStore listens on every interface). ``timeout_s``: the learner world's collective
+    timeout (``train.collective_timeout_s``; past it NCCL's watchdog ends the rank)."""
+    from datetime import timedelta
+
     import deepspeed
 
     os.environ.setdefault("RANK", "0")
@@ -118,9 +121,10 @@ def init_distributed(backend: str, file_store: str = "") -> None:
             init_method=f"file://{Path(file_store).resolve()}",  # file://runs/x would name a host "runs"
             rank=int(os.environ["RANK"]),
             world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timedelta(seconds=timeout_s),
         )
     else:
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
 def make_engine(model: nn.Module, lr: float, train: TrainConfig, bf16: bool, micro_batch_size: int) -> Any:

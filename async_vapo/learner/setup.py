@@ -70,7 +70,7 @@ def init_rank(args: LearnerArgs) -> RankInfo:
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    init_distributed("nccl" if on_gpu else "gloo", args.world_store)
+    init_distributed("nccl" if on_gpu else "gloo", args.world_store, args.cfg.train.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     check_learner_split(args.cfg, world)  # before any collective of the training loop
     torch.manual_seed(args.cfg.train.seed + rank)
