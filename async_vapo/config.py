@@ -6,6 +6,9 @@ field, e.g. ``config error at train.actor_lr: Expected float, got str``.
 
 from __future__ import annotations
 
+import difflib
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -278,11 +281,56 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _field_type(dotted: str) -> Any:
+    """The declared type of ``section.field`` (None when there is no such field)."""
+    cls: Any = Config
+    for k in dotted.split("."):
+        hints = (
+            typing.get_type_hints(cls) if isinstance(cls, type) and issubclass(cls, msgspec.Struct) else {}
+        )
+        if k not in hints:
+            return None
+        cls = hints[k]
+    return cls
+
+
+def _override_value(key: str, raw: str) -> Any:
+    """A command-line value: as a string for a ``str`` field (``data.answer_field=yes`` is the string
+    "yes", a template with ": " is not YAML), else parsed as a YAML scalar (numbers, booleans, lists)."""
+    if _field_type(key) is str:
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _did_you_mean(msg: str, where: str) -> str:
+    """msgspec's "unknown field `x`" at ``where`` (a dotted section or ""), with the closest valid names."""
+    m = re.search(r"unknown field `([^`]*)`", msg)
+    section = _field_type(where) if where else Config
+    if m is None or section is None:
+        return ""
+    valid = list(typing.get_type_hints(section))
+    close = difflib.get_close_matches(m.group(1), valid, n=3, cutoff=0.6)
+    name = f"{where}.{m.group(1)}" if where else m.group(1)
+    hint = f"; did you mean {' or '.join(f'{where}.{c}' if where else c for c in close)}?" if close else ""
+    return f"config error: unknown field {name}{hint} (valid here: {', '.join(valid)})"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """YAML file (or defaults) + ``key.sub=value`` overrides (values parsed as YAML scalars)."""
+    """YAML file (or defaults) + ``key.sub=value`` overrides (``_override_value``). Every error, a missing
+    file or broken YAML included, is a ``ConfigError`` with a one-line message."""
     tree: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            raise ConfigError(f"{path}{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         tree = loaded
@@ -290,13 +338,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        _set_dotted(tree, key.strip(), _override_value(key.strip(), raw))
     try:
         cfg = msgspec.convert(tree, Config, strict=False)
     except msgspec.ValidationError as exc:
         msg = str(exc)
         where = msg.rsplit("at `$.", 1)
+        section = where[1].rstrip("`") if len(where) == 2 else ""
+        if unknown := _did_you_mean(msg, section):
+            raise ConfigError(unknown) from None
         if len(where) == 2:
-            raise ConfigError(f"config error at {where[1].rstrip('`')}: {where[0].strip(' -')}") from None
+            raise ConfigError(f"config error at {section}: {where[0].strip(' -')}") from None
         raise ConfigError(f"config error: {msg}") from None
     return cfg.validate()

@@ -82,3 +82,32 @@ def test_auto_dtype_is_bf16_on_gpus_and_on_cpus_that_multiply_bf16_natively(monk
         assert models.torch_dtype("auto", on_gpu=False) == want
         assert models.torch_dtype("auto", on_gpu=True) == torch.bfloat16
         assert models.torch_dtype("float32", on_gpu=True) == torch.float32  # an explicit dtype is kept
+
+
+def test_command_line_values_of_string_fields_stay_strings():
+    cfg = load_config(None, ["data.prompt_template=Question: {problem}", "data.answer_field=yes"])
+    assert cfg.data.prompt_template == "Question: {problem}" and cfg.data.answer_field == "yes"
+    assert load_config(None, ["train.zero_stage=3"]).train.zero_stage == 3  # others still typed
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.actr_lr=1", "unknown field train.actr_lr; did you mean train.actor_lr"),
+        ("trian.actor_lr=1", "unknown field trian; did you mean train"),
+    ],
+)
+def test_unknown_fields_name_the_closest_valid_one(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_missing_or_broken_config_files_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file .*nope.yaml") as info:
+        load_config(tmp_path / "nope.yaml")
+    assert "\n" not in str(info.value)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1,\n  x: 2")
+    with pytest.raises(ConfigError, match=r"bad.yaml \(line 2, column \d+\): not valid YAML") as info:
+        load_config(bad)
+    assert "\n" not in str(info.value)
