@@ -103,7 +103,7 @@ def test_unknown_fields_name_the_closest_valid_one(override, message):
 
 
 def test_missing_or_broken_config_files_are_one_line_errors(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read config file .*nope.yaml") as info:
+    with pytest.raises(ConfigError, match=r"cannot read config file .*nope\.yaml") as info:
         load_config(tmp_path / "nope.yaml")
     assert "\n" not in str(info.value)
     bad = tmp_path / "bad.yaml"
