@@ -55,6 +55,12 @@ class DataConfig(_Section, frozen=True):
     seed: int = 0
 
 
+# what rollout.engine_kwargs cannot change: the weight receiver, the behaviour log-probs, the model
+ENGINE_OWNED_ARGS = frozenset(
+    {"model", "tokenizer", "worker_extension_cls", "logprobs_mode", "tensor_parallel_size"}
+)
+
+
 class RolloutConfig(_Section, frozen=True):
     """vLLM sampling (Group-Sampling: ``n_samples`` responses per prompt)."""
 
@@ -83,6 +89,16 @@ class RolloutConfig(_Section, frozen=True):
     # other processes (the rollout worker, vLLM's scheduler, the verifiers) are pinned to those cores too
     # ("own") or free to run on any core of the node ("all": on a core the learner leaves idle)
     frontend_cores: Literal["own", "all"] = "own"
+    # vLLM engine settings that differ between the CPU backend and CUDA. enforce_eager: "auto" = eager on
+    # CPU, CUDA graphs on GPUs. async_scheduling off and model_runner "v1" keep GPU engines on the code
+    # path every CPU test runs (vLLM 0.32 on CUDA would otherwise pick Model Runner V2 with asynchronous
+    # scheduling: processed log-probs, version spans and keep-mode updates are untested there)
+    enforce_eager: Literal["auto", "on", "off"] = "auto"
+    async_scheduling: bool = False
+    model_runner: Literal["v1", "auto"] = "v1"
+    # more vLLM AsyncEngineArgs fields, passed through (e.g. {enable_chunked_prefill: true}); the model,
+    # tokenizer, TP size, worker extension and log-probs mode are the engine's own and refused here
+    engine_kwargs: dict[str, Any] = {}
 
 
 class AlgoConfig(_Section, frozen=True):
@@ -244,6 +260,10 @@ class Config(_Section, frozen=True):
             (self.train.filter_patience >= 0, "train.filter_patience must be >= 0 (0 = never stop)"),
             (self.train.eval_timeout_s >= 0, "train.eval_timeout_s must be >= 0 (0 = derived)"),
             (self.train.collective_timeout_s > 0, "train.collective_timeout_s must be > 0"),
+            (
+                not ENGINE_OWNED_ARGS & self.rollout.engine_kwargs.keys(),
+                f"rollout.engine_kwargs may not set {sorted(ENGINE_OWNED_ARGS)}: the engine depends on them",
+            ),
             (
                 self.data.task == "addition" or bool(self.data.train_file),
                 "data.train_file is required for task math",

@@ -244,3 +244,26 @@ def test_rollout_workers_do_not_inherit_the_launchers_torch_distributed_world():
     assert worker == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "4,5"}
     learner = child_environ(parent, {"RANK": "1"}, worker=False)
     assert learner["RANK"] == "1" and learner["WORLD_SIZE"] == "8"
+
+
+def test_gpu_engines_get_cuda_graphs_v1_runner_and_passed_through_kwargs():
+    """GPU engines: CUDA graphs (enforce_eager off), the V1 runner with synchronous scheduling that the
+    CPU tests exercise, and rollout.engine_kwargs passed to vLLM; CPU engines stay eager."""
+    from async_vapo.rollout.engine import EngineConfig
+
+    cfg = load_config(
+        None, ["rollout.tensor_parallel_size=4", "rollout.engine_kwargs={enable_chunked_prefill: true}"]
+    )
+    lay = layout(8, 8, 2, 8, 4)
+    ep = Endpoints("tcp://10.0.0.1:5001", "tcp://10.0.0.1:5002", 5003, "10.0.0.1")
+    node = NodeInfo(2, 1, "10.0.0.1", 29500, "flags")
+    plan = plan_node(cfg, lay, node, "/models/m", Site(ep, "x", visible_devices="0,1,2,3,4,5,6,7"), False)
+    (child, w), *_ = plan.workers
+    args = w.engine.engine_args()
+    assert not args["enforce_eager"] and not args["async_scheduling"] and w.engine.model_runner == "v1"
+    assert args["enable_chunked_prefill"] is True and args["logprobs_mode"] == "processed_logprobs"
+    assert child.env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    _, _, cpu = _plan(1, 0, 1, 1)
+    assert cpu.workers[0][1].engine.engine_args()["enforce_eager"]
+    with pytest.raises(ValueError, match="may not set"):
+        EngineConfig("/m", extra=(("logprobs_mode", "raw_logprobs"),)).engine_args()

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from async_vapo.config import ENGINE_OWNED_ARGS as OWNED
 from async_vapo.weight_sync.buckets import BucketMeta
 from async_vapo.weight_sync.group import GroupSpec
 
@@ -35,6 +36,33 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     max_num_seqs: int = 256
     enforce_eager: bool = True
+    async_scheduling: bool = False
+    # vLLM's Model Runner V1 (the runner the CPU backend, and so every CPU test, uses) or vLLM's choice
+    # ("auto": V2 on CUDA in vLLM 0.32)
+    model_runner: str = "v1"
+    extra: tuple[tuple[str, Any], ...] = ()  # rollout.engine_kwargs: more AsyncEngineArgs fields
+
+    def engine_args(self) -> dict[str, Any]:
+        """AsyncEngineArgs' fields. ``extra`` may not replace what the weight sync and the behaviour
+        log-probs depend on (``OWNED``)."""
+        extra = dict(self.extra)
+        if clash := sorted(OWNED & extra.keys()):
+            raise ValueError(f"rollout.engine_kwargs may not set {clash}: the engine depends on them")
+        return {
+            "model": self.model,
+            "tokenizer": self.model,
+            "seed": self.seed,
+            "dtype": self.dtype,
+            "max_model_len": self.max_model_len,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "max_num_seqs": self.max_num_seqs,
+            "enforce_eager": self.enforce_eager,
+            "async_scheduling": self.async_scheduling,
+            "worker_extension_cls": EXTENSION,
+            "enable_prefix_caching": True,
+            "logprobs_mode": "processed_logprobs",
+        } | extra
 
 
 UpdateMode = Literal["drain", "keep"]
@@ -54,21 +82,9 @@ class RolloutEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        args = AsyncEngineArgs(
-            model=cfg.model,
-            tokenizer=cfg.model,
-            seed=cfg.seed,
-            dtype=cfg.dtype,
-            max_model_len=cfg.max_model_len,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            max_num_seqs=cfg.max_num_seqs,
-            enforce_eager=cfg.enforce_eager,
-            worker_extension_cls=EXTENSION,
-            enable_prefix_caching=True,
-            logprobs_mode="processed_logprobs",
-        )
-        self.llm = AsyncLLM.from_engine_args(args)
+        if cfg.model_runner == "v1":
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**cfg.engine_args()))
         self._ids = itertools.count()
 
     async def sample(
