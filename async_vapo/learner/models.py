@@ -41,13 +41,14 @@ class ValueModel(nn.Module):
         ).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
 
-    def save(self, out: Path, writer: bool = True, gather: Any = None) -> None:
+    def save(self, out: Path, writer: bool = True, gather: Any = None, shard_bytes: int = 0) -> None:
         """The backbone in Hugging Face format plus ``value_head.pt``. Every learner rank calls it (each
-        parameter is gathered on its own, a collective under ZeRO-3); the ``writer`` writes."""
-        from async_vapo.learner.export import host_tensors, save_hf
+        parameter is gathered on its own, a collective under ZeRO-3); the ``writer`` writes, in safetensors
+        shards of ``shard_bytes`` (0: ``learner.export``'s default)."""
+        from async_vapo.learner.export import DEFAULT_SHARD_BYTES, host_tensors, save_hf
 
         kw = {"gather": gather} if gather is not None else {}
-        save_hf(self.backbone, out, writer, **kw)
+        save_hf(self.backbone, out, writer, shard_bytes or DEFAULT_SHARD_BYTES, **kw)
         head = dict(host_tensors(self.head, writer, **kw))
         if writer:
             torch.save(head, out / VALUE_HEAD)
