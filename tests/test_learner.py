@@ -30,11 +30,12 @@ def run(job: dict, world: int, tmp_path, timeout=600) -> list[dict]:
 
 def test_vapo_steps_move_parameters_and_fit_a_fixed_batch(tiny_model_dir, tmp_path):
     (out,) = run(
-        {"kind": "train", "model_dir": str(tiny_model_dir), "groups": 8, "n": 8, "steps": 6}, 1, tmp_path
+        {"kind": "train", "model_dir": str(tiny_model_dir), "groups": 8, "n": 8, "steps": 10}, 1, tmp_path
     )
     steps = out["steps"]
     assert out["moved"] > 0
-    # on a fixed batch the critic fits its targets and the policy's surrogate goes down
+    # on a fixed batch the critic fits its targets and the policy's surrogate goes down (10 steps: with a
+    # freshly built tiny model 6 steps took the value loss to 0.55x, 9 to 0.35x; it is not monotone)
     assert steps[-1]["value_loss"] < 0.5 * steps[0]["value_loss"]
     assert steps[-1]["policy_loss"] < steps[0]["policy_loss"]
     for key in (
