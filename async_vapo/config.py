@@ -226,7 +226,11 @@ class Config(_Section, frozen=True):
                 "algo.vtrace_rho_bar and algo.vtrace_c_bar must be > 0",
             ),
             (1 <= self.data.min_digits <= 7, "data.min_digits must be between 1 and 7"),
-            (self.rollout.n_samples >= 1, "rollout.n_samples must be >= 1"),
+            (
+                1 <= self.rollout.n_samples <= 1024 and 1 <= self.rollout.eval_samples <= 1024,
+                "rollout.n_samples and rollout.eval_samples must be between 1 and 1024 (protocol.messages"
+                ".MAX_RESPONSES: a larger group is refused on the wire)",
+            ),
             (self.rollout.max_num_seqs >= 1, "rollout.max_num_seqs must be >= 1"),
             (
                 1 <= self.rollout.tensor_parallel_size <= 64,

@@ -18,6 +18,7 @@ def rules(**over) -> GroupRules:
         correct_reward=1.0,
         wrong_reward=0.0,
         tensor_parallel_size=1,
+        eval_samples=4,
     )
     return GroupRules(**(base | over))
 

@@ -263,3 +263,25 @@ def test_spoofed_control_messages_are_refused_and_a_reconnect_returns_credits(se
     _wait(lambda: ledger.counts["failed"] == 1)
     assert first.uid in ledger.failed_uids and first.uid not in ledger.outstanding
     _wait(lambda: _credits_match(controller, ledger))
+
+
+def test_object_heavy_frames_cost_milliseconds_and_honest_groups_fit_the_road():
+    """A frame of millions of empty responses used to decode for seconds (12 M objects in a 256 MiB
+    frame: about 90 s of the controller's loop) before any check: the array's length is refused first."""
+    from async_vapo.protocol import ProtocolError
+    from async_vapo.protocol.messages import MAX_RESPONSES
+
+    empty = Response(b"", b"", b"", "stop", 0.0, False, "")
+    heavy = Codec().encode(msgspec.structs.replace(make_group(prompt=SENT), responses=[empty] * 2_000_000))
+    t0 = time.perf_counter()
+    with pytest.raises(ProtocolError, match="length <= 1024"):
+        Codec().decode(heavy)
+    assert time.perf_counter() - t0 < 0.5
+    # the data road's frame limit comes from the config: the largest honest group fits under it
+    r = rules(n_samples=16, eval_samples=32, max_tokens=2048, max_model_len=4096)
+    full = [_response([7] * 2048, [3] * 2048) for _ in range(32)]
+    biggest = msgspec.structs.replace(
+        make_group(prompt=_with(SENT, token_ids=pack_i32([1] * 2048))), responses=full
+    )
+    assert len(Codec().encode(biggest)) <= r.max_frame_bytes < 32 * 2**20
+    assert MAX_RESPONSES >= 1024

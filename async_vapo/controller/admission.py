@@ -51,6 +51,7 @@ class GroupRules:
     correct_reward: float
     wrong_reward: float
     tensor_parallel_size: int
+    eval_samples: int = 1
 
     @classmethod
     def of(cls, cfg: Config, vocab_size: int) -> GroupRules:
@@ -63,7 +64,17 @@ class GroupRules:
             correct_reward=r.correct_reward,
             wrong_reward=r.wrong_reward,
             tensor_parallel_size=r.tensor_parallel_size,
+            eval_samples=r.eval_samples,
         )
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest data-road frame an honest worker sends: the bigger of a training and an evaluation
+        group at full length (12 bytes a token: id, log-prob, version; a verdict of up to 4 KiB each),
+        the prompt and its answer. ZeroMQ refuses anything larger before it is read."""
+        per_response = 12 * self.max_tokens + 4096
+        prompt = 4 * self.max_model_len + (1 << 16)
+        return max(self.n_samples, self.eval_samples) * per_response + prompt + (1 << 16)
 
     def reward_ok(self, reward: float, correct: bool) -> bool:
         """``reward`` is what the verifiers give for a response judged ``correct`` (or not)."""

@@ -162,7 +162,13 @@ class Controller:
         ctx = zmq.asyncio.Context()
         w = self.wiring
         security = server_security(w.curve_dir) if w.curve_dir else None
-        self.data = GroupReceiver(ctx, w.data_endpoint, security=security, insecure=w.insecure)
+        self.data = GroupReceiver(
+            ctx,
+            w.data_endpoint,
+            max_frame_bytes=self.rules.max_frame_bytes,
+            security=security,
+            insecure=w.insecure,
+        )
         self.control = self.weights.control = ControlServer(
             ctx, w.control_endpoint, security=security, insecure=w.insecure
         )

@@ -14,7 +14,7 @@ Invariants (checked by ``validate`` on every decoded message):
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import msgspec
 import numpy as np
@@ -28,6 +28,15 @@ ControlKind = Literal["shutdown"]
 # what a verifier concluded; ``Response.verdict`` is one of these, optionally followed by ": detail"
 VerdictKind = Literal["ok", "wrong", "no_answer", "timeout", "error", "bad_output"]
 VERDICT_KINDS: frozenset[str] = frozenset(get_args(VerdictKind))
+
+
+# decode-time caps: a hostile frame is refused while its array headers are read, before millions of
+# objects are built (the config refuses settings beyond them: rollout.n_samples, rollout.eval_samples)
+MAX_RESPONSES = 1024  # responses in one group
+MAX_TOKENS = 1 << 20  # tokens in one prompt or response (4 bytes each)
+MAX_PROMPTS = 1 << 16  # prompts in one Assign
+Tokens = Annotated[bytes, msgspec.Meta(max_length=4 * MAX_TOKENS)]
+ShortText = Annotated[str, msgspec.Meta(max_length=1 << 16)]
 
 
 def verdict_kind(verdict: str) -> str:
@@ -71,22 +80,22 @@ class Prompt(msgspec.Struct, array_like=True, gc=False, frozen=True):
     ``ticket`` is a random string minted each time the prompt is handed out: the group that answers it
     must carry the prompt exactly as sent, ticket included (uids are predictable, tickets are not)."""
 
-    uid: str
-    token_ids: bytes  # int32 LE
-    answer: str
-    task: str = "math"
+    uid: ShortText
+    token_ids: Tokens  # int32 LE
+    answer: ShortText
+    task: ShortText = "math"
     attempt: int = 0
-    ticket: str = ""
+    ticket: ShortText = ""
 
 
 class Response(msgspec.Struct, array_like=True, gc=False, frozen=True):
-    token_ids: bytes  # int32 LE, n tokens (EOS included when generated)
-    logprobs: bytes  # float32 LE, n: behaviour log-prob of each sampled token (log mu)
-    versions: bytes  # int32 LE, n: policy version that sampled each token
+    token_ids: Tokens  # int32 LE, n tokens (EOS included when generated)
+    logprobs: Tokens  # float32 LE, n: behaviour log-prob of each sampled token (log mu)
+    versions: Tokens  # int32 LE, n: policy version that sampled each token
     finish_reason: FinishReason
     reward: float
     correct: bool
-    verdict: str = ""  # a VerdictKind, optionally followed by ": detail"
+    verdict: ShortText = ""  # a VerdictKind, optionally followed by ": detail"
 
     @property
     def n_tokens(self) -> int:
@@ -113,8 +122,8 @@ class TrajectoryGroup(_Wire, tag="group", frozen=True):
     """N sampled responses of one prompt, scored, with per-token versions (rollout -> learner)."""
 
     prompt: Prompt
-    responses: list[Response]
-    worker_id: str
+    responses: Annotated[list[Response], msgspec.Meta(max_length=MAX_RESPONSES)]
+    worker_id: ShortText
     sent_at: float
     gen_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -151,7 +160,7 @@ class Sampling(msgspec.Struct, array_like=True, gc=False, frozen=True):
 class Assign(_Wire, tag="assign", frozen=True):
     """Learner side -> one rollout worker: prompts to sample (each one is a credit for one group)."""
 
-    prompts: list[Prompt]
+    prompts: Annotated[list[Prompt], msgspec.Meta(max_length=MAX_PROMPTS)]
     sampling: Sampling | None = None  # None: the worker's training settings
     eval_round: int = 0  # > 0: an evaluation round (the groups carry it back; they are not trained on)
 

@@ -214,7 +214,7 @@ class RolloutWorker:
                     finish_reason=s.finish_reason if s.finish_reason in ("stop", "length") else "abort",  # type: ignore[arg-type]
                     reward=reward_of(v, r.correct_reward, r.wrong_reward),
                     correct=v.correct,
-                    verdict=v.detail,
+                    verdict=v.detail[:1024],  # a user verifier's detail is bounded on the wire
                 )
             )
         return TrajectoryGroup(
