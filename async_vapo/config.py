@@ -172,6 +172,10 @@ class TrainConfig(_Section, frozen=True):
 
     weight_sync_timeout_s: float = 60.0  # a sync not finished by then drops the worker (it is restarted)
     worker_timeout_s: float = 30.0  # a worker silent (no heartbeat) this long is dropped and restarted
+    # a prompt not answered this long after it was sent is retried elsewhere (a failed attempt), and its
+    # worker, if it sent no group at all since, is dropped as stalled; 0 = derived from rollout.max_tokens
+    # (controller/admission.py prompt_timeout_s: at least 5 minutes, 5 tokens/s at the slowest)
+    prompt_timeout_s: float = 0.0
     gradient_checkpointing: bool = False  # recompute activations in backward (long sequences)
     checkpoint_every: int = 20
     eval_every: int = 10
@@ -264,6 +268,7 @@ class Config(_Section, frozen=True):
             (self.train.filter_patience >= 0, "train.filter_patience must be >= 0 (0 = never stop)"),
             (self.train.eval_timeout_s >= 0, "train.eval_timeout_s must be >= 0 (0 = derived)"),
             (self.train.collective_timeout_s > 0, "train.collective_timeout_s must be > 0"),
+            (self.train.prompt_timeout_s >= 0, "train.prompt_timeout_s must be >= 0 (0 = derived)"),
             (
                 not ENGINE_OWNED_ARGS & self.rollout.engine_kwargs.keys(),
                 f"rollout.engine_kwargs may not set {sorted(ENGINE_OWNED_ARGS)}: the engine depends on them",

@@ -285,3 +285,28 @@ def test_object_heavy_frames_cost_milliseconds_and_honest_groups_fit_the_road():
     )
     assert len(Codec().encode(biggest)) <= r.max_frame_bytes < 32 * 2**20
     assert MAX_RESPONSES >= 1024
+
+
+def test_prompts_past_their_deadline_are_retried_and_a_stalled_worker_is_dropped():
+    """A worker whose heartbeat runs but whose engine makes no progress (the hang measured on main: a
+    dead engine core under a live worker left the run waiting for over four minutes): its prompts come
+    back after ``train.prompt_timeout_s`` and, having sent nothing since, it is dropped (and restarted)."""
+    ledger = PromptLedger([Prompt(f"p{i}", pack_i32([1, 2, 3]), "5") for i in range(8)], seed=0)
+    wiring = Wiring(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
+    train = TrainConfig(groups_per_step=2, max_staleness=1, worker_timeout_s=60.0, prompt_timeout_s=1.0)
+    controller = Controller(train, wiring, ledger, rules=rules())
+    controller.start()
+    wedged = Peer(wiring, "w0")
+    try:
+        wedged.handshake(Hello("w0", 0, os.getpid()))
+        _wait(lambda: len(wedged.assigned) == 4)
+        t0 = time.monotonic()
+        _wait(lambda: controller.metrics().counters.get("worker_dropped_stalled") == 1)
+        assert time.monotonic() - t0 < 5
+        c = controller.metrics().counters
+        assert c["prompt_deadline_expired"] == 4 and ledger.counts["requeued_deadline"] == 4
+        assert not ledger.outstanding and len(ledger.requeued) == 4  # nothing lost, all to be retried
+        _wait(lambda: _credits_match(controller, ledger))
+    finally:
+        wedged.close()
+        controller.stop()

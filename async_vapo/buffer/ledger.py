@@ -24,6 +24,7 @@ class Issued(NamedTuple):
     worker_id: str
     prompt: Prompt
     version: int = 0
+    at: float = 0.0  # when it was sent (the caller's monotonic clock; 0 = never expires)
 
 
 class PromptLedger:
@@ -69,7 +70,7 @@ class PromptLedger:
         row = self._row(self._order[i])
         return Prompt(uid=f"{row.uid}@{epoch}", token_ids=row.token_ids, answer=row.answer, task=row.task)
 
-    def take(self, n: int, worker_id: str, version: int = 0) -> list[Prompt]:
+    def take(self, n: int, worker_id: str, version: int = 0, at: float = 0.0) -> list[Prompt]:
         """``n`` prompts for ``worker_id`` (whose engine holds policy ``version``), requeued ones first.
 
         Each carries a fresh random ``ticket``: a group is only accepted with the ticket of the prompt
@@ -84,7 +85,7 @@ class PromptLedger:
                 p = self._row_at(self.cursor)
                 self.cursor += 1
             p = Prompt(p.uid, p.token_ids, p.answer, p.task, p.attempt, secrets.token_hex(8))
-            self.outstanding[p.uid] = Issued(worker_id, p, version)
+            self.outstanding[p.uid] = Issued(worker_id, p, version, at)
             out.append(p)
         self.counts["issued"] += len(out)
         return out
@@ -127,6 +128,10 @@ class PromptLedger:
             return False
         self.in_buffer[uid] = entry.prompt
         return True
+
+    def overdue(self, sent_before: float) -> list[Issued]:
+        """Outstanding prompts sent before ``sent_before`` (and with a send time at all)."""
+        return [i for i in self.outstanding.values() if 0 < i.at < sent_before]
 
     def issued(self, uid: str) -> Issued | None:
         """The outstanding prompt ``uid`` as it was sent, or None (never issued, or already back)."""

@@ -123,6 +123,18 @@ def check_group(
     return None
 
 
+PROMPT_TIMEOUT_FLOOR_S = 300.0
+SLOWEST_TOKENS_PER_S = 5.0  # per request: a long response decoded in a full batch on a busy engine
+
+
+def prompt_timeout_s(configured_s: float, max_tokens: int) -> float:
+    """How long an issued prompt may stay out: ``train.prompt_timeout_s``, or ``rollout.max_tokens`` at
+    ``SLOWEST_TOKENS_PER_S`` with a floor (20,480 tokens: 68 minutes; 96 tokens: 5 minutes)."""
+    return (
+        configured_s if configured_s > 0 else max(PROMPT_TIMEOUT_FLOOR_S, max_tokens / SLOWEST_TOKENS_PER_S)
+    )
+
+
 def check_hello(hello: Hello, sender: str, rules: GroupRules) -> str | None:
     """Why a ``Hello`` must be refused (a counter suffix), or None. ``sender`` is the socket identity."""
     if not WORKER_ID.fullmatch(hello.worker_id):

@@ -30,6 +30,7 @@ class WorkerState:
     tp: int = 1  # vLLM workers of the engine: each one joins the engine's weight group
     store: Any = None  # the store the controller serves for a group owned by another rank
     owner_joined: bool = False
+    last_group: float = 0.0  # when its last group (any verdict) arrived: progress, not just heartbeats
 
     @property
     def can_stream(self) -> bool:

@@ -30,7 +30,13 @@ import zmq.asyncio
 from async_vapo.buffer import GroupBuffer, PromptLedger, StalenessManager
 from async_vapo.cluster.rendezvous import RunStore, load_store_key
 from async_vapo.config import TrainConfig
-from async_vapo.controller.admission import GroupRejection, GroupRules, check_group, check_hello
+from async_vapo.controller.admission import (
+    GroupRejection,
+    GroupRules,
+    check_group,
+    check_hello,
+    prompt_timeout_s,
+)
 from async_vapo.controller.dispatch import eligible, share_out
 from async_vapo.controller.evaluation import EvalRounds
 from async_vapo.controller.metrics import ControllerMetrics
@@ -104,6 +110,8 @@ class Controller:
         self.max_attempts = max_attempts  # a prompt that fails this many times is counted failed, not retried
         self.hello_interval_s = hello_interval_s  # Hellos from one identity closer than this are refused
         self._last_hello: dict[str, float] = {}
+        self.prompt_timeout_s = prompt_timeout_s(train.prompt_timeout_s, rules.max_tokens)
+        self._next_expiry = 0.0
         self.version = _Version(initial_version)
         self.ledger = ledger
         self.staleness = StalenessManager(train.groups_per_step, train.max_staleness, self.version)
@@ -324,6 +332,8 @@ class Controller:
                 if why not in _NOT_THE_ASSIGNEE:  # the assignee's own bad output: a failed attempt
                     self._failed_attempt(group.prompt.uid, f"bad_group_{why.value}")
                 return
+            if (w := self.registry.get(group.worker_id)) is not None and issued is not None:
+                w.last_group = time.monotonic()
             verdict = self.buffer.put(group)
             self.counters[f"group_{verdict}"] += 1
             if verdict == "admitted" and self.registry.get(group.worker_id) is not None:
@@ -452,9 +462,13 @@ class Controller:
     async def _dispatch(self) -> None:
         while True:
             await asyncio.sleep(self.wiring.dispatch_interval_s)
-            for w in self.registry.silent(time.monotonic(), self.train.worker_timeout_s):
+            now = time.monotonic()
+            for w in self.registry.silent(now, self.train.worker_timeout_s):
                 log.error("worker missed heartbeats; dropping it", worker=w.worker_id)
                 self._drop_worker(w.worker_id, "heartbeat")
+            if now >= self._next_expiry:
+                self._next_expiry = now + 1.0
+                self._expire_prompts(now)
             live = eligible(self.registry, self.version.v, self.weights.newest_sent, self.train.max_staleness)
             if not live:
                 continue
@@ -467,11 +481,34 @@ class Controller:
                     self.wiring.max_outstanding_per_worker,
                 )
                 versions = {w.worker_id: w.version for w in live}
-                assigned = [(wid, self.ledger.take(n, wid, versions[wid])) for wid, n in plan]
+                now = time.monotonic()
+                assigned = [(wid, self.ledger.take(n, wid, versions[wid], now)) for wid, n in plan]
                 self.staleness.on_started(sum(n for _, n in plan))
             for wid, prompts in assigned:
                 if not await self.control.send(wid, Assign(prompts)):
                     self._drop_worker(wid, "unreachable")
+
+    def _expire_prompts(self, now: float) -> None:
+        """Prompts out longer than ``prompt_timeout_s`` are retried elsewhere (failed attempts); a worker
+        that sent no group at all since such a prompt went out is stalled (a wedged engine whose
+        heartbeat still runs) and is dropped, so that its launcher restarts it."""
+        with self.ready:
+            overdue = self.ledger.overdue(now - self.prompt_timeout_s)
+            for issued in overdue:
+                self.counters["prompt_deadline_expired"] += 1
+                self._failed_attempt(issued.prompt.uid, "deadline")
+        stalled = {
+            i.worker_id
+            for i in overdue
+            if (w := self.registry.get(i.worker_id)) is not None and w.last_group < i.at and not w.updating
+        }
+        for wid in sorted(stalled):
+            log.error("worker made no progress on its prompts; dropping it", worker=wid)
+            self._drop_worker(wid, "stalled")
+        if overdue:
+            log.warning(
+                "prompts past their deadline were retried", n=len(overdue), timeout_s=self.prompt_timeout_s
+            )
 
     async def _evaluate(
         self, prompts: list[Prompt], sampling: Sampling, timeout_s: float

@@ -90,6 +90,9 @@ class Trainer:
         if self.metrics is not None and args.resume:
             self.metrics.rewind(self.step)
         self.stop_requested = False
+        self.failure: BaseException | None = (
+            None  # the controller failed: every rank saves, then it is raised
+        )
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
 
@@ -137,7 +140,14 @@ class Trainer:
 
     def _poll(self) -> tuple[int, list[Any] | None]:
         assert self.controller is not None
-        got = self.controller.take_batch(self.cfg.train.groups_per_step, timeout_s=1.0)
+        try:
+            got = self.controller.take_batch(self.cfg.train.groups_per_step, timeout_s=1.0)
+        except RuntimeError as exc:  # the controller failed (e.g. dynamic sampling starved): stop everyone
+            self.failure = exc
+            log.error(
+                "the controller failed; checkpointing before the run ends", error=repr(exc.__cause__ or exc)
+            )
+            return _Cmd.STOP, None
         if got is not None:
             return _Cmd.BATCH, got
         if self.stop_requested:
@@ -422,7 +432,9 @@ def learner_main(args: LearnerArgs) -> None:
         if not trainer.stop_requested and t.eval_every and t.total_steps % t.eval_every:
             trainer.evaluate()  # the final model is always evaluated
         trainer.save()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a stop request, or a failure every rank was told of: all ranks save
         trainer.save()
+        if trainer.failure is not None:
+            raise trainer.failure from None
     finally:
         trainer.close()
