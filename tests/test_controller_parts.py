@@ -267,3 +267,17 @@ def test_gpu_engines_get_cuda_graphs_v1_runner_and_passed_through_kwargs():
     assert cpu.workers[0][1].engine.engine_args()["enforce_eager"]
     with pytest.raises(ValueError, match="may not set"):
         EngineConfig("/m", extra=(("logprobs_mode", "raw_logprobs"),)).engine_args()
+
+
+def test_restart_budget_is_per_worker_and_per_window():
+    """main counted every restart of every worker over the whole run against one limit of 5: a week-long
+    run with occasional crashes ran out of restarts. The budget is per worker and per window."""
+    from async_vapo.launch.supervisor import RestartBudget
+
+    b = RestartBudget(limit=3, window_s=100.0)
+    assert all(b.allow(0, t) for t in (0.0, 10.0, 20.0))
+    assert not b.allow(0, 30.0)  # a crash loop: given up on
+    assert b.allow(1, 30.0)  # another worker has its own budget
+    assert b.allow(0, 111.0)  # the first restart left the window
+    assert all(b.allow(2, 1000.0 * k) for k in range(50))  # rare crashes over a long run: always restarted
+    assert b.total == 3 + 1 + 1 + 50

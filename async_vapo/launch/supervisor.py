@@ -10,6 +10,7 @@ stop, then stops the workers; nothing is left running.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import multiprocessing as mp
@@ -158,6 +159,28 @@ def open_site(cfg: Config, node: NodeInfo) -> tuple[Site, RunStore]:
     return site, store
 
 
+class RestartBudget:
+    """At most ``limit`` restarts of one worker within any ``window_s`` seconds: a worker that dies now and
+    then over a week-long run is always restarted; one that dies in a loop is given up on (and the run
+    stopped with the reason) instead of restarting forever."""
+
+    def __init__(self, limit: int = 5, window_s: float = 3600.0) -> None:
+        self.limit, self.window_s = limit, window_s
+        self._times: dict[int, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self.total = 0
+
+    def allow(self, worker: int, now: float) -> bool:
+        """Record a restart of ``worker`` at ``now`` if the budget allows it."""
+        times = self._times[worker]
+        while times and now - times[0] > self.window_s:
+            times.popleft()
+        if len(times) >= self.limit:
+            return False
+        times.append(now)
+        self.total += 1
+        return True
+
+
 class Supervisor:
     """Starts this node's learner ranks and rollout workers and keeps the workers alive."""
 
@@ -173,7 +196,7 @@ class Supervisor:
         self.learners: list[Any] = []
         self.workers: list[Any] = []
         self.finished: set[int] = set()  # workers that exited 0 (the run is over for them)
-        self.restarts = 0
+        self.restarts = RestartBudget()
         self.stopping = False
         self.state_file = Path(self.cfg.output_dir) / "run" / f"node{node.node_rank}.json"
 
@@ -200,13 +223,14 @@ class Supervisor:
             "workers": {
                 w.worker_id: p.pid for (_, w), p in zip(self.plan.workers, self.workers, strict=True)
             },
-            "worker_restarts": self.restarts,
+            "worker_restarts": self.restarts.total,
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(self.state_file)
 
-    def run(self, max_restarts: int = 5) -> int:
+    def run(self, max_restarts: int = 5, window_s: float = 3600.0) -> int:
+        self.restarts = RestartBudget(max_restarts, window_s)
         self.learners = [self._start_learner(c, a) for c, a in self.plan.learners]
         self.workers = [self._start_worker(i) for i in range(len(self.plan.workers))]
         self._write_state()
@@ -228,7 +252,7 @@ class Supervisor:
             if time.monotonic() - last_poll > 1.0:
                 last_poll = time.monotonic()
                 self._kill_dropped()
-            self._tend_workers(max_restarts)
+            self._tend_workers()
         self._shutdown(graceful=code == 0)
         return code
 
@@ -251,22 +275,30 @@ class Supervisor:
             return 0
         return p.exitcode or 0
 
-    def _tend_workers(self, max_restarts: int) -> None:
-        """Restart rollout workers that died (with everything they spawned), up to ``max_restarts``."""
+    def _tend_workers(self) -> None:
+        """Restart rollout workers that died (with everything they spawned), within ``self.restarts``."""
         for i, p in enumerate(self.workers):
             if p.exitcode is None or self.stopping or i in self.finished:
                 continue
             if p.exitcode == 0:
                 self.finished.add(i)  # told by the learner that the run is over
                 continue
-            if self.restarts >= max_restarts:
-                log.error("rollout worker keeps dying; giving up", worker=i, exitcode=p.exitcode)
+            if not self.restarts.allow(i, time.monotonic()):
+                log.error(
+                    "rollout worker keeps dying; giving up",
+                    worker=i,
+                    exitcode=p.exitcode,
+                    restarts_in_window=self.restarts.limit,
+                    window_s=self.restarts.window_s,
+                )
                 self._on_signal()
                 continue
-            self.restarts += 1
             _stop_group(p.pid, signal.SIGKILL)  # its engine core and verifier processes too
             log.warning(
-                "rollout worker exited; restarting it", worker=i, exitcode=p.exitcode, restarts=self.restarts
+                "rollout worker exited; restarting it",
+                worker=i,
+                exitcode=p.exitcode,
+                restarts=self.restarts.total,
             )
             self.workers[i] = self._start_worker(i)
             self._write_state()
