@@ -281,3 +281,17 @@ def test_restart_budget_is_per_worker_and_per_window():
     assert b.allow(0, 111.0)  # the first restart left the window
     assert all(b.allow(2, 1000.0 * k) for k in range(50))  # rare crashes over a long run: always restarted
     assert b.total == 3 + 1 + 1 + 50
+
+
+def test_hostile_store_values_are_counted_as_forged_never_raised(tmp_path):
+    """A deeply nested JSON value raised RecursionError in the launcher, which read it as "node 0 is
+    gone" (rollout-only nodes then killed their workers): values are parsed into a typed struct."""
+    from async_vapo.cluster import RunStore
+
+    store = RunStore(f"file:{tmp_path / 'store'}", is_master=True, key=b"k" * 32)
+    store.store.set("drop/w0", "[" * 100_000 + "]" * 100_000)
+    store.store.set("done", '{"v": 1, "mac": []}')
+    assert store.dropped_pid("w0") is None and store.done() is False
+    assert store.forged == {"drop": 1, "done": 1}
+    store.notify_drop("w0", 1234)  # a real, signed value still works
+    assert store.dropped_pid("w0") == 1234

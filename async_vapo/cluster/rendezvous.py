@@ -30,10 +30,21 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import msgspec
 import structlog
 import torch.distributed as dist
 
 log = structlog.get_logger(__name__)
+
+
+class _Signed(msgspec.Struct, forbid_unknown_fields=True):
+    """A store value as written: the value and its HMAC (typed: anything else is forged)."""
+
+    v: str
+    mac: str
+
+
+_SIGNED = msgspec.json.Decoder(_Signed)
 
 
 @dataclass(frozen=True)
@@ -78,12 +89,12 @@ class RunStore:
         if not wait and not self.store.check([name]):
             return None
         raw = self.store.get(name)
-        try:
-            doc = json.loads(raw)
-            value, mac = str(doc["v"]), str(doc["mac"])
-        except (ValueError, KeyError, TypeError):
+        try:  # typed, bounded parsing: a hostile value (deep nesting, wrong types) is forged, never an error
+            doc = _SIGNED.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
             self._forged(name, "not a signed value")
             return None
+        value, mac = doc.v, doc.mac
         if self.key is not None:
             want = hmac.new(self.key, f"{name}\n{value}".encode(), hashlib.sha256).hexdigest()
             if not hmac.compare_digest(want, mac):
@@ -107,7 +118,10 @@ class RunStore:
         value = self._get("endpoints", wait=True)
         if value is None:
             raise RuntimeError("the run store's endpoints are not signed with this run's key")
-        return Endpoints(**json.loads(value))
+        try:
+            return msgspec.json.decode(value, type=Endpoints)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise RuntimeError(f"the run store's endpoints are malformed: {exc}") from None
 
     def notify_drop(self, worker_id: str, pid: int) -> None:
         self._set(f"drop/{worker_id}", str(pid))
