@@ -1,5 +1,6 @@
 """Weight-sync benchmark: learner rank 0 -> one rollout engine over the dedicated gloo group (loopback),
-then the publish's memory under ZeRO-3 (``zero3_publish.py``) and the fan-out over learner ranks
+then the publish's and the checkpoint export's memory under ZeRO-3 (``zero3_publish.py``,
+``zero3_export.py``) and the fan-out over learner ranks
 (``fanout.py``).
 
 For two state dicts, the tiny model and a synthetic transformer of at least 500 MB (fp32), it times
@@ -225,6 +226,19 @@ def main() -> None:
             )
         # the top-level figures are the less favourable case
         report["publish_peak_extra_mb"], report["model_mb"] = z3["publish_peak_extra_mb"], z3["model_mb"]
+        from zero3_export import zero3_export
+
+        # checkpoints: the policy's HF export and the critic's save, one parameter at a time
+        ex = report["zero3_2ranks_export"] = zero3_export(layers=8, hidden=1024, vocab=8000, shards=32)
+        report["export_peak_extra_mb"] = ex["export_peak_extra_mb"]
+        report["save_peak_extra_mb"] = ex["save_peak_extra_mb"]
+        print(
+            f"ZeRO-3 checkpoint, 2 ranks, {ex['export_model_mb']} MB policy: HF export peak extra on rank 0 "
+            f"{ex['export_peak_extra_mb']} MB ({ex['export_extra_vs_model']:.0%}; whole-model gather "
+            f"{ex['export_whole_gather_extra_vs_model']:.0%}), critic save {ex['save_peak_extra_mb']} MB "
+            f"({ex['save_extra_vs_model']:.0%}; whole-model gather {ex['save_whole_gather_extra_vs_model']:.0%})",
+            file=sys.stderr,
+        )
     if not args.no_fanout:
         from fanout import fanout
 
