@@ -187,6 +187,9 @@ class TrainConfig(_Section, frozen=True):
     # watchdog). Waits for data and evaluations go in one-second rounds (learner/main.py), so this bounds
     # only real work: the longest update, save or publish of a step
     collective_timeout_s: float = 1800.0
+    # a learner rank that dies restarts the learner world from its latest checkpoint (the launcher,
+    # when every learner rank is on its node), at most this many times per run; 0 = the run ends
+    learner_restarts: int = 2
     # CPU: torch threads per learner rank; 0 = its cores divided by the learner ranks on the node
     learner_threads: int = 0
     # CPU: the learner ranks are pinned to their own half of the node's cores ("own") or to every core

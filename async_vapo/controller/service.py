@@ -110,6 +110,7 @@ class Controller:
         self.max_attempts = max_attempts  # a prompt that fails this many times is counted failed, not retried
         self.hello_interval_s = hello_interval_s  # Hellos from one identity closer than this are refused
         self._last_hello: dict[str, float] = {}
+        self._told_to_rejoin: dict[str, float] = {}
         self.prompt_timeout_s = prompt_timeout_s(train.prompt_timeout_s, rules.max_tokens)
         self._next_expiry = 0.0
         self.version = _Version(initial_version)
@@ -392,6 +393,7 @@ class Controller:
             w = self.registry.get(wid)
             if w is None:
                 self.counters["message_from_unknown_worker"] += 1
+                self._tell_to_rejoin(wid)
                 continue
             if getattr(msg, "worker_id", wid) != wid:  # a worker speaks only for itself
                 self.counters["control_identity_mismatch"] += 1
@@ -403,6 +405,18 @@ class Controller:
                 self.weights.on_ack(msg)
             elif isinstance(msg, RolloutFailed):
                 self._on_failed(wid, msg)
+
+    def _tell_to_rejoin(self, wid: str) -> None:
+        """A peer this controller never welcomed speaks as a worker: a worker of a learner world that was
+        restarted (its controller died). It is told to exit and be restarted, which brings it back
+        through the Hello handshake with this controller's weights (at most every 10 s per identity)."""
+        now = time.monotonic()
+        if wid in self._last_hello or now - self._told_to_rejoin.get(wid, -math.inf) < 10.0:
+            return
+        if len(self._told_to_rejoin) > 4096:  # a flood of identities: forget the oldest
+            self._told_to_rejoin.clear()
+        self._told_to_rejoin[wid] = now
+        self._spawn(self.control.send(wid, Control("shutdown", "learner", time.time(), "dropped")))
 
     def _refuse_hello(self, wid: str, hello: Hello) -> str | None:
         if (why := check_hello(hello, wid, self.rules)) is not None:

@@ -119,6 +119,12 @@ def loopback_env() -> dict[str, str]:
     }
 
 
+def _replace_site(site: Site, files: RunFiles) -> Site:
+    import dataclasses
+
+    return dataclasses.replace(site, files=files)
+
+
 def open_site(cfg: Config, node: NodeInfo) -> tuple[Site, RunStore]:
     """The run store and the addresses of the run. One machine: every store is a file in
     ``<output_dir>/run`` (no listener); several nodes: node 0's TCPStore with signed values (see
@@ -192,7 +198,9 @@ class Supervisor:
         self.share = lay.nodes[node.node_rank]
         self.cfg = msgspec.structs.replace(cfg, curve_dir=curve_dir(cfg, node, insecure))
         self.site, self.store = open_site(self.cfg, node)
+        self.model_path = model_path
         self.plan = plan_node(self.cfg, lay, node, model_path, self.site, resume)
+        self.learner_restarts = 0
         self.learners: list[Any] = []
         self.workers: list[Any] = []
         self.finished: set[int] = set()  # workers that exited 0 (the run is over for them)
@@ -247,6 +255,8 @@ class Supervisor:
         while True:
             time.sleep(0.5)
             code = self._learners_done() if self.learners else (0 if self._run_is_over() else None)
+            if code is not None and code != 0 and self._restart_learners():
+                continue
             if code is not None:
                 break
             if time.monotonic() - last_poll > 1.0:
@@ -267,6 +277,42 @@ class Supervisor:
         rank = self.share.learner_ranks[self.learners.index(dead[0])]
         log.error("a learner rank died; stopping the run", rank=rank, exitcode=dead[0].exitcode)
         return code
+
+    def _restart_learners(self) -> bool:
+        """A learner rank died: restart the learner world from its latest checkpoint, at most
+        ``train.learner_restarts`` times per run, when the whole world is on this node. The rollout
+        workers keep running; the new controller tells them to come back (they are restarted and say
+        Hello again). False: the run ends, as before."""
+        from async_vapo.learner.checkpoint import latest
+
+        ckpt = Path(self.cfg.output_dir) / "checkpoints"
+        whole_world_here = len(self.share.learner_ranks) == self.layout.learner_world
+        if self.stopping or not whole_world_here or self.site.files is None:
+            return False
+        if self.learner_restarts >= self.cfg.train.learner_restarts or latest(ckpt) is None:
+            return False
+        self.learner_restarts += 1
+        log.warning(
+            "a learner rank died; restarting the learner world from its latest checkpoint",
+            restart=self.learner_restarts,
+            of=self.cfg.train.learner_restarts,
+        )
+        for p in self.learners:  # the others are stuck in (or about to fail) a collective
+            _stop_group(p.pid, signal.SIGKILL)
+            p.join(10)
+        old = self.site.files
+        nonce = uuid.uuid4().hex[:12]
+        fresh = RunFiles(
+            old.store, old.world.parent / f"world-{nonce}", old.groups.parent / f"groups-{nonce}"
+        )
+        fresh.groups.mkdir(exist_ok=True)
+        self.site = _replace_site(self.site, fresh)
+        for f in (old.world, old.groups):  # the dead world's stores: a new world cannot meet in them
+            shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
+        self.plan = plan_node(self.cfg, self.layout, self.node, self.model_path, self.site, resume=True)
+        self.learners = [self._start_learner(c, a) for c, a in self.plan.learners]
+        self._write_state()
+        return True
 
     def _exit_code(self, p: Any) -> int:
         """A learner our stop's SIGTERM reached before it installed its handler (during start-up, with
