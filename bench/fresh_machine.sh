@@ -41,7 +41,8 @@ if ! docker info >/dev/null 2>&1; then
   (dockerd >"$work/dockerd.log" 2>&1 &)
   for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
 fi
-bridge=$(docker network inspect bridge -f '{{(index .IPAM.Config 0).Gateway}}')
+bridge=$(ip -4 -o addr show docker0 | awk '{print $4}' | cut -d/ -f1)
+[ -n "$bridge" ] || { echo "no address on docker0" >&2; exit 1; }
 
 # PyTorch's CPU index, stood in for by DIR (a PEP 503 page per project)
 index="$work/torch-index"
@@ -65,7 +66,9 @@ make_base() {
   ln -sf python3 "$base_root/usr/bin/python"
   tar -C "$base_root" -c . | docker import - async-vapo-base:bookworm >/dev/null
 }
-t base make_base
+if [ -n "${FRESH_MACHINE_REBUILD:-}" ] || ! docker image inspect async-vapo-base:bookworm >/dev/null 2>&1; then
+  t base make_base
+fi
 
 # 2. the README's set-up on a user's machine (a clean clone: what the user gets)
 src="$work/src"

@@ -35,10 +35,11 @@ say() { echo "[ensure_venv] $*" >&2; }
 # alone is ~4 GiB; CI machines have run out of disk during this install)
 pip=(.venv/bin/python -m pip install --disable-pip-version-check --no-cache-dir -q)
 run() { if [ "$plan" = 1 ]; then echo "$*"; else "$@"; fi; }
-stage() {  # stage NAME CMD...: run it and print how long it took
-  local t0=$SECONDS
-  run "${@:2}"
-  [ "$plan" = 1 ] || say "$1: $((SECONDS - t0))s"
+stage() {  # stage NAME CMD...: run it, print how long it took, return its status
+  local t0=$SECONDS rc=0
+  run "${@:2}" || rc=$?
+  [ "$plan" = 1 ] || say "$1: $((SECONDS - t0))s$([ "$rc" = 0 ] || echo " (failed: exit $rc)")"
+  return "$rc"
 }
 if [ "$plan" = 1 ]; then
   echo "target=$target"
@@ -65,8 +66,9 @@ if [ "$target" = cpu ]; then
     say "PyTorch's CPU index ($torch_index) did not serve $torch_cpu; trying pip's configured sources"
     stage torch "${pip[@]}" torch==2.13.0
   fi
-  if [ "$plan" != 1 ] && ! .venv/bin/python -c 'import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)'; then
-    say "error: the CPU environment got a CUDA build of torch ($(.venv/bin/python -c 'import torch; print(torch.__version__)'))."
+  if [ "$plan" != 1 ] && ! .venv/bin/python -c 'import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)' 2>/dev/null; then
+    got=$(.venv/bin/python -c 'import torch; print(torch.__version__)' 2>/dev/null || echo "none installed")
+    say "error: the CPU environment needs torch's CPU build; it has: $got."
     say "  Install torch's CPU build first: .venv/bin/python -m pip install --index-url $torch_index $torch_cpu"
     say "  (or set ASYNC_VAPO_TORCH_INDEX to a mirror of that index), then run this script again."
     exit 1
