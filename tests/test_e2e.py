@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +101,24 @@ def test_bad_config_field_is_a_clear_error(tmp_path):
     res = launch(tmp_path / "bad", "train.actor_lr=fast", timeout=120)
     assert res.returncode == 2
     assert "train.actor_lr" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "data.verifier=myverifer:make",
+            "data.verifier 'myverifer:make' cannot be used: .*ModuleNotFoundError",
+        ),
+        ("model.path=/nonexistent/model", "model.path /nonexistent/model has no config.json"),
+    ],
+)
+def test_what_would_fail_minutes_later_fails_at_launch(tmp_path, override, message):
+    """Pre-flight: a misspelled verifier used to give every sample reward 0 for a whole run, and a model
+    path without a model to die in the learner after minutes; both are launch errors now."""
+    res = launch(tmp_path / "bad", override, timeout=120)
+    assert res.returncode == 2 and re.search(message, res.stderr), res.stderr[-2000:]
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
 def _run_processes(marker: str) -> list[str]:

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PlacementError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if problem := preflight(cfg, args.dry_run):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.dry_run:
         return dry_run(cfg, lay, args.gpu_memory_gb)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -91,6 +94,34 @@ def main(argv: list[str] | None = None) -> int:
     from async_vapo.launch.supervisor import Supervisor
 
     return Supervisor(cfg, lay, node, model_path, args.resume, args.insecure).run()
+
+
+def preflight(cfg: Config, dry_run: bool) -> str | None:
+    """What would fail minutes into a run, checked before anything starts: the model directory holds a
+    config and a tokenizer (a dry run may still size a model it cannot see, from its name, and says
+    so), and the verifier (``data.verifier``) loads. None, or the problem."""
+    path = Path(cfg.model.path) if cfg.model.path else None
+    if path is not None:
+        missing = [
+            what
+            for what, names in (
+                ("config.json", ("config.json",)),
+                ("a tokenizer", ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")),
+            )
+            if not any((path / n).exists() for n in names)
+        ]
+        if missing and dry_run:
+            print(f"note: model.path {path} has no {' or '.join(missing)} here; sizing it from its name")
+        elif missing:
+            return (
+                f"model.path {path} has no {' or '.join(missing)} (a Hugging Face model directory is needed)"
+            )
+    if cfg.data.verifier:
+        from async_vapo.rewards.pool import check_verifier
+
+        if (why := check_verifier(cfg.data.verifier, cfg.rollout.verifier_timeout_s + 60)) is not None:
+            return f"data.verifier {cfg.data.verifier!r} cannot be used: {why}"
+    return None
 
 
 def dry_run(cfg: Config, lay: Layout, card_gib: float) -> int:

@@ -67,6 +67,23 @@ def _serve(conn: Connection, threads: int) -> None:
         conn.send(("done", out.correct, out.detail))
 
 
+def check_verifier(name: str, timeout_s: float = 60.0) -> str | None:
+    """Load verifier ``name`` in a child process exactly as the pool's workers do (a launch-time check):
+    None once it is loaded, or why it cannot be used (an import error, a misspelled factory, a load that
+    takes longer than ``timeout_s``). Scoring is not tried: a verifier's answers are its own business."""
+    w = _Worker(mp.get_context("spawn"))
+    try:
+        w.conn.send((name, "", ""))
+        if not w.conn.poll(timeout_s):
+            return f"it did not load within {timeout_s:.0f} s"
+        msg = w.conn.recv()
+        return None if msg[0] == "start" else str(msg[2])
+    except (EOFError, OSError) as exc:
+        return f"its process died while loading it ({type(exc).__name__})"
+    finally:
+        w.kill()
+
+
 class _Worker:
     def __init__(self, ctx) -> None:
         self.conn, child = ctx.Pipe()
