@@ -59,12 +59,13 @@ if [ "$target" = cpu ]; then
   else
     say "warning: $lock is for CPython 3.11 on x86-64; installing the unpinned extras instead"
   fi
-  # 1. the CPU build of torch, from the only index that publishes it (then pip's own sources)
+  # 1. the CPU build of torch, from the only index that publishes it (then pip's own sources); alone
+  #    (--no-deps): its dependencies come with everything else in step 2, from the usual index
   if [ "$plan" = 1 ]; then
-    echo "${pip[*]} --index-url $torch_index --timeout 15 --retries 1 $torch_cpu"
-  elif ! stage torch "${pip[@]}" --index-url "$torch_index" --timeout 15 --retries 1 "$torch_cpu"; then
+    echo "${pip[*]} --no-deps --index-url $torch_index --timeout 15 --retries 1 $torch_cpu"
+  elif ! stage torch "${pip[@]}" --no-deps --index-url "$torch_index" --timeout 15 --retries 1 "$torch_cpu"; then
     say "PyTorch's CPU index ($torch_index) did not serve $torch_cpu; trying pip's configured sources"
-    stage torch "${pip[@]}" torch==2.13.0
+    stage torch "${pip[@]}" --no-deps torch==2.13.0 || true
   fi
   if [ "$plan" != 1 ] && ! .venv/bin/python -c 'import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)' 2>/dev/null; then
     got=$(.venv/bin/python -c 'import torch; print(torch.__version__)' 2>/dev/null || echo "none installed")

@@ -12,7 +12,8 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 "$py" -m venv "$scratch/venv"
 pip=("$scratch/venv/bin/python" -m pip install --disable-pip-version-check --no-cache-dir -q)
-"${pip[@]}" --index-url "$torch_index" --timeout 15 --retries 1 torch==2.13.0+cpu || "${pip[@]}" torch==2.13.0
+"${pip[@]}" --no-deps --index-url "$torch_index" --timeout 15 --retries 1 torch==2.13.0+cpu \
+  || "${pip[@]}" --no-deps torch==2.13.0
 "${pip[@]}" ".[cpu,test,tracking,datasets]"
 {
   echo "# The tested CPU environment (CPython 3.11, x86-64 Linux), installed by scripts/ensure_venv.sh with --no-deps."
