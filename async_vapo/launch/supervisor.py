@@ -258,6 +258,8 @@ class Supervisor:
             if code is not None and code != 0 and self._restart_learners():
                 continue
             if code is not None:
+                if code != 0:
+                    log.error("stopping the run", exitcode=code)
                 break
             if time.monotonic() - last_poll > 1.0:
                 last_poll = time.monotonic()
@@ -275,7 +277,7 @@ class Supervisor:
         if code == 0:
             return None if any(p.is_alive() for p in self.learners) else 0
         rank = self.share.learner_ranks[self.learners.index(dead[0])]
-        log.error("a learner rank died; stopping the run", rank=rank, exitcode=dead[0].exitcode)
+        log.error("a learner rank died", rank=rank, exitcode=dead[0].exitcode)
         return code
 
     def _restart_learners(self) -> bool:
