@@ -67,8 +67,10 @@ if [ "$target" = cpu ]; then
     say "PyTorch's CPU index ($torch_index) did not serve $torch_cpu; trying pip's configured sources"
     stage torch "${pip[@]}" --no-deps torch==2.13.0 || true
   fi
-  if [ "$plan" != 1 ] && ! .venv/bin/python -c 'import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)' 2>/dev/null; then
-    got=$(.venv/bin/python -c 'import torch; print(torch.__version__)' 2>/dev/null || echo "none installed")
+  # (its metadata, not an import: its dependencies are not installed yet)
+  cpu_torch='import importlib.metadata as m, sys; sys.exit(0 if m.version("torch").endswith("+cpu") else 1)'
+  if [ "$plan" != 1 ] && ! .venv/bin/python -c "$cpu_torch" 2>/dev/null; then
+    got=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || echo "none installed")
     say "error: the CPU environment needs torch's CPU build; it has: $got."
     say "  Install torch's CPU build first: .venv/bin/python -m pip install --index-url $torch_index $torch_cpu"
     say "  (or set ASYNC_VAPO_TORCH_INDEX to a mirror of that index), then run this script again."
@@ -90,6 +92,9 @@ fi
 t0=$SECONDS
 .venv/bin/python -c "import torch, vllm, deepspeed, zmq, msgspec, transformers, math_verify, async_vapo" 2>/dev/null \
   || { say "import check failed"; .venv/bin/python -c "import transformers.models.qwen2, vllm, deepspeed"; exit 1; }
+if [ "$target" = cpu ] && ! .venv/bin/python -c 'import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)'; then
+  say "error: torch in the CPU environment is a CUDA build"; exit 1
+fi
 say "import check: $((SECONDS - t0))s, passed"
 echo "$stamp" > .venv/.async_vapo_stamp
 say "ready in ${SECONDS}s"
