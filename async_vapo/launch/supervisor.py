@@ -81,8 +81,11 @@ TORCH_DIST_VARS = (
 
 def child_environ(parent: dict[str, str], env: dict[str, str], worker: bool) -> dict[str, str]:
     """A child's environment: the launcher's, without its torch.distributed variables for a rollout
-    worker (a learner rank gets its own in ``env``), then ``env``."""
+    worker (a learner rank gets its own in ``env``) and with vLLM's log level WARNING unless set, then
+    ``env``."""
     base = {k: v for k, v in parent.items() if not (worker and k in TORCH_DIST_VARS)}
+    if worker:  # vLLM's INFO lines (several per step) drown the run's own; a user's setting wins
+        base.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     return base | env
 
 
