@@ -55,6 +55,11 @@ def resolve_model(cfg: Config) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
+    # the environment's own tools (ninja, which DeepSpeed's JIT ops need) for every child, also when the
+    # launcher is run as .venv/bin/python without the environment activated
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bindir, os.environ.get("PATH", "")])
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.output_dir:
