@@ -313,6 +313,58 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def field_docs() -> dict[tuple[str, str], str]:
+    """Each field's documentation, from this module's own comments: the comment lines right above the
+    field and its trailing comment, keyed by (section class name, field name)."""
+    import ast
+    import inspect
+    import sys
+
+    src = inspect.getsource(sys.modules[__name__])
+    lines = src.splitlines()
+    docs: dict[tuple[str, str], str] = {}
+    for node in ast.parse(src).body:
+        if not (isinstance(node, ast.ClassDef) and node.name.endswith("Config")):
+            continue
+        for st in node.body:
+            if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name):
+                i = st.lineno - 1
+                above: list[str] = []
+                while i > 0 and lines[i - 1].strip().startswith("#"):
+                    i -= 1
+                    above.insert(0, lines[i].strip().lstrip("#").strip())
+                trailing = lines[st.lineno - 1].split("  # ", 1)[1:]
+                docs[(node.name, st.target.id)] = " ".join(above + trailing)
+    return docs
+
+
+def describe(cfg: Config) -> str:
+    """The resolved config as YAML, every field with its documentation as a comment above it."""
+    docs = field_docs()
+    out: list[str] = []
+
+    def emit(struct: Any, indent: str) -> None:
+        for name in struct.__struct_fields__:
+            value = getattr(struct, name)
+            if doc := docs.get((type(struct).__name__, name)):
+                out.extend(f"{indent}# {line}" for line in _wrap(doc, 100 - len(indent)))
+            if isinstance(value, msgspec.Struct):
+                out.append(f"{indent}{name}:")
+                emit(value, indent + "  ")
+            else:
+                dumped = yaml.safe_dump({name: value}, default_flow_style=True, width=10**6).strip()
+                out.append(f"{indent}{dumped.removeprefix('{').removesuffix('}')}")
+
+    emit(cfg, "")
+    return "\n".join(out) + "\n"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, max(40, width)) or [text]
+
+
 def _field_type(dotted: str) -> Any:
     """The declared type of ``section.field`` (None when there is no such field)."""
     cls: Any = Config

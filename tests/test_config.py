@@ -111,3 +111,13 @@ def test_missing_or_broken_config_files_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"bad.yaml \(line 2, column \d+\): not valid YAML") as info:
         load_config(bad)
     assert "\n" not in str(info.value)
+
+
+def test_print_config_is_the_resolved_config_documented_and_loads_back(tmp_path):
+    from async_vapo.config import describe
+
+    cfg = load_config(Path("configs/vapo_qwen2.5_32b.yaml"), ["train.actor_lr=3e-6", "data.answer_field=yes"])
+    text = describe(cfg)
+    assert "# how new weights leave the learner" in text and "  actor_lr: 3.0e-06" in text
+    (tmp_path / "printed.yaml").write_text(text)
+    assert load_config(tmp_path / "printed.yaml") == cfg  # what --print-config shows is what runs

@@ -38,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--master-addr", help="node 0's address (rendezvous store, learner sockets)")
     p.add_argument("--master-port", type=int, help="port of the rendezvous store on node 0")
     p.add_argument("--dry-run", action="store_true", help="print placement and memory estimate, then exit")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (recipe + overrides), every field documented, then exit",
+    )
     p.add_argument("--output-dir", help="overrides output_dir")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoints/latest")
     p.add_argument("--insecure", action="store_true", help="allow non-loopback sockets without CURVE keys")
@@ -82,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg.rollout.num_workers,
         )
         check_learner_split(cfg, lay.learner_world)
+        if args.print_config:
+            from async_vapo.config import describe
+
+            print(describe(cfg), end="")
+            return 0
     except (ConfigError, PlacementError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
