@@ -4,6 +4,7 @@ launcher's node plan (pure: any node of any cluster, no store, no process)."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -296,3 +297,20 @@ def test_hostile_store_values_are_counted_as_forged_never_raised(tmp_path):
     assert store.forged == {"drop": 1, "done": 1}
     store.notify_drop("w0", 1234)  # a real, signed value still works
     assert store.dropped_pid("w0") == 1234
+
+
+def test_timeouts_derive_from_the_recipe():
+    """Evaluation rounds and issued prompts wait as long as their work can take, never a fixed 600 s:
+    the 32B recipe's first evaluation (30 x 32 samples of up to 20,480 tokens) outlasted it."""
+    from async_vapo.controller.admission import prompt_timeout_s
+    from async_vapo.controller.evaluation import EVAL_TIMEOUT_FLOOR_S, eval_timeout_s
+
+    recipe = load_config(Path("configs/vapo_qwen2.5_32b.yaml"))
+    # 8 engines at 2,000 tokens/s each: 30 x 32 x 20,480 tokens = 20 min of generation, x3
+    assert eval_timeout_s(recipe, 30, 16_000.0) == pytest.approx(3 * 30 * 32 * 20_480 / 16_000)
+    assert eval_timeout_s(recipe, 30, None) > 3600  # nothing measured yet: a slow engine is assumed
+    tiny = load_config(None)
+    assert eval_timeout_s(tiny, 256, 10_000.0) == EVAL_TIMEOUT_FLOOR_S
+    assert eval_timeout_s(load_config(None, ["train.eval_timeout_s=42"]), 256, 1.0) == 42
+    assert prompt_timeout_s(0.0, 20_480) == 4096 and prompt_timeout_s(0.0, 96) == 300
+    assert prompt_timeout_s(7.0, 20_480) == 7
