@@ -107,7 +107,7 @@ class Injector:
         self.out, self.rng, self.codec = out, rng, Codec()
         self.ctx = zmq.Context()
         self.injected: Counter[str] = Counter()
-        self.hostile_sent = 0
+        self.hostile_sent: list[tuple[float, int]] = []  # (wall time, groups) per injection
 
     def __call__(self, kind: str) -> bool:
         state = _state(self.out)
@@ -157,7 +157,7 @@ class Injector:
             group = TrajectoryGroup(prompt, responses, worker, time.time())
             frames.append(bytes(self.codec.encode(group)))
         self._push(state, frames)
-        self.hostile_sent += len(frames)
+        self.hostile_sent.append((time.time(), len(frames)))
         return True
 
     def spoofed_control(self, state: dict[str, Any]) -> bool:
@@ -273,7 +273,8 @@ def main() -> None:
                 f"[chaos] step {rows[-1]['step'] + 1}/{steps}, faults {sum(inj.injected.values())}", end="\r"
             )
     stop.set()
-    finished = proc.poll() == 0
+    # on its own and to the end: a run stopped early (e.g. a worker over its restart budget) exits 0 too
+    finished = proc.poll() == 0 and len(_rows(out)) == steps
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         proc.wait(120)
@@ -282,6 +283,9 @@ def main() -> None:
     refused = sum(v for k, v in counters.items() if k.startswith("group_rejected_")) + counters.get(
         "group_duplicate", 0
     )
+    # only groups sent before the last metrics row can be in its counters
+    last_row = rows[-1].get("time", 0.0) if rows else 0.0
+    counted_sent = sum(n for t, n in inj.hostile_sent if t < last_row - 1.0)
     figures: dict[str, Any] = {
         "finished": finished,
         "wall_s": round(time.monotonic() - t0),
@@ -289,8 +293,9 @@ def main() -> None:
         "faults_injected": sum(inj.injected.values()),
         "faults_by_kind": dict(inj.injected),
         "faults_survived": sum(inj.injected.values()) if finished else 0,
-        "hostile_groups_sent": inj.hostile_sent,
-        "hostile_groups_accepted": max(0, inj.hostile_sent - refused),
+        "hostile_groups_sent": sum(n for _, n in inj.hostile_sent),
+        "hostile_groups_sent_before_last_row": counted_sent,
+        "hostile_groups_accepted": max(0, counted_sent - refused),
         "groups_refused": refused,
         "rejected_frames": rows[-1].get("rejected_frames_by_reason", {}) if rows else {},
         "hello_rejected": {k: v for k, v in counters.items() if k.startswith("hello_rejected_")},
