@@ -309,6 +309,8 @@ def test_timeouts_derive_from_the_recipe():
     # 8 engines at 2,000 tokens/s each: 30 x 32 x 20,480 tokens = 20 min of generation, x3
     assert eval_timeout_s(recipe, 30, 16_000.0) == pytest.approx(3 * 30 * 32 * 20_480 / 16_000)
     assert eval_timeout_s(recipe, 30, None) > 3600  # nothing measured yet: a slow engine is assumed
+    # a worker's counters are input: a claimed near-zero rate cannot stretch the round past that assumption
+    assert eval_timeout_s(recipe, 30, 1e-6) == eval_timeout_s(recipe, 30, None)
     tiny = load_config(None)
     assert eval_timeout_s(tiny, 256, 10_000.0) == EVAL_TIMEOUT_FLOOR_S
     assert eval_timeout_s(load_config(None, ["train.eval_timeout_s=42"]), 256, 1.0) == 42

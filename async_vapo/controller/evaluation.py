@@ -23,17 +23,19 @@ from async_vapo.protocol import Prompt, Sampling, TrajectoryGroup
 EVAL_TIMEOUT_FLOOR_S = 300.0  # a derived timeout is never shorter (engine start-up, a slow first batch)
 EVAL_TIMEOUT_MARGIN = 3.0  # times the round's expected generation time (engines also serve training)
 UNMEASURED_TOKENS_PER_S = 200.0  # per engine, before any rate was measured: a slow engine, not a fast one
+EVAL_GRACE_S = 60.0  # the learner's own wait beyond a round's timeout (the round ends itself before)
 
 
 def eval_timeout_s(cfg: Config, n_prompts: int, tokens_per_s: float | None) -> float:
     """How long an evaluation round may take: ``train.eval_timeout_s`` when set, else the round's worst
     case (every sample ``rollout.max_tokens`` long) at ``tokens_per_s`` (the engines' measured generation
     rate; None: ``UNMEASURED_TOKENS_PER_S`` per engine) times ``EVAL_TIMEOUT_MARGIN``, at least
-    ``EVAL_TIMEOUT_FLOOR_S``. The 32B recipe, 8 engines of 2,000 tokens/s each: 30 x 32 x 20,480 tokens
+    ``EVAL_TIMEOUT_FLOOR_S``. The measured rate comes from the workers' own counters, so it may shorten the
+    timeout but never lengthen it past the unmeasured assumption. The 32B recipe, 8 engines of 2,000 tokens/s each: 30 x 32 x 20,480 tokens
     take about 20 minutes at 16,000 tokens/s, so the round may take an hour."""
     if cfg.train.eval_timeout_s > 0:
         return cfg.train.eval_timeout_s
-    rate = tokens_per_s or UNMEASURED_TOKENS_PER_S * max(1, cfg.rollout.num_workers)
+    rate = max(tokens_per_s or 0.0, UNMEASURED_TOKENS_PER_S * max(1, cfg.rollout.num_workers))
     work = n_prompts * cfg.rollout.eval_samples * cfg.rollout.max_tokens
     return max(EVAL_TIMEOUT_FLOOR_S, EVAL_TIMEOUT_MARGIN * work / rate)
 

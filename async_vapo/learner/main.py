@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from async_vapo.buffer import PromptLedger
 from async_vapo.controller import ControllerMetrics, RolloutTotals
-from async_vapo.controller.evaluation import eval_timeout_s
+from async_vapo.controller.evaluation import EVAL_GRACE_S, eval_timeout_s
 from async_vapo.learner import checkpoint
 from async_vapo.learner.batch import Batch, collate, recv_batch, send_batch
 from async_vapo.learner.setup import (
@@ -294,16 +294,23 @@ class Trainer:
         round takes; a round that runs out of time is partial (``eval_missing``), never an error."""
         r = self.cfg.rollout
         sampling = Sampling(r.eval_samples, r.eval_temperature, r.eval_top_p, r.max_tokens)
-        fut = None
+        fut, deadline = None, 0.0
         if self.controller is not None:
             timeout = eval_timeout_s(self.cfg, len(self.eval_prompts), self.controller.generation_rate())
             fut = self.controller.start_evaluation(self.eval_prompts, sampling, timeout)
-        while not self._share(int(fut is None or fut.done())):
+            # the round ends itself at its timeout; this bound holds even if the controller's loop is gone
+            deadline = time.monotonic() + timeout + EVAL_GRACE_S
+        while not self._share(int(fut is None or fut.done() or time.monotonic() > deadline)):
             if fut is not None:
                 concurrent.futures.wait([fut], timeout=1.0)
         if fut is None or self.metrics is None:
             return None
-        groups = fut.result()
+        groups = []
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            groups = fut.result()
+        else:  # the controller failed or never answered: an empty round (its failure stops the run next)
+            fut.cancel()
+            log.error("evaluation round got no answer from the controller", step=self.step)
         correct = [[resp.correct for resp in g.responses] for g in groups]
         row: dict[str, Any] = {
             "phase": "eval",
