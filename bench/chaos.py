@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -38,6 +39,8 @@ from typing import Any
 
 import msgspec
 import zmq
+
+from soak import rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("worker_kill", "hostile_groups", "engine_kill", "spoofed_control", "heavy_frame")
@@ -75,16 +78,6 @@ def _comm(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def _rows(out: Path) -> list[dict[str, Any]]:
@@ -268,7 +261,8 @@ def main() -> None:
         rows = _rows(out)
         learner = _state(out).get("learners", {}).get("0")
         if rows and learner:
-            rss.append(_rss_mb(int(learner)))
+            if not math.isnan(mb := rss_mb(int(learner))):  # (nan: the process is gone)
+                rss.append(mb)
             print(
                 f"[chaos] step {rows[-1]['step'] + 1}/{steps}, faults {sum(inj.injected.values())}", end="\r"
             )

@@ -127,8 +127,6 @@ def _batch_width_layout() -> None:
 
 
 def _run_config(name: str, args_dict: dict, model_dir: str, out: str) -> None:
-    from zero3_publish import PeakRss
-
     from async_vapo.config import AlgoConfig, TrainConfig
     from async_vapo.learner.models import init_distributed, load_policy, load_value, make_engine
     from async_vapo.learner.step import (
@@ -138,6 +136,8 @@ def _run_config(name: str, args_dict: dict, model_dir: str, out: str) -> None:
         policy_update,
         value_update,
     )
+
+    from zero3_publish import PeakRss
 
     os.environ.update({"DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
     torch.set_num_threads(args_dict["threads"])

@@ -48,10 +48,11 @@ def _rank(
     torch.set_num_threads(1)
     import deepspeed
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
-    from zero3_publish import PeakRss
 
     from async_vapo.learner.export import save_hf
     from async_vapo.learner.models import ValueModel, init_distributed
+
+    from zero3_publish import PeakRss
 
     init_distributed("gloo")
     cfg = Qwen2Config(
