@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -120,12 +121,6 @@ def loopback_env() -> dict[str, str]:
     return {k: os.environ.get(k, "lo") for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")} | {
         "VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP", "127.0.0.1")
     }
-
-
-def _replace_site(site: Site, files: RunFiles) -> Site:
-    import dataclasses
-
-    return dataclasses.replace(site, files=files)
 
 
 def open_site(cfg: Config, node: NodeInfo) -> tuple[Site, RunStore]:
@@ -311,7 +306,7 @@ class Supervisor:
             old.store, old.world.parent / f"world-{nonce}", old.groups.parent / f"groups-{nonce}"
         )
         fresh.groups.mkdir(exist_ok=True)
-        self.site = _replace_site(self.site, fresh)
+        self.site = dataclasses.replace(self.site, files=fresh)
         for f in (old.world, old.groups):  # the dead world's stores: a new world cannot meet in them
             shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)
         self.plan = plan_node(self.cfg, self.layout, self.node, self.model_path, self.site, resume=True)

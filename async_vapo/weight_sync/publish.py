@@ -54,6 +54,9 @@ class StreamPlan:
 
 
 def zero3_gather(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager[Any]:
+    """Gather ``params`` whole for the duration of the block (a no-op below ZeRO-3). Every caller in the
+    package passes one parameter at a time (``stream_publish``, ``learner.export``): at 32B a gather of
+    more than one module's weights at once does not fit beside the ZeRO state."""
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
