@@ -4,7 +4,9 @@ Two DeepSpeed ranks (gloo, CPU) hold a Qwen2-shaped policy and a value model (``
 backbone) built partitioned (``deepspeed.zero.Init``). Rank 0 writes each the old way
 (``GatheredParameters`` over every parameter, then ``save_pretrained``) and the new way
 (``learner.export.save_hf`` / ``ValueModel.save``: each parameter gathered, copied to host and released,
-safetensors shards of ``shard_bytes``), in the same run. For each it reports rank 0's peak resident memory
+safetensors shards of ``shard_bytes``), in the same run; then both ranks load the exported policy back
+the old way (``from_pretrained``: the whole model on every rank) and the learner's way under ZeRO-3
+(``learner.loading``: built partitioned, one parameter gathered at a time). For each it reports rank 0's peak resident memory
 above its steady state (sampled every 2 ms from /proc: the CPU proxy of GPU memory, where a gathered
 parameter lives), and whether the new files hold exactly the old files' tensors. Used by
 ``bench/weight_sync.py`` (``export_peak_extra_mb``, ``save_peak_extra_mb``) and by
@@ -107,8 +109,42 @@ def _rank(
             figures[f"{name}_files_identical"] = _same(
                 root / f"{name}-whole_gather", root / f"{name}-one_at_a_time"
             )
+    figures |= _load_figures(rank, root / "export-one_at_a_time", engines["export"].module)
     if rank == 0:
         res.put(figures)
+
+
+def _load_figures(rank: int, ckpt: Path, source: Any) -> dict[str, Any]:
+    """Loading the exported policy back: ``from_pretrained`` (whole on the rank: the old path) against
+    ``learner.models.load_policy`` with a ZeRO-3 config (built partitioned, filled one parameter at a
+    time); every rank's peak extra resident memory, and whether the loaded parameters equal the source's."""
+    import gc
+
+    import deepspeed
+
+    from async_vapo.learner.models import load_policy
+
+    from zero3_publish import PeakRss
+
+    figures: dict[str, Any] = {}
+    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    for mode, config in (("whole", None), ("partitioned", ds)):
+        gc.collect()
+        torch.distributed.barrier()
+        with PeakRss() as peak:
+            model = load_policy(str(ckpt), torch.float32, config)
+        torch.distributed.barrier()
+        peaks = [0.0, 0.0]
+        torch.distributed.all_gather_object(peaks, peak.extra_mb)
+        figures[f"load_{mode}_peak_extra_mb"] = round(max(peaks), 1)
+        same = True
+        for p, q in zip(model.parameters(), source.parameters(), strict=True):
+            params = [x for x in (p, q) if hasattr(x, "ds_id")]
+            with deepspeed.zero.GatheredParameters(params):
+                same = same and torch.equal(p.data, q.data)
+        figures[f"load_{mode}_identical"] = same
+        del model
+    return figures
 
 
 def zero3_export(layers: int = 8, hidden: int = 1024, vocab: int = 32000, shards: int = 16) -> dict[str, Any]:
@@ -140,6 +176,11 @@ def zero3_export(layers: int = 8, hidden: int = 1024, vocab: int = 32000, shards
         for p in procs:
             p.join(60)
         shutil.rmtree(out, ignore_errors=True)
+    figures["load_model_mb"] = figures["export_model_mb"]
+    for name in ("whole", "partitioned"):
+        figures[f"load_{name}_extra_vs_model"] = round(
+            figures[f"load_{name}_peak_extra_mb"] / figures["load_model_mb"], 3
+        )
     for name in ("export", "save"):
         figures[f"{name}_peak_extra_mb"] = figures[f"{name}_one_at_a_time_peak_extra_mb"]
         figures[f"{name}_extra_vs_model"] = round(

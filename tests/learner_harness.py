@@ -116,7 +116,7 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
     from async_vapo.config import AlgoConfig, TrainConfig
     from async_vapo.learner import checkpoint
     from async_vapo.learner.batch import collate
-    from async_vapo.learner.models import init_distributed, load_policy, load_value, make_engine
+    from async_vapo.learner.models import ds_config, init_distributed, load_policy, load_value, make_engine
     from async_vapo.learner.step import (
         UpdateSchedule,
         compute_targets,
@@ -141,8 +141,11 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
     def engines(warmup: int = 0, checkpointing: bool = False):
         torch.manual_seed(0)
         train = TrainConfig(warmup_steps=warmup, zero_stage=stage, gradient_checkpointing=checkpointing)
-        pol = make_engine(load_policy(model_dir, torch.float32), job.get("actor_lr", 1e-4), train, False, 64)
-        val = make_engine(load_value(model_dir, "", torch.float32), 1e-3, train, False, 64)
+        ds = ds_config(train, False, 64)  # ZeRO-3: built partitioned, as the learner does
+        pol = make_engine(
+            load_policy(model_dir, torch.float32, ds), job.get("actor_lr", 1e-4), train, False, 64
+        )
+        val = make_engine(load_value(model_dir, "", torch.float32, ds), 1e-3, train, False, 64)
         return pol, val
 
     def step(pol, val, k, micro=64, mini_batches=1):

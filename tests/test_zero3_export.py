@@ -1,5 +1,5 @@
 """Saving under ZeRO-3 never gathers the whole model: the policy's Hugging Face export and the critic's
-save on two real DeepSpeed ranks (gloo, CPU), measured against the old whole-model gather in the same run
+save on two real DeepSpeed ranks (gloo, CPU), and loading the export back partitioned, measured against the old whole-model gather in the same run
 (``bench/zero3_export.py``; rank 0's resident memory stands in for a GPU's)."""
 
 from __future__ import annotations
@@ -25,3 +25,6 @@ def test_export_and_value_save_gather_one_parameter_at_a_time():
         assert f[f"{name}_extra_vs_model"] <= 0.25, f  # at most a quarter of the model on rank 0
         # the proxy sees the old path: rank 0 gathers the other rank's half of the model on top of its own
         assert f[f"{name}_whole_gather_extra_vs_model"] >= 0.4, f
+    # loading back under ZeRO-3: each rank holds its half and one parameter, never the whole model
+    assert f["load_partitioned_identical"] and f["load_whole_identical"], f
+    assert f["load_partitioned_extra_vs_model"] <= 0.75 < 0.9 <= f["load_whole_extra_vs_model"], f

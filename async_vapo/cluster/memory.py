@@ -2,11 +2,26 @@
 
 Learner, per rank, for each of the two models (policy and value; the value model is the same backbone
 with a scalar head): bf16 weights (2 B/param), bf16 gradients (2 B), fp32 master weights and Adam moments
-(12 B), sharded by the ZeRO stage over the learner world (1: optimiser, 2: + gradients, 3: + weights).
-Activations for one micro-batch of ``micro_batch_size`` x ``max_model_len`` tokens: with gradient
-checkpointing one bf16 hidden state per layer plus one layer's working set, without it about 34 hidden
-sizes per token per layer (Korthikanti et al.'s estimate with flash attention), plus the fp32 logits of
-the policy's LM head. vLLM engine: bf16 weights / TP, the rest of ``gpu_memory_utilization`` is KV cache.
+(12 B), sharded by the ZeRO stage over the learner world (1: optimiser, 2: + gradients, 3: + weights);
+under ZeRO-3 also the parameters gathered at once (``stage3_max_live_parameters``) and, from stage 2, the
+gradient reduce bucket (``reduce_bucket_size``), both set explicitly in ``learner.models.make_engine``.
+
+Activations of one forward/backward of ``tokens`` tokens (the packed budget, else micro-batch x the
+longest sequence), in bytes per token, **fitted to a trace** of the learner's own forward and backward
+(``bench/memory_trace.py``: Qwen2 decoder layers in bf16 under torch's ``FakeTensorMode`` and memory
+tracker, hidden 2,560/5,120, intermediate 13,824/27,648, 8,192-token micro-batches; the 32B slice of two
+layers + embedding + LM head on the recipe's 22,528 tokens is then within 15%):
+
+- gradient checkpointing: each layer's bf16 input (2 x hidden) is kept; the layer being recomputed and
+  differentiated works in ``21 x hidden + 12 x intermediate`` (the MLP's four ``[tokens, intermediate]``
+  tensors and their gradients dominate at 32B widths);
+- without it: ``21 x hidden + 8 x intermediate`` per layer kept for backward, plus ``23 x hidden``;
+- the policy's LM head (``learner.forward.ScoringHead``) scores ``logit_chunk`` tokens at a time, each
+  chunk's logits made from hidden states inside a checkpointed function: about 14.5 bytes per logit of one
+  chunk (bf16 logits, the fp32 log-softmax, the entropy's temporaries). It runs before the layers'
+  backward, so the activations are the checkpointed inputs plus the larger of the two working sets.
+
+vLLM engine: bf16 weights / TP, the rest of ``gpu_memory_utilization`` is KV cache.
 
 Publishing new weights (learner rank 0): a streamed publish holds one flat bucket and one gathered
 parameter, or the largest tensor (the embedding) sent as it is; a snapshot holds a full copy of
@@ -17,12 +32,21 @@ receive a streamed update bucket by bucket (models up to 1 GiB keep their receiv
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from async_vapo.config import Config
 
 GiB = 2**30
+
+# Bytes per token, fitted to bench/memory_trace.py's traces (module docstring).
+LAYER_WORK_PER_HIDDEN, LAYER_WORK_PER_INTERMEDIATE = 21, 12  # one checkpointed layer's recompute + backward
+LAYER_KEPT_PER_HIDDEN, LAYER_KEPT_PER_INTERMEDIATE = 21, 8  # per layer without checkpointing
+UNCHECKPOINTED_EXTRA_PER_HIDDEN = 23
+HEAD_BYTES_PER_LOGIT = 14.5  # one LM-head chunk: bf16 logits, fp32 log-softmax, entropy temporaries
+# DeepSpeed's ZeRO defaults, which learner.models.make_engine sets explicitly (elements)
+ZERO_REDUCE_BUCKET = 500_000_000
+ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -82,6 +106,22 @@ def model_shape(path: str) -> ModelShape:
     raise ValueError(f"cannot size model {path!r}: no config.json there and not one of {sorted(KNOWN)}")
 
 
+def activation_bytes(shape: ModelShape, tokens: int, chunk: int, checkpointing: bool) -> dict[str, float]:
+    """Bytes of one forward/backward of ``tokens`` tokens, by part (module docstring): ``layer_inputs``
+    (checkpointed inputs, or everything the layers keep without checkpointing), ``layer_work`` (one
+    layer's recompute + backward), ``lm_head`` (one chunk of ``chunk`` tokens, 0: all), and ``peak`` =
+    layer_inputs + the larger of the two working sets."""
+    h, i, n = shape.hidden, shape.intermediate, tokens
+    if checkpointing:
+        kept = 2.0 * h * shape.layers * n
+        work = float(LAYER_WORK_PER_HIDDEN * h + LAYER_WORK_PER_INTERMEDIATE * i) * n
+    else:
+        kept = float((LAYER_KEPT_PER_HIDDEN * h + LAYER_KEPT_PER_INTERMEDIATE * i) * shape.layers) * n
+        work = float(UNCHECKPOINTED_EXTRA_PER_HIDDEN * h) * n
+    head = HEAD_BYTES_PER_LOGIT * min(n, chunk or n) * shape.vocab
+    return {"layer_inputs": kept, "layer_work": work, "lm_head": head, "peak": kept + max(work, head)}
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     learner: dict[str, float]  # GiB per learner GPU, by item
@@ -89,6 +129,7 @@ class MemoryPlan:
     kv_tokens_per_engine: int
     concurrent_sequences_per_engine: int
     problems: list[str]
+    notes: list[str] = field(default_factory=list)  # how items were counted
 
     def describe(self, card_gib: float, device: str = "GPU") -> str:
         def block(title: str, items: dict[str, float]) -> str:
@@ -101,6 +142,7 @@ class MemoryPlan:
             f"engine KV cache: {self.kv_tokens_per_engine:,} tokens = "
             f"{self.concurrent_sequences_per_engine} full-length sequences at once",
         ]
+        lines += self.notes
         lines += [f"IMPOSSIBLE: {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -122,7 +164,20 @@ def estimate_memory(
     engine, kv_tokens = _engine_gib(shape, cfg, tp, card_gib, kv_cache_gib)
     seq_len = cfg.rollout.max_model_len
     problems = _problems(cfg, learner, engine, kv_tokens, tp, card_gib)
-    return MemoryPlan(learner, engine, kv_tokens, kv_tokens // max(1, seq_len), problems)
+    t = cfg.train
+    acts = activation_bytes(shape, learner_tokens(cfg), t.logit_chunk, t.gradient_checkpointing)
+    notes = [
+        f"learner activations {acts['peak'] / GiB:.1f} GiB for {learner_tokens(cfg):,} tokens per pass = "
+        f"layer inputs {acts['layer_inputs'] / GiB:.1f} + the larger of one layer's backward "
+        f"{acts['layer_work'] / GiB:.1f} and one LM-head chunk {acts['lm_head'] / GiB:.1f} "
+        "(bytes per token fitted to bench/memory_trace.py)"
+    ]
+    return MemoryPlan(learner, engine, kv_tokens, kv_tokens // max(1, seq_len), problems, notes)
+
+
+def learner_tokens(cfg: Config) -> int:
+    """Tokens in one forward/backward pass: the packed budget, else micro-batch x the longest sequence."""
+    return cfg.train.max_tokens_per_micro or cfg.train.micro_batch_size * cfg.rollout.max_model_len
 
 
 def _learner_gib(shape: ModelShape, cfg: Config, learner_world: int) -> dict[str, float]:
@@ -136,26 +191,22 @@ def _learner_gib(shape: ModelShape, cfg: Config, learner_world: int) -> dict[str
     if t.zero_stage >= 3:
         weights /= n
     models = 2 if cfg.algo.estimator == "gae" else 1
-    # tokens per forward/backward: the packed budget, else micro-batch x the longest sequence
-    tokens = t.max_tokens_per_micro or t.micro_batch_size * cfg.rollout.max_model_len
-    h = shape.hidden
-    if t.gradient_checkpointing:
-        acts = tokens * h * 2 * shape.layers + tokens * h * 34
-    else:
-        acts = tokens * h * 34 * shape.layers
+    acts = activation_bytes(shape, learner_tokens(cfg), t.logit_chunk, t.gradient_checkpointing)
     learner = {
         "weights": models * weights / GiB,
         "gradients": models * grads / GiB,
         "optimizer": models * optim / GiB,
-        "activations": acts / GiB,
-        # fp32 logits and their gradient: one LM-head chunk at a time when chunked (recomputed in backward)
-        "logits": min(tokens, t.logit_chunk or tokens) * shape.vocab * 4 * 2 / GiB,
+        "activations": acts["peak"] / GiB,  # policy and value passes never overlap
     }
-    if t.zero_stage >= 3:  # one layer gathered at a time (DeepSpeed prefetch: about two)
-        learner["zero3_gathered"] = 2 * 2.0 * (p / shape.layers) / GiB
+    if t.zero_stage >= 2:  # DeepSpeed's gradient reduce bucket (bf16)
+        learner["reduce_bucket"] = 2.0 * ZERO_REDUCE_BUCKET / GiB
+    if t.zero_stage >= 3:  # parameters gathered at once (prefetch included), at most a few layers'
+        learner["zero3_gathered"] = 2.0 * min(ZERO3_MAX_LIVE_PARAMETERS, p) / GiB
     if t.streams_publish:  # one flat bucket + one gathered parameter, or the embedding sent as it is
         largest_in_layer = 2.0 * shape.intermediate * shape.hidden
-        learner["publish"] = max(t.bucket_mb * 2**20 + largest_in_layer, 2.0 * shape.vocab * h) / GiB
+        learner["publish"] = (
+            max(t.bucket_mb * 2**20 + largest_in_layer, 2.0 * shape.vocab * shape.hidden) / GiB
+        )
     else:
         learner["publish"] = (2.0 * p * (2 if t.zero_stage >= 3 else 1)) / GiB
     return learner

@@ -10,20 +10,34 @@ block-diagonal causal mask from the position ids (``masking_utils.find_packed_se
 flash-attention paths use the same position ids), so attention never crosses a sequence boundary. Either
 way ``index [B, T]`` maps response token ``t`` of row ``b`` to the flat position whose output predicts it.
 
-**Logits.** Only the response tokens' logits are used: packed, the model computes logits at those
-positions only (``logits_to_keep``); the log-softmax, the gather and the entropy then run ``chunk``
-tokens at a time in fp32, each chunk recomputed in backward (activation checkpointing), so no fp32
-``[tokens, V]`` tensor exists for more than one chunk at a time (``chunk = 0``: all at once). Every
-forward goes through the model's own ``forward`` (never a submodule called directly): DeepSpeed's
-ZeRO-3 gathers follow the module order it traced, and ranks must issue the same collectives.
+**The LM head scores inside the model's forward.** ``load_policy`` replaces the policy's LM head by a
+``ScoringHead`` (same ``weight``, same state-dict key, tied to the embedding if it was). Outside a
+``scoring`` block it is the ``nn.Linear`` it replaced. Inside one, the model's forward hands it the final
+hidden states, it picks the rows predicting response tokens (``[K, H]``) and returns their log-probs and
+entropies ``[K, 2]`` instead of logits, ``chunk`` tokens at a time: each chunk's logits (model dtype) and
+their fp32 log-softmax are made from the hidden states inside one checkpointed function and recomputed in
+backward. So no ``[K, V]`` tensor exists at all, in any dtype, beyond one chunk (``chunk = 0``: one chunk
+of K, not recomputed). Before, the model returned the ``[K, V]`` logits and only the fp32 work was chunked:
+at the 32B recipe's 22,528-token micro-batch those logits (6.4 GiB bf16) and their gradient stayed alive
+through backward. A model whose forward changes the logits after its head (soft-capping, a logit scale)
+keeps its own head and takes that older path (``chunked_logprobs``).
+
+Every forward goes through the model's own ``forward`` (never a submodule called directly): DeepSpeed's
+ZeRO-3 hooks gather a module's parameters around its forward (and, from the module's outputs, around its
+backward, where the head's chunks are recomputed), follow the module order it traced, and ranks must issue
+the same collectives.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from async_vapo.learner.batch import Batch
@@ -110,11 +124,107 @@ def chunked_logprobs(
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).detach()
 
 
-def response_logits(policy: Any, b: Batch, packed: bool) -> torch.Tensor:
-    """The logits predicting each valid response token, [K, V] in ``b.mask`` order (model dtype).
+# Config attributes of models whose forward post-processes the head's logits (soft-capping, scaling):
+# their logits are not the head's, so the scoring head is not installed on them.
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
-    Always through the model's own forward (a DeepSpeed engine's hooks, ZeRO-3 gathers included, see
-    every call); packed: the model computes logits only at those positions (``logits_to_keep``)."""
+
+@dataclass(frozen=True)
+class Scoring:
+    """What a ``ScoringHead`` computes during one forward. ``pick``: the model's final hidden states
+    ([B, L, H]) -> the rows predicting the targets [K, H]; targets long [K]."""
+
+    pick: Callable[[torch.Tensor], torch.Tensor]
+    targets: torch.Tensor
+    temperature: float
+    chunk: int
+    with_entropy: bool
+
+
+def _chunk_scores(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    temperature: float,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _chunk_logprobs(F.linear(h, weight, bias), targets, temperature, with_entropy)
+
+
+def score_hidden(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s: Scoring
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(h W^T / temperature)[target] and the entropy, ``s.chunk`` rows at a time, each chunk's
+    logits made and consumed inside one checkpointed function. h [K, H] (model dtype), weight [V, H] ->
+    ([K], [K]) fp32; the entropy carries no gradient."""
+    size = s.chunk if s.chunk > 0 else max(1, h.shape[0])
+    recompute = s.chunk > 0 and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    parts = []
+    for i in range(0, h.shape[0], size):
+        args = (h[i : i + size], weight, bias, s.targets[i : i + size], s.temperature, s.with_entropy)
+        parts.append(
+            checkpoint(_chunk_scores, *args, use_reentrant=False) if recompute else _chunk_scores(*args)
+        )
+    if not parts:
+        empty = h.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).detach()
+
+
+class ScoringHead(nn.Module):
+    """A causal LM's output projection that, inside ``scoring(...)``, returns response tokens' log-probs
+    and entropies [K, 2] instead of logits (module docstring). ``weight`` [V, H] is the replaced Linear's
+    own Parameter (shared with the input embedding when tied), so the state dict is unchanged."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._scoring: Scoring | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._scoring is None:
+            return F.linear(hidden, self.weight, self.bias)
+        logp, ent = score_hidden(self._scoring.pick(hidden), self.weight, self.bias, self._scoring)
+        return torch.stack([logp, ent], dim=-1)
+
+    @contextmanager
+    def scoring(self, s: Scoring) -> Iterator[None]:
+        self._scoring = s
+        try:
+            yield
+        finally:
+            self._scoring = None
+
+
+def install_scoring_head(model: nn.Module) -> bool:
+    """Replace ``model``'s LM head by a ``ScoringHead`` (before DeepSpeed wraps it, which hooks every
+    module). False, leaving the model as it is, when its head is not a plain Linear or its forward
+    post-processes the logits (``LOGIT_POSTPROCESSING``)."""
+    get, put = getattr(model, "get_output_embeddings", None), getattr(model, "set_output_embeddings", None)
+    head = get() if callable(get) else None
+    config = getattr(model, "config", None)
+    if type(head) is not nn.Linear or not callable(put):
+        return False
+    if any(getattr(config, k, None) not in (None, 0, 1, 1.0) for k in LOGIT_POSTPROCESSING):
+        return False
+    put(ScoringHead(head))
+    return True
+
+
+def scoring_head(policy: Any) -> ScoringHead | None:
+    """The policy's ``ScoringHead`` (through a DeepSpeed engine's ``module``), if it has one."""
+    model = getattr(policy, "module", policy)
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, ScoringHead) else None
+
+
+def response_logits(policy: Any, b: Batch, packed: bool) -> torch.Tensor:
+    """The logits predicting each valid response token, [K, V] in ``b.mask`` order (model dtype): the path
+    of a policy without a ``ScoringHead``. Packed: the model computes logits only at those positions."""
     if packed:
         ids, pos, index = pack(b)
         out = policy(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=index[b.mask])
@@ -125,13 +235,48 @@ def response_logits(policy: Any, b: Batch, packed: bool) -> torch.Tensor:
     return logits[rows[b.mask], resp_index[b.mask]]
 
 
+def scoring_inputs(b: Batch, packed: bool) -> tuple[torch.Tensor, dict[str, Any], Callable]:
+    """The model's inputs for scoring ``b``'s valid response tokens with a ``ScoringHead``: (input_ids,
+    the other forward arguments, ``pick``: final hidden states -> the rows predicting them [K, H])."""
+    if packed:
+        ids, pos, index = pack(b)
+        return ids, {"position_ids": pos, "logits_to_keep": index[b.mask]}, lambda h: h[0]
+    ids, attn, resp_index = trim(b)
+    rows = torch.arange(b.size, device=ids.device).unsqueeze(1).expand_as(resp_index)
+    r, c = rows[b.mask], resp_index[b.mask]
+    return ids, {"attention_mask": attn}, lambda h: h[r, c]
+
+
+def head_scores(
+    policy: Any, head: ScoringHead, ids: torch.Tensor, kwargs: dict[str, Any], s: Scoring
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs [K], entropies [K]) of ``s.targets``, computed by the policy's ``ScoringHead`` inside the
+    model's own forward on ``scoring_inputs``."""
+    with head.scoring(s):
+        out = policy(input_ids=ids, use_cache=False, **kwargs).logits
+    k = int(s.targets.shape[0])
+    if tuple(out.shape) != (k, 2):
+        raise RuntimeError(
+            f"the policy's forward changed its scoring head's output (shape {tuple(out.shape)}, expected "
+            f"({k}, 2)): add the config attribute that makes it do so to forward.LOGIT_POSTPROCESSING"
+        )
+    return out[:, 0], out[:, 1]
+
+
 def policy_forward(
     policy: Any, b: Batch, temperature: float, micro: Micro | int = 0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(response token) [B, T] (0 where ``b.mask`` is False) and the entropy [B, T] when asked."""
     m = as_micro(micro)
-    logits = response_logits(policy, b, m.packed)
-    logp_k, ent_k = chunked_logprobs(logits, b.response_ids[b.mask], temperature, m.logit_chunk, with_entropy)
+    targets = b.response_ids[b.mask]
+    head = scoring_head(policy)
+    if head is not None:
+        ids, kwargs, pick = scoring_inputs(b, m.packed)
+        s = Scoring(pick, targets, temperature, m.logit_chunk, with_entropy)
+        logp_k, ent_k = head_scores(policy, head, ids, kwargs, s)
+    else:
+        logits = response_logits(policy, b, m.packed)
+        logp_k, ent_k = chunked_logprobs(logits, targets, temperature, m.logit_chunk, with_entropy)
     logp = torch.zeros(b.mask.shape, dtype=logp_k.dtype, device=logp_k.device).masked_scatter(b.mask, logp_k)
     ent = torch.zeros_like(logp).masked_scatter(b.mask, ent_k) if with_entropy else None
     return logp, ent

@@ -21,10 +21,10 @@ VALUE_HEAD = "value_head.pt"
 
 
 class ValueModel(nn.Module):
-    def __init__(self, backbone: nn.Module, hidden_size: int) -> None:
+    def __init__(self, backbone: nn.Module, hidden_size: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(hidden_size, 1)
+        self.head = nn.Linear(hidden_size, 1, dtype=dtype)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -71,22 +71,50 @@ def torch_dtype(name: str, on_gpu: bool) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def load_policy(path: str, dtype: torch.dtype) -> nn.Module:
+def load_policy(path: str, dtype: torch.dtype, ds_config: dict[str, Any] | None = None) -> nn.Module:
+    """The causal LM, its head replaced by a ``ScoringHead`` where the model allows it (``learner.forward``:
+    response tokens are scored inside the forward, never materialising ``[tokens, V]`` logits). With a
+    ZeRO-3 ``ds_config`` it is built partitioned (``learner.loading``), never whole on a rank."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    from async_vapo.learner.forward import install_scoring_head
+
+    if partitioned(ds_config):
+        from async_vapo.learner.loading import build_partitioned
+
+        model = build_partitioned(AutoModelForCausalLM, path, dtype, ds_config or {})
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    install_scoring_head(model)
+    return model
 
 
-def load_value(policy_path: str, value_path: str, dtype: torch.dtype) -> ValueModel:
+def load_value(
+    policy_path: str, value_path: str, dtype: torch.dtype, ds_config: dict[str, Any] | None = None
+) -> ValueModel:
+    """The critic: the backbone of ``value_path`` (else the policy's) and a scalar head, loaded from
+    ``value_path/value_head.pt`` when there is one, else zero. ZeRO-3: the backbone is built partitioned;
+    the head (``hidden + 1`` numbers) is partitioned by ``deepspeed.initialize``."""
     from transformers import AutoModel
 
     source = value_path or policy_path
-    backbone = AutoModel.from_pretrained(source, dtype=dtype)
-    model = ValueModel(backbone, backbone.config.hidden_size).to(dtype)
+    if partitioned(ds_config):
+        from async_vapo.learner.loading import build_partitioned
+
+        backbone = build_partitioned(AutoModel, source, dtype, ds_config or {})
+    else:
+        backbone = AutoModel.from_pretrained(source, dtype=dtype)
+    hidden: int = getattr(backbone.config, "hidden_size")  # noqa: B009 (typed as a module attribute)
+    model = ValueModel(backbone, hidden, dtype)
     head = Path(source) / VALUE_HEAD
     if value_path and head.exists():
         model.head.load_state_dict(torch.load(head, map_location="cpu", weights_only=True))
     return model
+
+
+def partitioned(ds_config: dict[str, Any] | None) -> bool:
+    """Whether a DeepSpeed config partitions the weights (ZeRO-3): models are then built partitioned."""
+    return bool(ds_config) and int((ds_config or {}).get("zero_optimization", {}).get("stage", 0)) >= 3
 
 
 def local_rank_env(rank: int, world: int, master_port: int) -> dict[str, str]:
@@ -128,6 +156,36 @@ def init_distributed(backend: str, file_store: str = "", timeout_s: float = 1800
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
+def zero_config(stage: int) -> dict[str, Any]:
+    """DeepSpeed's ``zero_optimization`` section. The buffer sizes are DeepSpeed's defaults, set here so
+    that the memory plan (``cluster.memory``) counts what runs."""
+    from async_vapo.cluster.memory import ZERO3_MAX_LIVE_PARAMETERS, ZERO_REDUCE_BUCKET
+
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 2:
+        zero["reduce_bucket_size"] = ZERO_REDUCE_BUCKET
+    if stage >= 3:
+        zero["stage3_max_live_parameters"] = ZERO3_MAX_LIVE_PARAMETERS
+    return zero
+
+
+def ds_config(train: TrainConfig, bf16: bool, micro_batch_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of both learner engines (also what ``load_policy`` / ``load_value`` build
+    partitioned models under)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "train_batch_size": micro_batch_size * world,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero_config(train.zero_stage),
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
 def make_engine(model: nn.Module, lr: float, train: TrainConfig, bf16: bool, micro_batch_size: int) -> Any:
     """A DeepSpeed engine with torch AdamW and a warmup-constant schedule (the paper's); ``train`` gives
     the ZeRO stage, warm-up, weight decay, clipping and gradient checkpointing."""
@@ -141,17 +199,6 @@ def make_engine(model: nn.Module, lr: float, train: TrainConfig, bf16: bool, mic
     )
     warm = max(1, train.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    config = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "train_batch_size": micro_batch_size * world,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": train.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+    config = ds_config(train, bf16, micro_batch_size)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
     return engine

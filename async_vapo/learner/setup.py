@@ -20,7 +20,14 @@ from async_vapo.config import Config, check_learner_split
 from async_vapo.controller import Controller, GroupSettings, Wiring
 from async_vapo.controller.admission import GroupRules, prompt_fits
 from async_vapo.learner import checkpoint
-from async_vapo.learner.models import init_distributed, load_policy, load_value, make_engine, torch_dtype
+from async_vapo.learner.models import (
+    ds_config,
+    init_distributed,
+    load_policy,
+    load_value,
+    make_engine,
+    torch_dtype,
+)
 from async_vapo.protocol import Prompt
 
 log = structlog.get_logger(__name__)
@@ -89,10 +96,12 @@ def build_models(cfg: Config, model_path: str, on_gpu: bool, micro: int) -> tupl
     dtype = torch_dtype(cfg.model.dtype, on_gpu)
     bf16 = dtype == torch.bfloat16
     t = cfg.train
-    policy = make_engine(load_policy(model_path, dtype), t.actor_lr, t, bf16, micro)
+    ds = ds_config(t, bf16, micro)  # ZeRO-3: each model is built partitioned, never whole on a rank
+    policy = make_engine(load_policy(model_path, dtype, ds), t.actor_lr, t, bf16, micro)
     value = None
     if cfg.algo.estimator == "gae":
-        value = make_engine(load_value(model_path, cfg.model.value_path, dtype), t.critic_lr, t, bf16, micro)
+        critic = load_value(model_path, cfg.model.value_path, dtype, ds)
+        value = make_engine(critic, t.critic_lr, t, bf16, micro)
     log.info(
         "learner models built",
         dtype=str(dtype).removeprefix("torch."),
