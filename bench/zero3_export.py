@@ -67,7 +67,12 @@ def _rank(
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    with deepspeed.zero.Init():  # built partitioned: no rank ever holds the whole model
+    fp32 = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": False},
+    }
+    with deepspeed.zero.Init(config_dict_or_path=fp32):  # built partitioned: no rank holds the whole model
         policy = Qwen2ForCausalLM(cfg)
         value = ValueModel(Qwen2Model(cfg), hidden)
     ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
@@ -127,7 +132,7 @@ def _load_figures(rank: int, ckpt: Path, source: Any) -> dict[str, Any]:
     from zero3_publish import PeakRss
 
     figures: dict[str, Any] = {}
-    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}}
     for mode, config in (("whole", None), ("partitioned", ds)):
         gc.collect()
         torch.distributed.barrier()
@@ -141,9 +146,17 @@ def _load_figures(rank: int, ckpt: Path, source: Any) -> dict[str, Any]:
         for p, q in zip(model.parameters(), source.parameters(), strict=True):
             params = [x for x in (p, q) if hasattr(x, "ds_id")]
             with deepspeed.zero.GatheredParameters(params):
-                same = same and torch.equal(p.data, q.data)
+                same = same and p.dtype == q.dtype == torch.float32 and torch.equal(p.data, q.data)
         figures[f"load_{mode}_identical"] = same
         del model
+    # in bf16, buffers computed at construction (RoPE's inv_freq) stay what from_pretrained makes (fp32)
+    bf16 = ds | {"bf16": {"enabled": True}}
+    whole, parts = load_policy(str(ckpt), torch.bfloat16), load_policy(str(ckpt), torch.bfloat16, bf16)
+    pairs = zip(whole.named_buffers(), parts.named_buffers(), strict=True)
+    figures["load_bf16_buffers_identical"] = all(
+        a == b and x.dtype == y.dtype and torch.equal(x, y) for (a, x), (b, y) in pairs
+    )
+    figures["load_bf16_param_dtypes"] = sorted({str(p.dtype) for p in parts.parameters()})
     return figures
 
 

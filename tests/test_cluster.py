@@ -119,3 +119,18 @@ def test_model_shape_from_config_json(tiny_model_dir):
 
     n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
     assert abs(shape.params - n) / n < 0.01
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_memory_plan_is_within_a_trace_of_the_learners_own_pass(checkpointing):
+    """The plan's activation coefficients against torch's memory tracker on the learner's policy pass
+    (FakeTensorMode: shapes only), on a slice at small widths; bench/memory_trace.py runs the 32B slice
+    (plan/trace 1.12). The path without the scoring head (the model returns [K, V] logits) needs more."""
+    from async_vapo.cluster.memory import ModelShape
+    from async_vapo.cluster.trace import trace_policy_pass
+
+    shape = ModelShape(layers=2, hidden=256, intermediate=1024, heads=4, kv_heads=2, vocab=16384)
+    now = trace_policy_pass(shape, 2048, 1800, 256, checkpointing)
+    assert 1.0 <= now["plan_over_trace"] <= 1.2, now
+    before = trace_policy_pass(shape, 2048, 1800, 256, checkpointing, scoring_head=False)
+    assert before["trace_gib"] > 1.3 * now["trace_gib"], (before, now)

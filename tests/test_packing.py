@@ -70,7 +70,7 @@ def test_token_slices_match_a_reference_loop():
 
 
 @pytest.mark.parametrize(
-    "micro", [Micro(tokens=1000), Micro(tokens=1000, logit_chunk=7), Micro(logit_chunk=5)]
+    "micro", [Micro(tokens=1000), Micro(tokens=1000, logit_chunk=7), Micro(logit_chunk=5), Micro()]
 )
 def test_policy_log_probs_entropy_and_gradients_match_the_padded_model(models, micro):
     policy, _ = models
@@ -152,3 +152,21 @@ def test_a_micro_batch_of_short_rows_runs_at_its_own_width_with_the_full_width_r
         torch.testing.assert_close(out[short.mask], ref[short.mask], atol=1e-5, rtol=0)
         for g, rg in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(g, rg, atol=5e-5, rtol=1e-4)
+
+
+def test_the_scoring_head_keeps_the_checkpoint_layout_and_refuses_post_processed_logits(
+    models, tiny_model_dir
+):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from async_vapo.learner.forward import ScoringHead, install_scoring_head, scoring_head
+
+    policy, _ = models
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert isinstance(scoring_head(policy), ScoringHead)
+    assert policy.state_dict().keys() == plain.state_dict().keys()  # same names: exports, publishing
+    assert policy.lm_head.weight is policy.model.embed_tokens.weight  # still tied
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.final_logit_softcapping = 30.0  # a forward that rescales the head's output
+    capped = AutoModelForCausalLM.from_config(config)
+    assert not install_scoring_head(capped) and scoring_head(capped) is None

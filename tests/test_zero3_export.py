@@ -28,3 +28,4 @@ def test_export_and_value_save_gather_one_parameter_at_a_time():
     # loading back under ZeRO-3: each rank holds its half and one parameter, never the whole model
     assert f["load_partitioned_identical"] and f["load_whole_identical"], f
     assert f["load_partitioned_extra_vs_model"] <= 0.75 < 0.9 <= f["load_whole_extra_vs_model"], f
+    assert f["load_bf16_buffers_identical"] and f["load_bf16_param_dtypes"] == ["torch.bfloat16"], f

@@ -63,6 +63,64 @@ def _slice_model(shape: ModelShape, layers: int) -> Any:
         torch.set_default_dtype(default)
 
 
+def _policy_pass(
+    model: Any,
+    shape: ModelShape,
+    tokens: int,
+    response_tokens: int,
+    chunk: int,
+    checkpointing: bool,
+    scoring_head: bool,
+    device: str = "cpu",
+) -> None:
+    """One packed sequence of ``tokens`` tokens, its last ``response_tokens`` scored, forward + backward
+    through the learner's scoring path (or, without the scoring head, the [K, V] logits path)."""
+    from async_vapo.learner.forward import Scoring, chunked_logprobs, head_scores, install_scoring_head
+
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    head = install_scoring_head(model) if scoring_head else False
+    ids = torch.randint(0, shape.vocab, (1, tokens), device=device)
+    kwargs = {
+        "position_ids": torch.arange(tokens, device=device).unsqueeze(0),
+        "logits_to_keep": torch.arange(tokens - response_tokens - 1, tokens - 1, device=device),
+    }
+    targets = torch.randint(0, shape.vocab, (response_tokens,), device=device)
+    if head:
+        s = Scoring(lambda h: h[0], targets, 1.0, chunk, True)
+        logp, _ = head_scores(model, model.get_output_embeddings(), ids, kwargs, s)
+    else:
+        logits = model(input_ids=ids, use_cache=False, **kwargs).logits[0]
+        logp, _ = chunked_logprobs(logits, targets, 1.0, chunk, True)
+    (-logp.sum() / response_tokens).backward()
+
+
+def measure_policy_pass_cuda(
+    shape: ModelShape,
+    tokens: int,
+    response_tokens: int,
+    chunk: int,
+    checkpointing: bool = True,
+    layers: int = 2,
+) -> dict[str, float]:
+    """The same pass run for real on the current CUDA device: the allocator's peak above the slice's
+    weights (GiB), for ``bench/gpu_check.py`` to set beside ``trace_policy_pass``'s figures."""
+    _register_attention()
+    torch.cuda.empty_cache()
+    with torch.device("cuda"):
+        model = _slice_model(shape, layers)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    _policy_pass(model, shape, tokens, response_tokens, chunk, checkpointing, True, "cuda")
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del model
+    torch.cuda.empty_cache()
+    return {"cuda_peak_gib": round(peak / GiB, 3), "cuda_weights_gib": round(start / GiB, 3)}
+
+
 def trace_policy_pass(
     shape: ModelShape,
     tokens: int,
@@ -79,33 +137,15 @@ def trace_policy_pass(
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from async_vapo.learner.forward import Scoring, chunked_logprobs, head_scores, install_scoring_head
-
     if not 0 < response_tokens < tokens:
         raise ValueError(f"need 0 < response_tokens ({response_tokens}) < tokens ({tokens})")
     _register_attention()
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = _slice_model(shape, layers)
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        model.train()
-        head = install_scoring_head(model) if scoring_head else False
-        ids = torch.randint(0, shape.vocab, (1, tokens))
-        kwargs = {
-            "position_ids": torch.arange(tokens).unsqueeze(0),
-            "logits_to_keep": torch.arange(tokens - response_tokens - 1, tokens - 1),
-        }
-        targets = torch.randint(0, shape.vocab, (response_tokens,))
         tracker = MemTracker()
         tracker.track_external(model)
         with tracker:
-            if head:
-                s = Scoring(lambda h: h[0], targets, 1.0, chunk, True)
-                logp, _ = head_scores(model, model.get_output_embeddings(), ids, kwargs, s)
-            else:
-                logits = model(input_ids=ids, use_cache=False, **kwargs).logits[0]
-                logp, _ = chunked_logprobs(logits, targets, 1.0, chunk, True)
-            (-logp.sum() / response_tokens).backward()
+            _policy_pass(model, shape, tokens, response_tokens, chunk, checkpointing, scoring_head)
         (peak,) = tracker.get_tracker_snapshot("peak").values()
     params = sum(p.numel() for p in model.parameters())
     slice_shape = ModelShape(

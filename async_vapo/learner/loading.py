@@ -104,9 +104,37 @@ def build_partitioned(auto: Any, path: str, dtype: torch.dtype, ds_config: dict[
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    # the dtype comes from the config's bf16 flag: DeepSpeed 0.19.8 ignores an explicit fp32 ``dtype`` on
+    # an accelerator without fp16 (the CPU) and builds in bf16
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = auto.from_config(config, dtype=dtype)
+    rebuilt = restore_buffers(model)
     unused = load_partitioned_weights(model, path)
+    log.debug("buffers rebuilt outside zero.Init", modules=rebuilt)
     if unused:
         log.info("checkpoint tensors the model does not use", path=path, count=len(unused), first=unused[:3])
     return model
+
+
+def restore_buffers(model: nn.Module) -> int:
+    """Rebuild the floating-point buffers ``deepspeed.zero.Init`` got wrong. It casts every floating tensor
+    made by a constructor to the training dtype, buffers computed at construction included (RoPE's
+    ``inv_freq`` in bf16: position angles off by up to 0.4%, where ``from_pretrained`` and vLLM keep fp32).
+    Each parameter-free module holding such buffers is built again from its ``config`` outside the
+    context and its buffers copied over. Returns how many modules were rebuilt."""
+    rebuilt = 0
+    for name, module in model.named_modules():
+        buffers = [
+            k for k, b in module.named_buffers(recurse=False) if b is not None and b.is_floating_point()
+        ]
+        if not buffers or any(True for _ in module.parameters(recurse=False)):
+            continue
+        try:
+            fresh = type(module)(module.config)
+        except (TypeError, AttributeError) as exc:
+            log.warning("cannot rebuild buffers outside zero.Init", module=name, error=str(exc))
+            continue
+        for k in buffers:
+            setattr(module, k, getattr(fresh, k).to(getattr(module, k).device))
+        rebuilt += 1
+    return rebuilt

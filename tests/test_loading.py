@@ -1,0 +1,43 @@
+"""learner/loading.py: a checkpoint read one tensor at a time into a model built empty, as under ZeRO-3
+(the two-rank partitioned load is in tests/test_zero3_export.py)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from async_vapo.learner.loading import checkpoint_files, checkpoint_name, load_partitioned_weights
+
+
+def test_names_match_with_or_without_the_base_model_prefix():
+    available = dict.fromkeys(["model.norm.weight", "lm_head.weight", "score.weight"], None)
+    assert checkpoint_name("norm.weight", available, "model") == "model.norm.weight"  # a backbone
+    assert checkpoint_name("lm_head.weight", available, "model") == "lm_head.weight"
+    assert checkpoint_name("model.layers.0.x", available, "model") is None
+
+
+def test_a_model_built_from_its_config_loads_the_checkpoints_exact_tensors(tiny_model_dir, tmp_path):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for auto, source in ((AutoModelForCausalLM, ref), (AutoModel, ref.model)):  # a backbone too
+        torch.manual_seed(1)
+        model = auto.from_config(config)
+        unused = load_partitioned_weights(model, tiny_model_dir)
+        for (name, p), q in zip(model.named_parameters(), source.parameters(), strict=True):
+            assert torch.equal(p, q), name
+        assert set(unused) <= {"lm_head.weight"}, unused  # only a tied head's copy may go unused
+    # a checkpoint without one of the model's tensors: a clear error, nothing half-loaded silently
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    from safetensors.torch import load_file, save_file
+
+    (file,) = set(checkpoint_files(broken).values())
+    tensors = load_file(str(file))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    with pytest.raises(KeyError, match=r"model\.norm\.weight"):
+        load_partitioned_weights(AutoModelForCausalLM.from_config(config), broken)
