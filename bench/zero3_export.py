@@ -142,6 +142,13 @@ def _load_figures(rank: int, ckpt: Path, source: Any) -> dict[str, Any]:
         peaks = [0.0, 0.0]
         torch.distributed.all_gather_object(peaks, peak.extra_mb)
         figures[f"load_{mode}_peak_extra_mb"] = round(max(peaks), 1)
+        # what the rank holds as parameters (what deepspeed.initialize moves to its GPU): safetensors are
+        # memory-mapped, so the whole load's host RSS undercounts it
+        held = sum(
+            getattr(p, "ds_tensor", p).numel() * p.element_size() + (p.numel() if hasattr(p, "ds_id") else 0)
+            for p in model.parameters()
+        )
+        figures[f"load_{mode}_params_on_rank_mb"] = round(held / MB, 1)
         same = True
         for p, q in zip(model.parameters(), source.parameters(), strict=True):
             params = [x for x in (p, q) if hasattr(x, "ds_id")]
@@ -191,9 +198,10 @@ def zero3_export(layers: int = 8, hidden: int = 1024, vocab: int = 32000, shards
         shutil.rmtree(out, ignore_errors=True)
     figures["load_model_mb"] = figures["export_model_mb"]
     for name in ("whole", "partitioned"):
-        figures[f"load_{name}_extra_vs_model"] = round(
-            figures[f"load_{name}_peak_extra_mb"] / figures["load_model_mb"], 3
-        )
+        for what in ("peak_extra", "params_on_rank"):
+            figures[f"load_{name}_{what}_vs_model"] = round(
+                figures[f"load_{name}_{what}_mb"] / figures["load_model_mb"], 3
+            )
     for name in ("export", "save"):
         figures[f"{name}_peak_extra_mb"] = figures[f"{name}_one_at_a_time_peak_extra_mb"]
         figures[f"{name}_extra_vs_model"] = round(

@@ -27,5 +27,11 @@ def test_export_and_value_save_gather_one_parameter_at_a_time():
         assert f[f"{name}_whole_gather_extra_vs_model"] >= 0.4, f
     # loading back under ZeRO-3: each rank holds its half and one parameter, never the whole model
     assert f["load_partitioned_identical"] and f["load_whole_identical"], f
-    assert f["load_partitioned_extra_vs_model"] <= 0.75 < 0.9 <= f["load_whole_extra_vs_model"], f
+    assert f["load_partitioned_peak_extra_vs_model"] <= 0.75, f  # host memory while loading
+    assert (
+        f["load_partitioned_params_on_rank_vs_model"]
+        <= 0.55
+        < 0.99
+        <= f["load_whole_params_on_rank_vs_model"]
+    ), f
     assert f["load_bf16_buffers_identical"] and f["load_bf16_param_dtypes"] == ["torch.bfloat16"], f
