@@ -1,7 +1,8 @@
 """Per-GPU memory estimate for a layout (``--dry-run``): learner ranks and vLLM engines.
 
 Learner, per rank, for each of the two models (policy and value; the value model is the same backbone
-with a scalar head): bf16 weights (2 B/param), bf16 gradients (2 B), fp32 master weights and Adam moments
+with a scalar head): bf16 weights (2 B/param), gradients accumulated in fp32 under ZeRO (4 B; bf16
+without), fp32 master weights and Adam moments
 (12 B), sharded by the ZeRO stage over the learner world (1: optimiser, 2: + gradients, 3: + weights);
 under ZeRO-3 also the parameters gathered at once (``stage3_max_live_parameters``) and, from stage 2, the
 gradient reduce bucket (``reduce_bucket_size``), both set explicitly in ``learner.models.make_engine``.
@@ -183,7 +184,8 @@ def learner_tokens(cfg: Config) -> int:
 def _learner_gib(shape: ModelShape, cfg: Config, learner_world: int) -> dict[str, float]:
     t = cfg.train
     p, n = shape.params, max(1, learner_world)
-    weights, grads, optim = 2.0 * p, 2.0 * p, 12.0 * p  # bf16 weights and gradients, fp32 Adam + master
+    # bf16 weights, gradients accumulated in fp32 (learner.models.ds_config), fp32 Adam moments + master
+    weights, grads, optim = 2.0 * p, (4.0 if t.zero_stage >= 1 else 2.0) * p, 12.0 * p
     if t.zero_stage >= 1:
         optim /= n
     if t.zero_stage >= 2:

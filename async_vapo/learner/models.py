@@ -171,9 +171,10 @@ def zero_config(stage: int) -> dict[str, Any]:
 
 def ds_config(train: TrainConfig, bf16: bool, micro_batch_size: int) -> dict[str, Any]:
     """The DeepSpeed config of both learner engines (also what ``load_policy`` / ``load_value`` build
-    partitioned models under)."""
+    partitioned models under). In bf16 under ZeRO the micro-batches' gradients are accumulated in fp32
+    (bf16 sums of a mini-batch's 16+ micro-batches lose about 2% of the gradient, tests/test_grad_accum.py)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "train_batch_size": micro_batch_size * world,
         "gradient_accumulation_steps": 1,
@@ -184,6 +185,9 @@ def ds_config(train: TrainConfig, bf16: bool, micro_batch_size: int) -> dict[str
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if bf16 and train.zero_stage >= 1:  # micro-batch gradients summed in fp32 (DeepSpeed: ZeRO 1-3 only)
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 def make_engine(model: nn.Module, lr: float, train: TrainConfig, bf16: bool, micro_batch_size: int) -> Any:
