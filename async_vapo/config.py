@@ -28,6 +28,10 @@ class ModelConfig(_Section, frozen=True):
     # the learner's weights; auto: bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32.
     # CPU engines sample in fp32 either way (from the learner's bf16-valued weights)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # the learner's attention kernel (transformers' attn_implementation). auto: flash_attention_2 on GPUs
+    # when the flash-attn package is installed (packed rows as variable-length sequences), else sdpa
+    # (packed rows through a dense block-diagonal mask: tokens^2 bytes, and attention over the whole pack)
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
 
 
 class DataConfig(_Section, frozen=True):

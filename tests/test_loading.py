@@ -41,3 +41,14 @@ def test_a_model_built_from_its_config_loads_the_checkpoints_exact_tensors(tiny_
     save_file(tensors, str(file), metadata={"format": "pt"})
     with pytest.raises(KeyError, match=r"model\.norm\.weight"):
         load_partitioned_weights(AutoModelForCausalLM.from_config(config), broken)
+
+
+def test_the_attention_kernel_is_flash_attention_only_on_gpus_that_have_it():
+    import importlib.util
+
+    from async_vapo.learner.models import attention_kernel
+
+    assert attention_kernel("auto", on_gpu=False) == "sdpa"
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    assert attention_kernel("auto", on_gpu=True) == ("flash_attention_2" if has_flash else "sdpa")
+    assert attention_kernel("eager", on_gpu=True) == "eager"

@@ -200,6 +200,9 @@ def _learner_gib(shape: ModelShape, cfg: Config, learner_world: int) -> dict[str
         "optimizer": models * optim / GiB,
         "activations": acts["peak"] / GiB,  # policy and value passes never overlap
     }
+    if t.max_tokens_per_micro and cfg.model.attn_implementation != "flash_attention_2":
+        # packed rows under SDPA: transformers' dense block-diagonal mask (bool) and SDPA's bf16 bias of it
+        learner["packed_mask"] = 3.0 * float(t.max_tokens_per_micro) ** 2 / GiB
     if t.zero_stage >= 2:  # DeepSpeed's gradient reduce bucket (bf16)
         learner["reduce_bucket"] = 2.0 * ZERO_REDUCE_BUCKET / GiB
     if t.zero_stage >= 3:  # parameters gathered at once (prefetch included), at most a few layers'

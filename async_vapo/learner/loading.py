@@ -96,7 +96,9 @@ def _keys(names: dict[str, str | None]) -> Iterator[str]:
         yield key
 
 
-def build_partitioned(auto: Any, path: str, dtype: torch.dtype, ds_config: dict[str, Any]) -> nn.Module:
+def build_partitioned(
+    auto: Any, path: str, dtype: torch.dtype, ds_config: dict[str, Any], attn: str = "sdpa"
+) -> nn.Module:
     """``auto.from_pretrained(path, dtype=dtype)`` for ZeRO-3: the model built inside
     ``deepspeed.zero.Init(ds_config)`` (parameters partitioned on the rank's device as they are created)
     and filled by ``load_partitioned_weights``."""
@@ -107,7 +109,7 @@ def build_partitioned(auto: Any, path: str, dtype: torch.dtype, ds_config: dict[
     # the dtype comes from the config's bf16 flag: DeepSpeed 0.19.8 ignores an explicit fp32 ``dtype`` on
     # an accelerator without fp16 (the CPU) and builds in bf16
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = auto.from_config(config, dtype=dtype)
+        model = auto.from_config(config, dtype=dtype, attn_implementation=attn)
     rebuilt = restore_buffers(model)
     unused = load_partitioned_weights(model, path)
     log.debug("buffers rebuilt outside zero.Init", modules=rebuilt)

@@ -71,7 +71,19 @@ def torch_dtype(name: str, on_gpu: bool) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def load_policy(path: str, dtype: torch.dtype, ds_config: dict[str, Any] | None = None) -> nn.Module:
+def attention_kernel(name: str, on_gpu: bool) -> str:
+    """``model.attn_implementation`` resolved: ``auto`` is flash-attention 2 on GPUs where the
+    ``flash_attn`` package is installed (variable-length kernels for packed rows), else SDPA."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    return "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def load_policy(
+    path: str, dtype: torch.dtype, ds_config: dict[str, Any] | None = None, attn: str = "sdpa"
+) -> nn.Module:
     """The causal LM, its head replaced by a ``ScoringHead`` where the model allows it (``learner.forward``:
     response tokens are scored inside the forward, never materialising ``[tokens, V]`` logits). With a
     ZeRO-3 ``ds_config`` it is built partitioned (``learner.loading``), never whole on a rank."""
@@ -82,15 +94,19 @@ def load_policy(path: str, dtype: torch.dtype, ds_config: dict[str, Any] | None 
     if partitioned(ds_config):
         from async_vapo.learner.loading import build_partitioned
 
-        model = build_partitioned(AutoModelForCausalLM, path, dtype, ds_config or {})
+        model = build_partitioned(AutoModelForCausalLM, path, dtype, ds_config or {}, attn)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     install_scoring_head(model)
     return model
 
 
 def load_value(
-    policy_path: str, value_path: str, dtype: torch.dtype, ds_config: dict[str, Any] | None = None
+    policy_path: str,
+    value_path: str,
+    dtype: torch.dtype,
+    ds_config: dict[str, Any] | None = None,
+    attn: str = "sdpa",
 ) -> ValueModel:
     """The critic: the backbone of ``value_path`` (else the policy's) and a scalar head, loaded from
     ``value_path/value_head.pt`` when there is one, else zero. ZeRO-3: the backbone is built partitioned;
@@ -101,9 +117,9 @@ def load_value(
     if partitioned(ds_config):
         from async_vapo.learner.loading import build_partitioned
 
-        backbone = build_partitioned(AutoModel, source, dtype, ds_config or {})
+        backbone = build_partitioned(AutoModel, source, dtype, ds_config or {}, attn)
     else:
-        backbone = AutoModel.from_pretrained(source, dtype=dtype)
+        backbone = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation=attn)
     hidden: int = getattr(backbone.config, "hidden_size")  # noqa: B009 (typed as a module attribute)
     model = ValueModel(backbone, hidden, dtype)
     head = Path(source) / VALUE_HEAD

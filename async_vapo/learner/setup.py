@@ -21,6 +21,7 @@ from async_vapo.controller import Controller, GroupSettings, Wiring
 from async_vapo.controller.admission import GroupRules, prompt_fits
 from async_vapo.learner import checkpoint
 from async_vapo.learner.models import (
+    attention_kernel,
     ds_config,
     init_distributed,
     load_policy,
@@ -97,16 +98,18 @@ def build_models(cfg: Config, model_path: str, on_gpu: bool, micro: int) -> tupl
     bf16 = dtype == torch.bfloat16
     t = cfg.train
     ds = ds_config(t, bf16, micro)  # ZeRO-3: each model is built partitioned, never whole on a rank
-    policy = make_engine(load_policy(model_path, dtype, ds), t.actor_lr, t, bf16, micro)
+    attn = attention_kernel(cfg.model.attn_implementation, on_gpu)
+    policy = make_engine(load_policy(model_path, dtype, ds, attn), t.actor_lr, t, bf16, micro)
     value = None
     if cfg.algo.estimator == "gae":
-        critic = load_value(model_path, cfg.model.value_path, dtype, ds)
+        critic = load_value(model_path, cfg.model.value_path, dtype, ds, attn)
         value = make_engine(critic, t.critic_lr, t, bf16, micro)
     log.info(
         "learner models built",
         dtype=str(dtype).removeprefix("torch."),
         zero_stage=t.zero_stage,
         gradient_checkpointing=t.gradient_checkpointing,
+        attention=attn,
         critic=value is not None,
     )
     return policy, value
