@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import os
 import pickle
 import struct
 from pathlib import Path
 
+import pytest
 import zmq
 import zmq.asyncio
 
@@ -179,13 +181,15 @@ def test_run_store_values_are_signed_and_forgeries_ignored(tmp_path):
 
     import torch.distributed as dist
 
-    from async_vapo.cluster.rendezvous import RunStore, ensure_store_key, load_store_key
+    from async_vapo.cluster.rendezvous import STALE_S, Endpoints, RunStore, ensure_store_key, load_store_key
 
     key = ensure_store_key(tmp_path / "keys")
     assert load_store_key(tmp_path / "keys") == key and len(key) == 32
     assert (tmp_path / "keys" / "store.key").stat().st_mode & 0o077 == 0
     node0 = RunStore("127.0.0.1:0", is_master=True, key=key)
+    node0.publish_endpoints(Endpoints("tcp://127.0.0.1:1", "tcp://127.0.0.1:2", 3, "127.0.0.1"))
     node1 = RunStore.connect(node0.address, key=key)
+    assert node1.endpoints().launch == node0.nonce and len(node0.nonce) == 32
     attacker = dist.TCPStore("127.0.0.1", node0.store.port, None, False, timedelta(seconds=10))
 
     def forge(key: str, value: str) -> None:
@@ -209,6 +213,19 @@ def test_run_store_values_are_signed_and_forgeries_ignored(tmp_path):
     other.notify_drop("rollout-6", 1)
     other.store.get("drop/rollout-6")
     assert node1.dropped_pid("rollout-6") is None
+    # the same key in an earlier launch of the run: its values (and its endpoints) are replays
+    earlier = RunStore("127.0.0.1:0", is_master=True, key=key)
+    earlier.publish_endpoints(Endpoints("tcp://127.0.0.1:4", "tcp://127.0.0.1:5", 6, "127.0.0.1"))
+    earlier.notify_drop("rollout-7", 99)
+    earlier.mark_done()
+    for name in ("drop/rollout-7", "done"):
+        forge(name, earlier.store.get(name).decode())
+    assert node1.dropped_pid("rollout-7") is None and node1.forged["drop"] == 6
+    old_endpoints = json.loads(earlier.store.get("endpoints"))
+    late = RunStore.connect(earlier.address, key=key)
+    late.started = json.loads(old_endpoints["v"])["issued_at"] + STALE_S + 1  # a launch long after it
+    with pytest.raises(RuntimeError, match="earlier launch"):
+        late.endpoints()
 
 
 def test_one_machine_run_store_is_a_file(tmp_path):

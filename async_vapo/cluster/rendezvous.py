@@ -14,7 +14,11 @@ network listener at all: a ``TCPStore`` listens on every interface whatever host
 multi-node run needs a ``TCPStore`` on node 0, which anyone who can reach node 0 can write to; there every
 value is signed (HMAC-SHA256 with ``store.key`` from the run's key directory, next to the CURVE keys) and a
 value whose signature does not verify is ignored, counted (``forged``) and logged: a forged ``drop/`` or
-``done`` changes nothing.
+``done`` changes nothing. The key outlives a launch (it sits in the key directory), so every value but
+``endpoints`` is also bound to the launch: node 0 puts a fresh random ``launch`` nonce and the time into the
+endpoints it signs, every later MAC covers that nonce, and endpoints issued more than ``STALE_S`` before a
+reader started are refused. A ``done`` or ``drop/`` replayed from an earlier launch of the same run does
+not verify.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import torch.distributed as dist
 
 log = structlog.get_logger(__name__)
 
+STALE_S = 900.0  # endpoints issued this long before a reader started are an earlier launch's
+
 
 class _Signed(msgspec.Struct, forbid_unknown_fields=True):
     """A store value as written: the value and its HMAC (typed: anything else is forged)."""
@@ -53,6 +59,8 @@ class Endpoints:
     control: str  # tcp://host:port of the learner's ROUTER socket
     learner_master_port: int  # torch.distributed rendezvous of the learner world (on node 0)
     weight_host: str  # address at which rollout workers reach learner rank 0's weight-sync stores
+    launch: str = ""  # this launch's nonce: every other value's MAC covers it
+    issued_at: float = 0.0  # unix time node 0 published them
 
 
 class RunStore:
@@ -62,6 +70,8 @@ class RunStore:
         self, address: str, is_master: bool, key: bytes | None = None, timeout_s: float = 600.0
     ) -> None:
         self.key = key
+        self.nonce = ""  # this launch's (from the endpoints); MACs of every other value cover it
+        self.started = time.time()
         self.forged: Counter[str] = Counter()
         if address.startswith("file:"):
             self.path = address.removeprefix("file:")
@@ -78,12 +88,19 @@ class RunStore:
 
     @classmethod
     def connect(cls, address: str, key: bytes | None = None, timeout_s: float = 60.0) -> RunStore:
+        """A reader; ``endpoints()`` (which the ``drop/`` and ``done`` calls need first) binds it to the
+        launch."""
         return cls(address, is_master=False, key=key, timeout_s=timeout_s)
 
     # ---- signed values -----------------------------------------------------------------------------
+    def _mac(self, name: str, value: str) -> str:
+        if self.key is None:
+            return ""
+        bound = "" if name == "endpoints" else self.nonce
+        return hmac.new(self.key, f"{bound}\n{name}\n{value}".encode(), hashlib.sha256).hexdigest()
+
     def _set(self, name: str, value: str) -> None:
-        mac = hmac.new(self.key, f"{name}\n{value}".encode(), hashlib.sha256).hexdigest() if self.key else ""
-        self.store.set(name, json.dumps({"v": value, "mac": mac}))
+        self.store.set(name, json.dumps({"v": value, "mac": self._mac(name, value)}))
 
     def _get(self, name: str, wait: bool = False) -> str | None:
         if not wait and not self.store.check([name]):
@@ -95,11 +112,9 @@ class RunStore:
             self._forged(name, "not a signed value")
             return None
         value, mac = doc.v, doc.mac
-        if self.key is not None:
-            want = hmac.new(self.key, f"{name}\n{value}".encode(), hashlib.sha256).hexdigest()
-            if not hmac.compare_digest(want, mac):
-                self._forged(name, "bad signature")
-                return None
+        if self.key is not None and not hmac.compare_digest(self._mac(name, value), mac):
+            self._forged(name, "bad signature")
+            return None
         return value
 
     def _forged(self, name: str, why: str) -> None:
@@ -111,17 +126,28 @@ class RunStore:
 
     # ---- keys ----------------------------------------------------------------------------------------
     def publish_endpoints(self, e: Endpoints) -> None:
+        """Node 0, once per launch: stamps ``e`` with a fresh nonce and the time, then signs it."""
+        e = Endpoints(**(asdict(e) | {"launch": secrets.token_hex(16), "issued_at": time.time()}))
+        self.nonce = e.launch
         self._set("endpoints", json.dumps(asdict(e)))
 
     def endpoints(self) -> Endpoints:
-        """Blocks until node 0 has published them (up to the store timeout); raises on a forged value."""
+        """Blocks until node 0 has published them (up to the store timeout) and adopts their launch nonce;
+        raises on a forged, malformed or (with a key) stale value."""
         value = self._get("endpoints", wait=True)
         if value is None:
             raise RuntimeError("the run store's endpoints are not signed with this run's key")
         try:
-            return msgspec.json.decode(value, type=Endpoints)
+            e = msgspec.json.decode(value, type=Endpoints)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise RuntimeError(f"the run store's endpoints are malformed: {exc}") from None
+        if self.key is not None and e.issued_at < self.started - STALE_S:
+            raise RuntimeError(
+                f"the run store's endpoints were issued {self.started - e.issued_at:.0f} s before this "
+                "process started: an earlier launch's, replayed"
+            )
+        self.nonce = e.launch
+        return e
 
     def notify_drop(self, worker_id: str, pid: int) -> None:
         self._set(f"drop/{worker_id}", str(pid))
