@@ -4,6 +4,7 @@ weight group) with an honest worker and hostile peers."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -106,6 +107,11 @@ def test_hello_must_come_from_its_own_socket_with_the_planned_tp():
     assert check_hello(Hello("w0-1", 0, 1, 2), "w0-2", r) == "identity_mismatch"
     assert check_hello(Hello("w0-1", 0, 1, 4), "w0-1", r) == "tp_mismatch"
     assert check_hello(Hello("../../etc/x", 0, 1, 2), "../../etc/x", r) == "bad_worker_id"
+    # with the launcher's plan (3 engines): only its workers' names join
+    planned = dataclasses.replace(r, engines=3)
+    assert check_hello(Hello("rollout-2", 0, 1, 2), "rollout-2", planned) is None
+    for rogue in ("rollout-3", "rollout-01", "w0-1", "rollout--1"):
+        assert check_hello(Hello(rogue, 0, 1, 2), rogue, planned) == "unplanned_worker"
 
 
 # ---- a real controller ---------------------------------------------------------------------------------

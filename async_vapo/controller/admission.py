@@ -27,6 +27,14 @@ from async_vapo.protocol import Hello, Prompt, TrajectoryGroup, unpack_i32
 WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
+PLANNED_ID = re.compile(r"rollout-(0|[1-9][0-9]{0,8})")  # rollout_worker_id's names
+
+
+def rollout_worker_id(engine: int) -> str:
+    """The launcher's name for the worker of engine ``engine`` (0-based over the whole run)."""
+    return f"rollout-{engine}"
+
+
 class GroupRejection(str, Enum):
     """Why a group was refused (counted as ``group_rejected_<value>``)."""
 
@@ -52,11 +60,13 @@ class GroupRules:
     wrong_reward: float
     tensor_parallel_size: int
     eval_samples: int = 1
+    engines: int = 0  # > 0: the launcher's plan has this many engines, and only their workers may join
 
     @classmethod
-    def of(cls, cfg: Config, vocab_size: int) -> GroupRules:
+    def of(cls, cfg: Config, vocab_size: int, engines: int = 0) -> GroupRules:
         r = cfg.rollout
         return cls(
+            engines=engines,
             vocab_size=vocab_size,
             n_samples=r.n_samples,
             max_tokens=r.max_tokens,
@@ -141,6 +151,10 @@ def check_hello(hello: Hello, sender: str, rules: GroupRules) -> str | None:
         return "bad_worker_id"
     if hello.worker_id != sender:
         return "identity_mismatch"
+    if rules.engines:
+        m = PLANNED_ID.fullmatch(hello.worker_id)
+        if m is None or int(m.group(1)) >= rules.engines:
+            return "unplanned_worker"
     if hello.tensor_parallel_size != rules.tensor_parallel_size:
         return "tp_mismatch"
     return None

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from async_vapo.cluster import Endpoints, Layout, NodeInfo, NodeShare, engine_core_binding
 from async_vapo.config import Config
+from async_vapo.controller.admission import rollout_worker_id
 from async_vapo.learner.setup import LearnerArgs
 from async_vapo.rollout.engine import EngineConfig
 from async_vapo.rollout.worker import WorkerConfig
@@ -114,6 +115,7 @@ def _learners(
             world_store=str(site.files.world) if site.files else "",
             group_store_dir=str(site.files.groups) if site.files else "",
             ranks_per_node=ranks_here,
+            rollout_engines=lay.n_engines if first else 0,
         )
         env = {
             "RANK": str(rank),
@@ -140,7 +142,7 @@ def _workers(
     every_core = _every_core(share)
     for e, devs in zip(share.engines, share.engine_devices, strict=True):
         wcfg = WorkerConfig(
-            worker_id=f"rollout-{e}",
+            worker_id=rollout_worker_id(e),
             data_endpoint=site.endpoints.data,
             control_endpoint=site.endpoints.control,
             engine=EngineConfig(

@@ -51,6 +51,7 @@ class LearnerArgs:
     world_store: str = ""  # one machine: the learner world meets in this FileStore (no TCP listener)
     group_store_dir: str = ""  # one machine: weight groups meet in FileStores in this directory
     ranks_per_node: int = 0  # learner ranks on each learner node (fan-out owners spread over nodes)
+    rollout_engines: int = 0  # engines in the launcher's plan: only their workers may join (0: any)
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,8 @@ def start_controller(
         fanout_ranks=rank.world if t.streams_publish and t.weight_fanout else 1,
         ranks_per_node=args.ranks_per_node,
     )
-    controller = Controller(t, wiring, ledger, version, rules=GroupRules.of(args.cfg, vocab_size))
+    controller = Controller(
+        t, wiring, ledger, version, rules=GroupRules.of(args.cfg, vocab_size, args.rollout_engines)
+    )
     controller.start()
     return controller
