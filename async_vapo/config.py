@@ -194,6 +194,10 @@ class TrainConfig(_Section, frozen=True):
     # a learner rank that dies restarts the learner world from its latest checkpoint (the launcher,
     # when every learner rank is on its node), at most this many times per run; 0 = the run ends
     learner_restarts: int = 2
+    # a rollout worker that dies (or is dropped) is restarted by its node's launcher, at most this many
+    # times within any worker_restart_window_s; past that the run stops with the reason
+    worker_restarts: int = 5
+    worker_restart_window_s: float = 3600.0
     # CPU: torch threads per learner rank; 0 = its cores divided by the learner ranks on the node
     learner_threads: int = 0
     # CPU: the learner ranks are pinned to their own half of the node's cores ("own") or to every core
@@ -253,6 +257,13 @@ class Config(_Section, frozen=True):
                 "softmax(logits / temperature); greedy sampling has no log-probs to correct with)",
             ),
             (self.train.groups_per_step >= 1, "train.groups_per_step must be >= 1"),
+            (
+                self.train.learner_restarts >= 0
+                and self.train.worker_restarts >= 0
+                and self.train.worker_restart_window_s > 0,
+                "train.learner_restarts and train.worker_restarts must be >= 0, "
+                "train.worker_restart_window_s > 0",
+            ),
             (self.train.max_staleness >= 0, "train.max_staleness must be >= 0"),
             (self.train.mini_batches >= 1, "train.mini_batches must be >= 1"),
             (

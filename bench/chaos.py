@@ -228,6 +228,9 @@ def main() -> None:
         "train.worker_timeout_s=10",
         "train.weight_sync_timeout_s=20",
         "train.prompt_timeout_s=60",
+        # the budget covers the injected rate (every fault may cost one worker a restart): a week-long
+        # run's default (5 an hour per worker) would end this one on purpose, as in the first chaos run
+        f"train.worker_restarts={max(5, int(args.minutes * 60 / args.every))}",
         *args.overrides,
     ]
     env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1", ASYNC_VAPO_LOG_JSON="1")

@@ -45,6 +45,9 @@ def test_overrides_are_typed():
         ("train.filter_patience=-1", "train.filter_patience"),
         ("rollout.max_num_seqs=0", "rollout.max_num_seqs"),
         ("rollout.tensor_parallel_size=0", "rollout.tensor_parallel_size"),
+        ("train.worker_restarts=-1", "train.worker_restarts"),
+        ("train.worker_restart_window_s=0", "train.worker_restart_window_s"),
+        ("model.attn_implementation=flash", "model.attn_implementation"),
     ],
 )
 def test_bad_fields_are_named(override, names):

@@ -235,8 +235,9 @@ class Supervisor:
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(self.state_file)
 
-    def run(self, max_restarts: int = 5, window_s: float = 3600.0) -> int:
-        self.restarts = RestartBudget(max_restarts, window_s)
+    def run(self) -> int:
+        t = self.cfg.train
+        self.restarts = RestartBudget(t.worker_restarts, t.worker_restart_window_s)
         self.learners = [self._start_learner(c, a) for c, a in self.plan.learners]
         self.workers = [self._start_worker(i) for i in range(len(self.plan.workers))]
         self._write_state()
