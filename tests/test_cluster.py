@@ -99,6 +99,9 @@ def test_memory_plan_qwen32b():
     shape = model_shape("/models/Qwen2.5-32B")  # no config.json here: the published architecture
     assert 32.5e9 < shape.params < 33.0e9
     recipe = ["train.micro_batch_size=1", "rollout.max_model_len=22528", "train.gradient_checkpointing=true"]
+    unchunked = estimate_memory(shape, load_config(None, [*recipe, "train.zero_stage=3"]), 32, 80.0)
+    assert any("train.logit_chunk" in p for p in unchunked.problems)  # a 22.5k x 152k head: 46 GiB
+    recipe += ["train.logit_chunk=4096"]
     recipe += ["rollout.tensor_parallel_size=4", "rollout.gpu_memory_utilization=0.85"]
     z3 = estimate_memory(shape, load_config(None, [*recipe, "train.zero_stage=3"]), 32, 80.0)
     z1 = estimate_memory(shape, load_config(None, [*recipe, "train.zero_stage=1"]), 32, 80.0)

@@ -251,8 +251,9 @@ def _problems(
         )
         problems.append(
             f"a learner GPU needs {sum(learner.values()):.0f} GiB > {card_gib:.0f} GiB: raise zero_stage "
-            f"(now {t.zero_stage}), add training GPUs, turn on train.gradient_checkpointing or lower "
-            "train.micro_batch_size" + fix
+            f"(now {t.zero_stage}), add training GPUs, turn on train.gradient_checkpointing, lower "
+            "train.micro_batch_size (or train.max_tokens_per_micro) or set a smaller train.logit_chunk "
+            f"(now {t.logit_chunk or 'off'})" + fix
         )
     if engine["weights"] + 2 > r.gpu_memory_utilization * card_gib:
         problems.append(
