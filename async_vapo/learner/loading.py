@@ -104,12 +104,16 @@ def build_partitioned(
     and filled by ``load_partitioned_weights``."""
     import deepspeed
     from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(path)
     # the dtype comes from the config's bf16 flag: DeepSpeed 0.19.8 ignores an explicit fp32 ``dtype`` on
     # an accelerator without fp16 (the CPU) and builds in bf16
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+    # no weight initialisation: every parameter is loaded next, and initialising empty partitions fails
+    # (an embedding's padding row)
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = auto.from_config(config, dtype=dtype, attn_implementation=attn)
+    model.tie_weights()  # (skipped with the initialisation) a tied head shares the embedding's parameter
     rebuilt = restore_buffers(model)
     unused = load_partitioned_weights(model, path)
     log.debug("buffers rebuilt outside zero.Init", modules=rebuilt)
