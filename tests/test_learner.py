@@ -109,7 +109,10 @@ def test_fused_targets_give_the_same_parameters(tiny_model_dir, tmp_path, world,
     for out in outs:
         assert out["moved"] > 1e-4  # training moved the policy
         assert out["max_diff"] < 1e-6, out["max_diff"]
-        assert all(0 < s["behaviour_kl"] < 1 and s["entropy"] > 0 for s in out["steps"])
+        # the first step is on-policy (0 when the learner reproduces the sampler's log-probs exactly, as
+        # the partitioned ZeRO-3 load does); after an update the batch is off-policy
+        seen = [(s["behaviour_kl"], s["entropy"]) for s in out["steps"]]
+        assert all(0 <= kl < 1 and ent > 0 for kl, ent in seen) and all(kl > 0 for kl, _ in seen[1:]), seen
 
 
 def test_vtrace_critic_targets_train(tiny_model_dir, tmp_path):
