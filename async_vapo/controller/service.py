@@ -149,8 +149,8 @@ class Controller:
         self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
         key = load_store_key(wiring.store_key_dir) if wiring.store_key_dir else None
         self._store = RunStore.connect(wiring.store_address, key) if wiring.store_address else None
-        if self._store is not None:
-            self._store.endpoints()  # binds its drop notices to this launch
+        if self._store is not None and key is not None:
+            self._store.endpoints()  # signed values: binds its drop notices to this launch's nonce
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
