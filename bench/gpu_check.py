@@ -85,22 +85,6 @@ def _never_joins(backend: str) -> None:
     os._exit(0)
 
 
-def _random_model(out: Path, vocab: int = 4096) -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(out)
-
-
 def _batch(vocab: int, lengths: list[tuple[int, int]]) -> Any:
     from async_vapo.learner.batch import collate
     from async_vapo.protocol import Prompt, Response, TrajectoryGroup, pack_f32, pack_i32
@@ -119,13 +103,15 @@ def learner_step(device: str) -> dict[str, Any]:
     from async_vapo.learner.forward import Micro, policy_forward, scoring_head
     from async_vapo.learner.models import ds_config, init_distributed, load_policy, make_engine
 
+    from learner_throughput import _model_dir
+
     init_distributed("nccl" if device == "cuda" else "gloo")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     train = TrainConfig(zero_stage=3, gradient_checkpointing=True, max_tokens_per_micro=4096, logit_chunk=256)
     with tempfile.TemporaryDirectory() as d:
-        _random_model(Path(d))
+        path = str(_model_dir(Path(d)))  # bench/learner_throughput.py's random Qwen2, vocabulary 4,096
         ds = ds_config(train, dtype == torch.bfloat16, 1)
-        model = load_policy(d, dtype, ds)
+        model = load_policy(path, dtype, ds)
         engine = make_engine(model, 1e-5, train, dtype == torch.bfloat16, 1)
     b = _batch(4096, [(64, 1500), (64, 300), (64, 40)]).to(engine.device)
     start = time.perf_counter()

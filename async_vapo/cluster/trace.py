@@ -16,6 +16,7 @@ the model, only the fp32 work chunked) for comparison.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -77,6 +78,8 @@ def _policy_pass(
     through the learner's scoring path (or, without the scoring head, the [K, V] logits path)."""
     from async_vapo.learner.forward import Scoring, chunked_logprobs, head_scores, install_scoring_head
 
+    if not 0 < response_tokens < tokens:
+        raise ValueError(f"need 0 < response_tokens ({response_tokens}) < tokens ({tokens})")
     if checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -104,8 +107,9 @@ def measure_policy_pass_cuda(
     checkpointing: bool = True,
     layers: int = 2,
 ) -> dict[str, float]:
-    """The same pass run for real on the current CUDA device: the allocator's peak above the slice's
-    weights (GiB), for ``bench/gpu_check.py`` to set beside ``trace_policy_pass``'s figures."""
+    """The same pass run for real on the current CUDA device: the allocator's peak, weights included as in
+    the trace's total, and the weights alone (GiB), for ``bench/gpu_check.py`` to set beside
+    ``trace_policy_pass``'s figures."""
     _register_attention()
     torch.cuda.empty_cache()
     with torch.device("cuda"):
@@ -137,8 +141,6 @@ def trace_policy_pass(
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    if not 0 < response_tokens < tokens:
-        raise ValueError(f"need 0 < response_tokens ({response_tokens}) < tokens ({tokens})")
     _register_attention()
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = _slice_model(shape, layers)
@@ -148,15 +150,7 @@ def trace_policy_pass(
             _policy_pass(model, shape, tokens, response_tokens, chunk, checkpointing, scoring_head)
         (peak,) = tracker.get_tracker_snapshot("peak").values()
     params = sum(p.numel() for p in model.parameters())
-    slice_shape = ModelShape(
-        layers,
-        shape.hidden,
-        shape.intermediate,
-        shape.heads,
-        shape.kv_heads,
-        shape.vocab,
-        shape.tied_embeddings,
-    )
+    slice_shape = dataclasses.replace(shape, layers=layers)
     acts = activation_bytes(slice_shape, tokens, chunk, checkpointing)
     plan = 2.0 * params + 2.0 * params + acts["peak"]
     trace = float(peak["Total"])

@@ -105,23 +105,37 @@ def _chunk_logprobs(
     return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
+def _in_chunks(
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    rows: torch.Tensor,
+    params: tuple[torch.Tensor | None, ...],
+    targets: torch.Tensor,
+    temperature: float,
+    chunk: int,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn(rows[i:j], *params, targets[i:j], temperature, with_entropy)`` over ``chunk`` rows at a time
+    (0: all at once), concatenated. With a gradient to keep, each chunk is recomputed in backward (only its
+    inputs are saved), so one chunk's ``[chunk, V]`` work is alive at a time. The entropy is detached."""
+    size = chunk if chunk > 0 else max(1, rows.shape[0])
+    grad = any(t is not None and t.requires_grad for t in (rows, *params))
+    recompute = chunk > 0 and torch.is_grad_enabled() and grad
+    parts = []
+    for i in range(0, rows.shape[0], size):
+        args = (rows[i : i + size], *params, targets[i : i + size], temperature, with_entropy)
+        parts.append(checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args))
+    if not parts:
+        empty = rows.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).detach()
+
+
 def chunked_logprobs(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log softmax(logits / temperature)[target] and the entropy, ``chunk`` rows at a time; each chunk's
-    fp32 work is recomputed in backward, so one chunk's fp32 ``[chunk, V]`` is alive at a time.
+    """log softmax(logits / temperature)[target] and the entropy, ``chunk`` rows at a time (``_in_chunks``).
     logits [K, V] (model dtype), targets long [K] -> ([K], [K]); the entropy carries no gradient."""
-    if chunk <= 0 or logits.shape[0] <= chunk:
-        logp, ent = _chunk_logprobs(logits, targets, temperature, with_entropy)
-        return logp, ent.detach()
-    parts = []
-    for s in range(0, logits.shape[0], chunk):
-        lc, tc = logits[s : s + chunk], targets[s : s + chunk]
-        if torch.is_grad_enabled() and lc.requires_grad:
-            parts.append(checkpoint(_chunk_logprobs, lc, tc, temperature, with_entropy, use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(lc, tc, temperature, with_entropy))
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).detach()
+    return _in_chunks(_chunk_logprobs, logits, (), targets, temperature, chunk, with_entropy)
 
 
 # Config attributes of models whose forward post-processes the head's logits (soft-capping, scaling):
@@ -156,20 +170,9 @@ def score_hidden(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s: Scoring
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log softmax(h W^T / temperature)[target] and the entropy, ``s.chunk`` rows at a time, each chunk's
-    logits made and consumed inside one checkpointed function. h [K, H] (model dtype), weight [V, H] ->
-    ([K], [K]) fp32; the entropy carries no gradient."""
-    size = s.chunk if s.chunk > 0 else max(1, h.shape[0])
-    recompute = s.chunk > 0 and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    parts = []
-    for i in range(0, h.shape[0], size):
-        args = (h[i : i + size], weight, bias, s.targets[i : i + size], s.temperature, s.with_entropy)
-        parts.append(
-            checkpoint(_chunk_scores, *args, use_reentrant=False) if recompute else _chunk_scores(*args)
-        )
-    if not parts:
-        empty = h.new_zeros(0, dtype=torch.float32)
-        return empty, empty
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).detach()
+    logits made and consumed inside one recomputed function (``_in_chunks``). h [K, H] (model dtype),
+    weight [V, H] -> ([K], [K]) fp32; the entropy carries no gradient."""
+    return _in_chunks(_chunk_scores, h, (weight, bias), s.targets, s.temperature, s.chunk, s.with_entropy)
 
 
 class ScoringHead(nn.Module):
