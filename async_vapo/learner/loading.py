@@ -17,7 +17,6 @@ model does not use (a tied ``lm_head.weight``, a reward model's ``score.weight``
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +71,13 @@ def load_partitioned_weights(model: nn.Module, path: str | Path) -> list[str]:
 
     available = checkpoint_files(path)
     prefix = getattr(model, "base_model_prefix", "")
-    names = {n: checkpoint_name(n, available, prefix) for n, _ in model.named_parameters()}
-    if missing := sorted(n for n, c in names.items() if c is None):
+    found = {n: checkpoint_name(n, available, prefix) for n, _ in model.named_parameters()}
+    if missing := sorted(n for n, c in found.items() if c is None):
         raise KeyError(f"{path} lacks {len(missing)} of the model's parameters: {missing[:5]}")
+    keys = {n: c for n, c in found.items() if c is not None}
     writer = not dist.is_initialized() or dist.get_rank() == 0
-    for (name, param), key in zip(model.named_parameters(), _keys(names), strict=True):
+    for name, param in model.named_parameters():
+        key = keys[name]
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if writer:
                 src = _read(available[key], key)
@@ -86,14 +87,8 @@ def load_partitioned_weights(model: nn.Module, path: str | Path) -> list[str]:
                     )
                 with torch.no_grad():
                     param.copy_(src)
-    used = set(names.values())
+    used = set(keys.values())
     return sorted(k for k in available if k not in used)
-
-
-def _keys(names: dict[str, str | None]) -> Iterator[str]:
-    for key in names.values():
-        assert key is not None
-        yield key
 
 
 def build_partitioned(
@@ -114,9 +109,8 @@ def build_partitioned(
     with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = auto.from_config(config, dtype=dtype, attn_implementation=attn)
     model.tie_weights()  # (skipped with the initialisation) a tied head shares the embedding's parameter
-    rebuilt = restore_buffers(model)
+    log.debug("buffers rebuilt outside zero.Init", modules=restore_buffers(model))
     unused = load_partitioned_weights(model, path)
-    log.debug("buffers rebuilt outside zero.Init", modules=rebuilt)
     if unused:
         log.info("checkpoint tensors the model does not use", path=path, count=len(unused), first=unused[:3])
     return model
