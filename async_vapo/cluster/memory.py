@@ -5,7 +5,7 @@ with a scalar head): bf16 weights (2 B/param), gradients accumulated in fp32 und
 without), fp32 master weights and Adam moments
 (12 B), sharded by the ZeRO stage over the learner world (1: optimiser, 2: + gradients, 3: + weights);
 under ZeRO-3 also the parameters gathered at once (``stage3_max_live_parameters``) and, from stage 2, the
-gradient reduce bucket (``reduce_bucket_size``), both set explicitly in ``learner.models.make_engine``.
+gradient reduce bucket (``reduce_bucket_size``), both set explicitly in ``learner.models.zero_config``.
 
 Activations of one forward/backward of ``tokens`` tokens (the packed budget, else micro-batch x the
 longest sequence), in bytes per token, **fitted to a trace** of the learner's own forward and backward
@@ -45,7 +45,7 @@ LAYER_WORK_PER_HIDDEN, LAYER_WORK_PER_INTERMEDIATE = 21, 12  # one checkpointed 
 LAYER_KEPT_PER_HIDDEN, LAYER_KEPT_PER_INTERMEDIATE = 21, 8  # per layer without checkpointing
 UNCHECKPOINTED_EXTRA_PER_HIDDEN = 23
 HEAD_BYTES_PER_LOGIT = 14.5  # one LM-head chunk: bf16 logits, fp32 log-softmax, entropy temporaries
-# DeepSpeed's ZeRO defaults, which learner.models.make_engine sets explicitly (elements)
+# DeepSpeed's ZeRO defaults, which learner.models.zero_config sets explicitly (elements)
 ZERO_REDUCE_BUCKET = 500_000_000
 ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000
 
@@ -161,12 +161,12 @@ def estimate_memory(
     ``rollout``; ``tensor_parallel_size`` overrides the recipe's, e.g. 1 on CPU). ``kv_cache_gib``: a
     fixed KV cache (vLLM on CPU: VLLM_CPU_KVCACHE_SPACE) instead of the rest of the card."""
     tp = tensor_parallel_size or cfg.rollout.tensor_parallel_size
-    learner = _learner_gib(shape, cfg, learner_world)
+    t = cfg.train
+    acts = activation_bytes(shape, learner_tokens(cfg), t.logit_chunk, t.gradient_checkpointing)
+    learner = _learner_gib(shape, cfg, learner_world, acts["peak"])
     engine, kv_tokens = _engine_gib(shape, cfg, tp, card_gib, kv_cache_gib)
     seq_len = cfg.rollout.max_model_len
     problems = _problems(cfg, learner, engine, kv_tokens, tp, card_gib)
-    t = cfg.train
-    acts = activation_bytes(shape, learner_tokens(cfg), t.logit_chunk, t.gradient_checkpointing)
     notes = [
         f"learner activations {acts['peak'] / GiB:.1f} GiB for {learner_tokens(cfg):,} tokens per pass = "
         f"layer inputs {acts['layer_inputs'] / GiB:.1f} + the larger of one layer's backward "
@@ -181,7 +181,7 @@ def learner_tokens(cfg: Config) -> int:
     return cfg.train.max_tokens_per_micro or cfg.train.micro_batch_size * cfg.rollout.max_model_len
 
 
-def _learner_gib(shape: ModelShape, cfg: Config, learner_world: int) -> dict[str, float]:
+def _learner_gib(shape: ModelShape, cfg: Config, learner_world: int, activations: float) -> dict[str, float]:
     t = cfg.train
     p, n = shape.params, max(1, learner_world)
     # bf16 weights, gradients accumulated in fp32 (learner.models.ds_config), fp32 Adam moments + master
@@ -193,12 +193,11 @@ def _learner_gib(shape: ModelShape, cfg: Config, learner_world: int) -> dict[str
     if t.zero_stage >= 3:
         weights /= n
     models = 2 if cfg.algo.estimator == "gae" else 1
-    acts = activation_bytes(shape, learner_tokens(cfg), t.logit_chunk, t.gradient_checkpointing)
     learner = {
         "weights": models * weights / GiB,
         "gradients": models * grads / GiB,
         "optimizer": models * optim / GiB,
-        "activations": acts["peak"] / GiB,  # policy and value passes never overlap
+        "activations": activations / GiB,  # policy and value passes never overlap
     }
     if t.max_tokens_per_micro and cfg.model.attn_implementation != "flash_attention_2":
         # packed rows under SDPA: transformers' dense block-diagonal mask (bool) and SDPA's bf16 bias of it
