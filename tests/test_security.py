@@ -19,7 +19,8 @@ import zmq.asyncio
 from async_vapo.protocol import PROTOCOL_VERSION, Control, Hello
 from async_vapo.protocol.codec import Codec
 from async_vapo.protocol.keys import client_security, ensure_keys, server_security
-from async_vapo.protocol.transport import ControlClient, ControlServer, GroupReceiver, Security
+from async_vapo.protocol.transport import ControlClient, ControlServer, GroupReceiver, GroupSender, Security
+from tests.helpers import make_group
 from tests.test_transport import run_async
 
 PACKAGE = Path(__file__).resolve().parents[1] / "async_vapo"
@@ -97,15 +98,15 @@ def test_a_pickle_exploit_on_the_live_sockets_does_nothing(tmp_path, monkeypatch
 
 
 def test_curve_control_road_nothing_in_nothing_out(tmp_path):
-    keys = ensure_keys(tmp_path / "keys")
+    keys = ensure_keys(tmp_path / "keys", ["good"])
 
     async def main():
         ctx = zmq.asyncio.Context()
         server = ControlServer(ctx, "tcp://127.0.0.1:*", security=server_security(keys))
-        good = ControlClient(ctx, server.endpoint, "good", client_security(keys))
+        good = ControlClient(ctx, server.endpoint, "good", client_security(keys, "good"))
         pub, sec = Security.generate()
         wrong = ControlClient(
-            ctx, server.endpoint, "wrong", Security(pub, sec, client_security(keys).server_public_key)
+            ctx, server.endpoint, "wrong", Security(pub, sec, client_security(keys, "good").server_public_key)
         )
         plain = ControlClient(ctx, server.endpoint, "plain")
         for c in (wrong, plain, good):
@@ -137,18 +138,66 @@ def test_curve_control_road_nothing_in_nothing_out(tmp_path):
     )  # nothing out
 
 
+def test_a_workers_key_speaks_only_for_that_worker(tmp_path):
+    """Per-worker CURVE keys: rollout-1's key opens both roads, but only as rollout-1. A message sent with
+    it as rollout-0 (the control road's identity, or a group's ``worker_id``) is dropped and counted; a
+    worker without a key of its own cannot connect, and an id that cannot name a key file is refused."""
+    keys = ensure_keys(tmp_path / "keys", ["rollout-0", "rollout-1"])
+    assert sorted(p.name for p in (keys / "clients").iterdir()) == [
+        "rollout-0.key",
+        "rollout-0.key_secret",
+        "rollout-1.key",
+        "rollout-1.key_secret",
+    ]
+    with pytest.raises(FileNotFoundError, match="rollout-2"):
+        client_security(keys, "rollout-2")
+    with pytest.raises(ValueError, match="cannot name a key file"):
+        ensure_keys(keys, ["../server"])
+    one = client_security(keys, "rollout-1")
+
+    async def main():
+        ctx = zmq.asyncio.Context()
+        sec = server_security(keys)
+        control = ControlServer(ctx, "tcp://127.0.0.1:*", security=sec)
+        data = GroupReceiver(ctx, "tcp://127.0.0.1:*", security=sec)
+        honest = ControlClient(ctx, control.endpoint, "rollout-1", one)
+        posing = ControlClient(ctx, control.endpoint, "rollout-0", one)  # rollout-1's key, rollout-0's name
+        await posing.send(Hello("rollout-0", 0, 1))
+        await honest.send(Hello("rollout-1", 0, 1))
+        heard = [(await asyncio.wait_for(control.recv(), 5.0))[0]]
+        with pytest.raises(asyncio.TimeoutError):
+            heard.append(await asyncio.wait_for(control.recv(), 1.0))
+        push = GroupSender(ctx, data.endpoint, security=one)
+        await push.send(make_group("p0", worker="rollout-0"))  # a group claimed for another worker
+        await push.send(make_group("p1", worker="rollout-1"))
+        got = await asyncio.wait_for(data.recv(), 5.0)
+        counts = control.rejected["key_identity_mismatch"], data.rejected["key_identity_mismatch"]
+        for c in (honest, posing, push):
+            c.close()
+        control.close()
+        data.close()
+        ctx.term()
+        return heard, got, counts
+
+    heard, got, counts = run_async(main())
+    assert heard == ["rollout-1"]
+    assert got.prompt.uid == "p1" and got.worker_id == "rollout-1"
+    assert counts == (1, 1)
+
+
 def test_insecure_bind_warns_and_no_secret_reaches_the_logs(tmp_path, capfd):
     from async_vapo.logging import configure_logging
 
     configure_logging()
-    keys = ensure_keys(tmp_path / "keys")
+    keys = ensure_keys(tmp_path / "keys", ["rollout-0"])
     secrets = [
         line.split('"')[1]
-        for name in ("server.key_secret", "client.key_secret")
+        for name in ("server.key_secret", "clients/rollout-0.key_secret")
         for line in (keys / name).read_text().splitlines()
         if line.strip().startswith("secret-key")
     ]
-    assert len(secrets) == 2 and oct((keys / "server.key_secret").stat().st_mode)[-3:] == "600"
+    assert len(secrets) == 2
+    assert all(oct(p.stat().st_mode)[-3:] == "600" for p in keys.rglob("*.key_secret"))
 
     async def main():
         ctx = zmq.asyncio.Context()
@@ -158,7 +207,7 @@ def test_insecure_bind_warns_and_no_secret_reaches_the_logs(tmp_path, capfd):
         push.connect(open_.endpoint)
         await push.send(b"garbage")  # a reject log line
         await asyncio.sleep(0.3)
-        print(repr(server_security(keys)), repr(client_security(keys)))
+        print(repr(server_security(keys)), repr(client_security(keys, "rollout-0")))
         push.close(0)
         task = asyncio.ensure_future(open_.recv())
         await asyncio.sleep(0.3)

@@ -31,6 +31,7 @@ from async_vapo.cluster import Endpoints, Layout, NodeInfo, RunStore
 from async_vapo.cluster.ports import free_port
 from async_vapo.cluster.rendezvous import ensure_store_key, load_store_key
 from async_vapo.config import Config
+from async_vapo.controller.admission import rollout_worker_id
 from async_vapo.launch.plan import Child, RunFiles, Site, plan_node
 
 log = structlog.get_logger("async_vapo.launch")
@@ -102,15 +103,18 @@ def _worker_entry(env: dict[str, str], cores: list[int] | tuple[int, ...], wcfg:
     worker_main(wcfg)
 
 
-def curve_dir(cfg: Config, node: NodeInfo, insecure: bool) -> str:
-    """CURVE keys when the learner's sockets leave loopback (node 0 creates them, the others wait)."""
+def curve_dir(cfg: Config, lay: Layout, node: NodeInfo, insecure: bool) -> str:
+    """CURVE keys when the learner's sockets leave loopback: node 0 creates the learner's pair and one
+    per planned worker, the other nodes wait for the learner's and their own workers' keys."""
     from async_vapo.protocol.keys import ensure_keys, wait_for_keys
     from async_vapo.protocol.transport import is_loopback
 
     if is_loopback(f"tcp://{node.master_addr}:1") or insecure:
         return cfg.curve_dir
     key_dir = cfg.curve_dir or str(Path(cfg.output_dir) / ".curve")
-    return str(ensure_keys(key_dir) if node.node_rank == 0 else wait_for_keys(key_dir))
+    if node.node_rank == 0:
+        return str(ensure_keys(key_dir, map(rollout_worker_id, range(lay.n_engines))))
+    return str(wait_for_keys(key_dir, map(rollout_worker_id, lay.nodes[node.node_rank].engines)))
 
 
 def loopback_env() -> dict[str, str]:
@@ -194,7 +198,7 @@ class Supervisor:
         self.ctx = mp.get_context("spawn")
         self.layout, self.node = lay, node
         self.share = lay.nodes[node.node_rank]
-        self.cfg = msgspec.structs.replace(cfg, curve_dir=curve_dir(cfg, node, insecure))
+        self.cfg = msgspec.structs.replace(cfg, curve_dir=curve_dir(cfg, lay, node, insecure))
         self.site, self.store = open_site(self.cfg, node)
         self.model_path = model_path
         self.plan = plan_node(self.cfg, lay, node, model_path, self.site, resume)

@@ -23,7 +23,8 @@ import asyncio
 import ipaddress
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -42,12 +43,20 @@ YIELD_EVERY = 16  # frames a receiver may take in a row before letting other tas
 @dataclass(frozen=True)
 class Security:
     """CURVE keys (z85 bytes). The server side needs its secret key and the clients' public keys; a
-    client needs its own key pair and the server's public key."""
+    client needs its own key pair and the server's public key.
+
+    ``client_ids`` maps a client's public key to the one worker id it may speak for: a receiving socket
+    drops (and counts as ``key_identity_mismatch``) a message whose sender identity or ``worker_id`` is
+    not its key's. Keys in ``allowed_client_keys`` are accepted without such a binding."""
 
     public_key: bytes
     secret_key: bytes
     server_public_key: bytes | None = None
     allowed_client_keys: tuple[bytes, ...] = ()
+    client_ids: Mapping[bytes, str] = field(default_factory=dict)
+
+    def accepted_keys(self) -> tuple[bytes, ...]:
+        return (*self.allowed_client_keys, *self.client_ids)
 
     @staticmethod
     def generate() -> tuple[bytes, bytes]:
@@ -115,7 +124,7 @@ class _Zap:
 def _apply_server_security(ctx: zmq.asyncio.Context, sock: zmq.Socket, security: Security | None) -> None:
     if security is None:
         return
-    _Zap.acquire(ctx, security.allowed_client_keys)
+    _Zap.acquire(ctx, security.accepted_keys())
     sock.curve_server = True
     sock.curve_secretkey = security.secret_key
     sock.curve_publickey = security.public_key
@@ -199,6 +208,17 @@ class _BoundServer(_Receiving):
         self.sock.setsockopt(zmq.LINGER, 0)
         _apply_server_security(ctx, self.sock, security)
         self._ctx, self._secure = ctx, security is not None
+        # z85 public key (ZAP's User-Id of an authenticated frame) -> the worker id that key was made for
+        self._key_ids = {k.decode(): wid for k, wid in (security.client_ids if security else {}).items()}
+
+    def _speaks_for(self, frame: zmq.Frame, worker_id: str) -> bool:
+        """False (counted) when ``frame`` came over a key made for another worker than ``worker_id``."""
+        if not self._key_ids:
+            return True
+        if self._key_ids.get(frame.get("User-Id")) == worker_id:
+            return True
+        self.rejected["key_identity_mismatch"] += 1
+        return False
 
     def _bind(self, endpoint: str) -> None:
         self.sock.bind(endpoint)
@@ -233,7 +253,7 @@ class GroupReceiver(_BoundServer):
             frame = await self.sock.recv(copy=False)
             await self._fair()
             msg = self._decode(frame.buffer)
-            if msg is not None:
+            if msg is not None and self._speaks_for(frame, getattr(msg, "worker_id", "")):
                 return msg
 
 
@@ -287,8 +307,9 @@ class ControlServer(_BoundServer):
                 self.rejected["bad_envelope"] += 1
                 continue
             msg = self._decode(parts[1].buffer)
-            if msg is not None:
-                return bytes(parts[0].buffer).decode("utf-8", "replace"), msg
+            identity = bytes(parts[0].buffer).decode("utf-8", "replace")
+            if msg is not None and self._speaks_for(parts[1], identity):
+                return identity, msg
 
     async def send(self, worker_id: str, msg: Message) -> bool:
         """False (and no exception) when the worker is not connected."""

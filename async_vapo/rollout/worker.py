@@ -81,7 +81,7 @@ class RolloutWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.engine.model)
         self.pool = VerifierPool(cfg.rollout.verifier_processes, cfg.rollout.verifier_timeout_s)
         self.ctx = zmq.asyncio.Context()
-        security = client_security(cfg.curve_dir) if cfg.curve_dir else None
+        security = client_security(cfg.curve_dir, cfg.worker_id) if cfg.curve_dir else None
         self.control = ControlClient(self.ctx, cfg.control_endpoint, cfg.worker_id, security)
         self.sender = GroupSender(self.ctx, cfg.data_endpoint, security=security)
         self.exit_code = 0
