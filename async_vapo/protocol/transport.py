@@ -215,7 +215,7 @@ class _BoundServer(_Receiving):
         """False (counted) when ``frame`` came over a key made for another worker than ``worker_id``."""
         if not self._key_ids:
             return True
-        if self._key_ids.get(frame.get("User-Id")) == worker_id:
+        if self._key_ids.get(str(frame.get("User-Id"))) == worker_id:
             return True
         self.rejected["key_identity_mismatch"] += 1
         return False
