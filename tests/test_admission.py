@@ -8,6 +8,7 @@ import dataclasses
 import os
 import threading
 import time
+from unittest import mock
 
 import msgspec
 import pytest
@@ -20,12 +21,14 @@ from async_vapo.controller import Controller, Wiring
 from async_vapo.controller.admission import GroupRejection, check_group, check_hello
 from async_vapo.protocol import (
     Assign,
+    Control,
     Hello,
     JoinGroup,
     Prompt,
     Response,
     RolloutFailed,
     WeightAck,
+    WorkerStats,
     pack_f32,
     pack_i32,
 )
@@ -316,3 +319,32 @@ def test_prompts_past_their_deadline_are_retried_and_a_stalled_worker_is_dropped
     finally:
         wedged.close()
         controller.stop()
+
+
+def _next_control(p: Peer, seconds: float = 10.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            msg = p.codec.decode(p.ctl.recv())
+        except zmq.Again:
+            continue
+        if isinstance(msg, Control):
+            return msg
+    raise AssertionError("no Control message")
+
+
+def test_a_new_controller_asks_live_workers_to_rejoin_and_restarts_what_it_cannot_sync(served):
+    """After a learner restart the new controller hears workers it never welcomed: it asks them to rejoin
+    (they keep their engines and say Hello again). An engine holding other weights than the model's
+    (version 3) cannot be synced by a learner at version 0 with no snapshot: that one is restarted."""
+    controller, _, peer = served
+    kept = peer("w1")
+    kept.send(WorkerStats("w1", 0.0, 1.0, 0, 0, 0))  # a heartbeat to a controller that never met it
+    assert _next_control(kept) == Control("rejoin", "learner", mock.ANY)
+    ahead = peer("w2")
+    ahead.send(Hello("w2", 3, os.getpid()))
+    assert _next_control(ahead).reason == "dropped"
+    assert controller.metrics().counters["hello_restarted_weights_unavailable"] == 1
+    kept.handshake(Hello("w1", 0, os.getpid()))  # the model's weights: welcomed and fed
+    _wait(lambda: len(kept.assigned) == 4)
+    assert set(controller.metrics().worker_versions) == {"w1"}

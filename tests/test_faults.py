@@ -10,7 +10,8 @@ resume, and the books checked at the end:
 4. Throughout, the verifier hangs, raises or returns garbage on some responses: reward 0 within the
    timeout, counted, the run unaffected.
 5. The learner is SIGKILLed: the launcher restarts the learner world from the last checkpoint
-   (``train.learner_restarts``), the rollout worker is told to come back and rejoins, and the run finishes
+   (``train.learner_restarts``), the rollout worker is told to rejoin and does so with its engine (same
+   process, no restart, synced to the checkpoint's weights before it samples again), and the run finishes
    on its own with the same step numbering; the prompt ledger shows every prompt of the data order up to
    the cursor trained exactly once or still pending: none lost, none skipped, none trained twice. Nothing
    is left behind. (A resume by hand, ``--resume``, is ``tests/test_e2e.py``'s.)
@@ -186,6 +187,7 @@ def test_faults_during_a_run_then_the_learner_restarts(tiny_model_dir, tmp_path)
         _wait(lambda: _train_rows(out)[-1]["step"] > step_at_stop, proc, log, "training after the drop")
         killed_at = int((out / "checkpoints" / "latest").read_text().split("_")[1])
         verdicts_before_kill = Counter(_train_rows(out)[-1]["controller_counters"])
+        worker_before = _state(out)["workers"]["rollout-0"]
         t0, wall0 = time.monotonic(), time.time()
         os.kill(learner_pid, signal.SIGKILL)
         _wait(lambda: any(r["time"] > wall0 for r in _train_rows(out)), proc, log, "a step after the restart")
@@ -203,6 +205,13 @@ def test_faults_during_a_run_then_the_learner_restarts(tiny_model_dir, tmp_path)
     assert any(e.get("event") == "the controller dropped this worker; killing it" for e in events)
     restarted = [e for e in events if "restarting the learner world" in str(e.get("event"))]
     assert len(restarted) == 1 and restarted[0]["restart"] == 1
+    # the worker rejoined the restarted learner world with its engine: same process, no restart
+    final = _state(out)
+    assert final["workers"]["rollout-0"] == worker_before and final["worker_restarts"] == 2, final
+    rejoined = [e for e in events if e.get("event") == "rejoining a restarted learner; engine kept"]
+    assert len(rejoined) == 1
+    after = [e for e in ready if e.get("pid") == worker_before and e["timestamp"] > rejoined[0]["timestamp"]]
+    assert after and after[0]["version"] == killed_at  # synced to the checkpoint before sampling
 
     train = _train_rows(out)
     assert [r["step"] for r in train] == list(range(STEPS))  # same numbering, no step twice

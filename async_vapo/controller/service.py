@@ -410,15 +410,16 @@ class Controller:
 
     def _tell_to_rejoin(self, wid: str) -> None:
         """A peer this controller never welcomed speaks as a worker: a worker of a learner world that was
-        restarted (its controller died). It is told to exit and be restarted, which brings it back
-        through the Hello handshake with this controller's weights (at most every 10 s per identity)."""
+        restarted (its controller died). It is told to rejoin (at most every 10 s per identity): it drops
+        the old world's prompts and weight group and says Hello, keeping its engine; the handshake brings
+        it this controller's weights (a worker that cannot rejoin exits and is restarted)."""
         now = time.monotonic()
         if wid in self._last_hello or now - self._told_to_rejoin.get(wid, -math.inf) < 10.0:
             return
         if len(self._told_to_rejoin) > 4096:  # a flood of identities: forget the oldest
             self._told_to_rejoin.clear()
         self._told_to_rejoin[wid] = now
-        self._spawn(self.control.send(wid, Control("shutdown", "learner", time.time(), "dropped")))
+        self._spawn(self.control.send(wid, Control("rejoin", "learner", time.time())))
 
     def _refuse_hello(self, wid: str, hello: Hello) -> str | None:
         if (why := check_hello(hello, wid, self.rules)) is not None:
@@ -447,6 +448,12 @@ class Controller:
             self._failed_attempt(msg.uid, "rollout_failed")
 
     async def _on_hello(self, hello: Hello) -> None:
+        if not self.weights.can_serve(hello, self.version.v):
+            self.counters["hello_restarted_weights_unavailable"] += 1
+            self._spawn(
+                self.control.send(hello.worker_id, Control("shutdown", "learner", time.time(), "dropped"))
+            )
+            return
         w, old = self.registry.add(hello)
         if old is not None:  # a reconnect: its prompts go to others and their credits come back
             with self.ready:

@@ -15,6 +15,7 @@ An engine that fails to join, load or ack within ``train.weight_sync_timeout_s``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class WeightPublisher:
         initial_version: int = 0,
     ) -> None:
         self.timeout_s = train.weight_sync_timeout_s
+        self.streamed = train.streams_publish
         self.groups = groups
         self.registry = registry
         self.counters = counters
@@ -81,6 +83,7 @@ class WeightPublisher:
         self.totals = SyncTotals()
         self._acks: dict[tuple[str, int], asyncio.Future] = {}
         self._groups_made = 0
+        self._snapshot_made = asyncio.Event()
 
     @property
     def newest_sent(self) -> int | None:
@@ -110,6 +113,13 @@ class WeightPublisher:
         return GroupSpec(self.groups.host, port, world, self.groups.backend, self.timeout_s, store_file)
 
     # ---- a worker says Hello --------------------------------------------------------------------------
+    def can_serve(self, hello: Hello, learner_version: int) -> bool:
+        """Whether this learner can bring ``hello``'s engine to its weights. Not when the engine holds
+        other weights than the model's (a worker kept across a learner restart) while the learner, at
+        version 0 in snapshot mode, has no snapshot to send and makes none before its first step (which
+        needs groups): that worker is restarted from the model instead."""
+        return self.streamed or learner_version > 0 or hello.version == 0 or self.snapshot is not None
+
     async def welcome(self, w: WorkerState, hello: Hello, learner_version: int) -> bool:
         """Give a (re)connected worker its group and current weights; False if it could not join."""
         fresh = hello.version == learner_version and self.snapshot is None
@@ -126,6 +136,11 @@ class WeightPublisher:
         except Exception as exc:
             log.error("worker failed to join its weight group", worker=hello.worker_id, error=repr(exc))
             return False
+        if not fresh and self.snapshot is None and not self.streamed:
+            # a resumed learner makes its first snapshot as it starts: a worker rejoining that early
+            # waits for it (before it is linked, so that publish does not start a second sync)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._snapshot_made.wait(), self.timeout_s)
         w.link = link
         if fresh:
             w.version = hello.version  # fresh start: the engine loaded the same checkpoint as the learner
@@ -137,6 +152,7 @@ class WeightPublisher:
     def publish(self, snap: Snapshot) -> None:
         """Queue ``snap`` for every linked worker (only the newest pending snapshot is sent)."""
         self.snapshot = snap
+        self._snapshot_made.set()
         for w in self.registry:
             if not w.updating and w.link is not None:
                 # marked now, not when the task first runs: a second publish before that must not start

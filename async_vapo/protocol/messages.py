@@ -21,10 +21,11 @@ import numpy as np
 
 # 2: evaluation rounds are numbered (Assign / TrajectoryGroup.eval_round)
 # 3: prompts carry a ticket; a worker reports the prompts it could not finish (RolloutFailed)
-PROTOCOL_VERSION = 3
+# 4: Control("rejoin"): a restarted learner world asks a live worker to say Hello again, engine kept
+PROTOCOL_VERSION = 4
 
 FinishReason = Literal["stop", "length", "abort"]
-ControlKind = Literal["shutdown"]
+ControlKind = Literal["shutdown", "rejoin"]
 # what a verifier concluded; ``Response.verdict`` is one of these, optionally followed by ": detail"
 VerdictKind = Literal["ok", "wrong", "no_answer", "timeout", "error", "bad_output"]
 VERDICT_KINDS: frozenset[str] = frozenset(get_args(VerdictKind))
@@ -233,7 +234,9 @@ class Hello(_Wire, tag="hello", frozen=True):
 
 
 class Control(_Wire, tag="control", frozen=True):
-    """Learner -> rollout worker: shut down (``reason`` says whether to come back)."""
+    """Learner -> rollout worker: ``shutdown`` (``reason`` says whether to come back), or ``rejoin``: the
+    learner world that welcomed it is gone; drop what it was given and say Hello to this one, keeping the
+    engine (the new controller syncs its weights)."""
 
     kind: ControlKind
     sender: str = ""

@@ -145,6 +145,10 @@ class RolloutEngine:
             args=(spec.host, spec.port, spec.world_size, spec.backend, spec.timeout_s, spec.store_file),
         )
 
+    async def close_weight_group(self) -> None:
+        """Leave the weight group (a learner world that was restarted forms a new one)."""
+        await self.llm.collective_rpc("close_weight_group")
+
     async def set_version(self, version: int) -> None:
         """Label the tokens sampled from now on with ``version`` (vLLM's engine core attaches the label to
         every step's outputs; it only changes while generation is paused or nothing is in flight)."""

@@ -26,6 +26,7 @@ post-load processing and is what we call on every backend.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -121,7 +122,11 @@ class WeightReceiver:
         logger.addFilter(_ExpectedMissing(tied_layers))
 
     def close_weight_group(self) -> None:
-        self._weight_pg = None
+        """Leave the group (its learner is gone): abort it, which frees NCCL's communicator."""
+        pg, self._weight_pg = self._weight_pg, None
+        if pg is not None:
+            with contextlib.suppress(Exception):
+                pg.abort()
 
     def _device(self) -> Any:
         dev = getattr(self, "device", None)

@@ -119,6 +119,10 @@ class RolloutWorker:
                     self._joining = self._spawn(self.engine.init_weight_group(spec))
                 elif isinstance(msg, WeightUpdate):
                     self._spawn(self._update(msg))
+                elif isinstance(msg, Control) and msg.kind == "rejoin":
+                    if not await self._rejoin():
+                        self.exit_code = EXIT_DROPPED
+                        break
                 elif isinstance(msg, Control) and msg.kind == "shutdown":
                     self.exit_code = EXIT_DROPPED if msg.reason == "dropped" else 0
                     log.info("shutting down", worker=self.cfg.worker_id, reason=msg.reason)
@@ -128,6 +132,37 @@ class RolloutWorker:
             for t in list(self._tasks):
                 t.cancel()
             self.close()
+
+    async def _rejoin(self) -> bool:
+        """The learner world that welcomed this worker was restarted: its prompts and weight group are
+        gone. Cancel the work for it (vLLM aborts the requests), leave the group and say Hello to the new
+        controller with the engine kept, which syncs its weights as for any joining worker. False (exit to
+        be restarted instead) while a weight load is under way: the engine's state is then unknown."""
+        if self._updating.locked():
+            log.warning("told to rejoin during a weight load; restarting", worker=self.cfg.worker_id)
+            return False
+        work = [t for t in self._tasks if t is not self._joining]
+        for t in work:
+            t.cancel()
+        await asyncio.gather(*work, return_exceptions=True)
+        if self._joining is not None:
+            self._joining.cancel()
+            self._joining = None
+        try:
+            await self.engine.close_weight_group()
+        except Exception as exc:
+            log.error(
+                "could not leave the weight group; restarting", worker=self.cfg.worker_id, error=repr(exc)
+            )
+            return False
+        self._gate.set()
+        log.info(
+            "rejoining a restarted learner; engine kept", worker=self.cfg.worker_id, version=self.version
+        )
+        await self.control.send(
+            Hello(self.cfg.worker_id, self.version, os.getpid(), self.cfg.engine.tensor_parallel_size)
+        )
+        return True
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
