@@ -2,7 +2,9 @@
 resume, and the books checked at the end:
 
 1. 100,000 hostile frames at the learner's live data and control sockets (plus one oversized frame):
-   every one is counted as rejected, memory stays bounded, training goes on.
+   every one is counted as rejected, memory stays bounded, training goes on. Then well-formed hostile
+   traffic (``tests/chaos.py``): groups in the worker's name for prompts it was not sent or with poisoned
+   contents, spoofed Hellos and acks, an object-heavy frame: each refused for its reason.
 2. The rollout worker is SIGKILLed: the launcher restarts it, it gets the current weights before it
    samples, its prompts are requeued.
 3. The new worker is SIGSTOPped (it stops answering): the controller drops it within the configured
@@ -34,6 +36,7 @@ import msgspec
 import pytest
 import zmq
 
+from tests.chaos import HOSTILE_GROUPS, Injector
 from tests.fuzz import hostile_frames
 from tests.test_e2e import SMALL, _run_processes, rows
 
@@ -159,6 +162,31 @@ def test_faults_during_a_run_then_the_learner_restarts(tiny_model_dir, tmp_path)
         rss1 = _rss_mb(learner_pid)
         assert rss1 - rss0 < 300, (rss0, rss1)  # bounded: nothing hostile is kept
         assert counted["step"] > before_rows[-1]["step"]  # training went on
+
+        # 1b. well-formed hostile traffic in a real worker's name (tests/chaos.py): groups for predictable
+        # uids without tickets, with ids beyond the vocabulary, a reward of 1e30 or 64 responses; a spoofed
+        # Hello / 64-way Hello / WeightAck; a frame of two million empty responses. None gets in.
+        inject = Injector(out, random.Random(0))
+        c0 = counted["controller_counters"]
+        for kind in ("hostile_groups", "spoofed_control", "heavy_frame"):
+            assert inject(kind), kind
+        inject.close()
+
+        def refused(row):
+            c = row["controller_counters"]
+            groups = sum(v - c0.get(k, 0) for k, v in c.items() if k.startswith("group_rejected_"))
+            hellos = {k: v - c0.get(k, 0) for k, v in c.items() if k.startswith("hello_rejected_")}
+            return groups, hellos
+
+        hostile = _wait(
+            lambda: (r := _train_rows(out)) and refused(r[-1])[0] >= HOSTILE_GROUPS and refused(r[-1]),
+            proc,
+            log,
+            "the hostile groups to be refused",
+        )
+        assert hostile[0] == HOSTILE_GROUPS, hostile  # (the heavy frame: dropped by ZeroMQ, never read)
+        assert hostile[1]["hello_rejected_identity_mismatch"] == hostile[1]["hello_rejected_tp_mismatch"] == 1
+        assert set(_train_rows(out)[-1]["worker_versions"]) == {"rollout-0"}  # no rogue registered
 
         # 2. SIGKILL the rollout worker
         old_pid = state["workers"]["rollout-0"]

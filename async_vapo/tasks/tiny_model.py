@@ -1,7 +1,8 @@
 """The embedded default's model: a character-level tokenizer and a tiny Qwen2 model (so vLLM and
 transformers both load it), brought to a partial-skill start by a short supervised warm start on CPU.
 
-The artefact is cached on disk under a key derived from its recipe and rebuilt when missing. The warm
+The artefact is cached on disk under a key derived from its recipe; the default recipe's is shipped in
+``data/models`` and copied from there, any other recipe is built when missing. The warm
 start is deterministic for a seed (fixed thread count, seeded data and init). It stops at the first
 evaluation whose held-out greedy accuracy reaches ``target_accuracy`` so that RL has real headroom.
 """
@@ -47,6 +48,12 @@ class TinyModelRecipe:
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True) + "|v2"
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# the default recipe's model, built once and shipped with the repository (3 MB): a fresh clone trains
+# without the warm start's minutes, and every machine starts from the same weights (a build's floats
+# depend on the CPU). ``ensure_tiny_model`` copies it into the cache; other recipes are built.
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "models"
 
 
 def default_cache_dir() -> Path:
@@ -161,11 +168,24 @@ def ensure_tiny_model(
         return root
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _build(tmp, recipe, progress)
+    shipped = SHIPPED_DIR / root.name
+    if _built_from(shipped, recipe):
+        shutil.copytree(shipped, tmp)
+    else:
+        tmp.mkdir(parents=True)
+        _build(tmp, recipe, progress)
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)  # atomic publish: concurrent builders never see a half-written model
     return root
+
+
+def _built_from(model_dir: Path, recipe: TinyModelRecipe) -> bool:
+    """``model_dir`` holds a finished warm start of exactly ``recipe``."""
+    try:
+        info = json.loads((model_dir / "warm_start.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return info.get("recipe") == asdict(recipe) and (model_dir / "model.safetensors").exists()
 
 
 def _build(out: Path, recipe: TinyModelRecipe, progress: bool) -> None:
