@@ -182,6 +182,10 @@ class TrainConfig(_Section, frozen=True):
     prompt_timeout_s: float = 0.0
     gradient_checkpointing: bool = False  # recompute activations in backward (long sequences)
     checkpoint_every: int = 20
+    # checkpoints kept on disk: the newest keep_last (0 = every one; a 32B checkpoint is about a terabyte)
+    # and, with keep_best, also the one with the best held-out accuracy at its save
+    keep_last: int = 2
+    keep_best: bool = False
     eval_every: int = 10
     # an evaluation round ends (partial, logged) after this long; 0 = derived from the round's work: its
     # samples x rollout.max_tokens at the engines' measured generation rate, times a margin, with a floor
@@ -283,6 +287,7 @@ class Config(_Section, frozen=True):
                 not self.train.filter_uniform_rewards or self.rollout.n_samples > 1,
                 "train.filter_uniform_rewards needs rollout.n_samples > 1 (a group of one is always uniform)",
             ),
+            (self.train.keep_last >= 0, "train.keep_last must be >= 0 (0 = keep every checkpoint)"),
             (self.train.filter_patience >= 0, "train.filter_patience must be >= 0 (0 = never stop)"),
             (self.train.eval_timeout_s >= 0, "train.eval_timeout_s must be >= 0 (0 = derived)"),
             (self.train.collective_timeout_s > 0, "train.collective_timeout_s must be > 0"),

@@ -10,6 +10,7 @@ A sink that fails while the run goes on is logged once and switched off: trackin
 from __future__ import annotations
 
 import math
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -67,12 +68,18 @@ class WandbSink:
         import wandb
 
         t = cfg.tracking
+        # one W&B run per output directory: a resumed (or restarted) run continues it
+        id_file = out_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
         self.run = wandb.init(
             project=t.wandb_project,
             name=t.run_name or out_dir.name,
             dir=str(out_dir),
             mode=t.wandb_mode,
             config=msgspec.to_builtins(cfg),
+            id=run_id,
+            resume="allow",
         )
         # value pretraining has negative steps and W&B's own step must grow: plot against "step"
         self.run.define_metric("step")

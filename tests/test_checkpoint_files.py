@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -74,3 +75,25 @@ def test_latest_falls_back_to_the_newest_complete_step_or_refuses(tmp_path):
     (empty / "latest").write_text("step_7")
     with pytest.raises(checkpoint.CheckpointError, match="nothing to resume from"):
         checkpoint.latest(empty)
+
+
+def _scored(root, step: int, accuracy: float | None):
+    path = root / f"step_{step}"
+    path.mkdir()
+    state = {"step": step} | ({"eval_accuracy": accuracy} if accuracy is not None else {})
+    (path / "learner_state.msgpack").write_bytes(msgspec.msgpack.encode(state))
+
+
+def test_retention_keeps_the_newest_and_optionally_the_best(tmp_path):
+    for step, acc in [(10, 0.2), (20, 0.6), (30, None), (40, 0.4), (50, 0.3)]:
+        _scored(tmp_path, step, acc)
+    (tmp_path / "step_60.tmp").mkdir()  # a save in progress is not a checkpoint: never touched
+    names = lambda paths: [p.name for p in paths]  # noqa: E731
+    steps = checkpoint.complete_steps(tmp_path)
+    assert names(checkpoint.Retention(0).to_delete(steps)) == []  # keep every one
+    assert names(checkpoint.Retention(2).to_delete(steps)) == ["step_10", "step_20", "step_30"]
+    assert names(checkpoint.Retention(2, keep_best=True).to_delete(steps)) == ["step_10", "step_30"]
+    assert names(checkpoint.Retention(9).to_delete(steps)) == []
+    gone = checkpoint.prune(tmp_path, checkpoint.Retention(1, keep_best=True))
+    assert names(gone) == ["step_10", "step_30", "step_40"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_20", "step_50", "step_60.tmp"]

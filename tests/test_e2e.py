@@ -85,9 +85,13 @@ def test_train_then_resume(tiny_model_dir, tmp_path):
     assert (out / "curves.png").stat().st_size > 10_000
     assert (out / "checkpoints" / "latest").read_text() == "step_3"
     assert (out / "checkpoints" / "step_3" / "hf" / "model.safetensors").exists()
+    assert (out / "checkpoints" / "step_3" / "hf" / "tokenizer_config.json").exists()
+    assert (out / "checkpoints" / "step_3" / "hf_critic" / "value_head.pt").exists()  # the critic beside it
     assert (out / "value_pretrained" / "value_head.pt").exists()
 
-    second = launch(out, "train.total_steps=5", "--resume", "rollout.weight_update=drain")
+    second = launch(
+        out, "train.total_steps=5", "--resume", "rollout.weight_update=drain", "train.keep_last=1"
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     r2 = rows(out)
     train2 = [x for x in r2 if x["phase"] == "train"]
@@ -95,6 +99,7 @@ def test_train_then_resume(tiny_model_dir, tmp_path):
     assert train2[-1]["policy_version"] == 5
     assert sum(x["phase"] == "value_pretrain" for x in r2) == 1  # not redone on resume
     assert (out / "checkpoints" / "latest").read_text() == "step_5"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_5"]  # keep_last=1
 
 
 def test_bad_config_field_is_a_clear_error(tmp_path):

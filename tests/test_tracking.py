@@ -42,6 +42,13 @@ def test_off_by_default_and_both_write_when_on(tmp_path):
     assert len(runs) == 1  # offline: no network needed; the history is in the run file
     blob = runs[0].read_bytes()
     assert b"train/reward_mean" in blob and b"eval/eval_accuracy" in blob and b"0.75" in blob
+    # a resumed run (same output directory) continues the same W&B run
+    run_id = (tmp_path / "wandb_run_id").read_text()
+    assert runs[0].name == f"run-{run_id}.wandb"
+    again = make_sinks(cfg, tmp_path)
+    assert [s.run.id for s in again if hasattr(s, "run")] == [run_id]
+    for s in again:
+        s.close()
 
 
 def test_a_failing_sink_is_dropped_and_the_others_go_on():

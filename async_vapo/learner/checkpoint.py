@@ -1,7 +1,8 @@
 """Checkpoints: policy and value engines (weights, optimisers, schedulers) through DeepSpeed, plus the
 learner's own state (step, policy version, RNG states, the prompt ledger with the data cursor and every
-pending prompt). The policy is also exported in Hugging Face format (``step_N/hf``) for vLLM and
-transformers.
+pending prompt). The policy is also exported in Hugging Face format (``step_N/hf``, the tokenizer whole) for vLLM and
+transformers, and the critic beside it (``step_N/hf_critic``: the backbone and ``value_head.pt``). Only the
+checkpoints ``Retention`` keeps stay (``train.keep_last``, ``train.keep_best``).
 
 Atomic and durable: everything is written to ``step_N.tmp``, every file and directory in it is fsynced,
 then it is renamed to ``step_N`` (a previous ``step_N`` is moved aside first and deleted only after the
@@ -20,6 +21,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +113,48 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Retention:
+    """Which checkpoints stay on disk: the newest ``keep_last`` (0 = all) and, with ``keep_best``, the one
+    whose held-out accuracy at its save was the highest (its ``learner_state``'s ``eval_accuracy``)."""
+
+    keep_last: int = 0
+    keep_best: bool = False
+
+    def to_delete(self, steps: list[Path]) -> list[Path]:
+        """Of the complete checkpoints ``steps`` (oldest first), those to delete; never the newest."""
+        if self.keep_last <= 0 or len(steps) <= self.keep_last:
+            return []
+        keep = set(steps[-self.keep_last :])
+        if self.keep_best:
+            scored = [(acc, i) for i, p in enumerate(steps) if (acc := _eval_accuracy(p)) is not None]
+            if scored:
+                keep.add(steps[max(scored)[1]])  # ties: the newest
+        return [p for p in steps if p not in keep]
+
+
+def _eval_accuracy(path: Path) -> float | None:
+    try:
+        acc = msgspec.msgpack.decode((path / "learner_state.msgpack").read_bytes()).get("eval_accuracy")
+    except (OSError, msgspec.DecodeError):
+        return None
+    return float(acc) if isinstance(acc, (int, float)) else None
+
+
+def prune(root: Path, retention: Retention) -> list[Path]:
+    """Delete the checkpoints ``retention`` does not keep (rank 0, after ``latest`` names the newest)."""
+    gone = retention.to_delete(complete_steps(root))
+    for p in gone:
+        # renamed first: a crash mid-delete leaves no half-deleted step_N that looks complete
+        doomed = p.with_name(p.name + ".deleting")
+        os.replace(p, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    if gone:
+        _fsync_dir(root)
+        log.info("old checkpoints deleted", deleted=[p.name for p in gone])
+    return gone
+
+
 def save(
     root: Path,
     step: int,
@@ -120,6 +164,7 @@ def save(
     learner_state: dict[str, Any],
     tokenizer_dir: str | None = None,
     export_hf: bool = True,
+    retention: Retention = Retention(),
 ) -> Path:
     final = root / f"step_{step}"
     tmp = root / f"step_{step}.tmp"
@@ -136,9 +181,12 @@ def save(
         (tmp / "learner_state.msgpack").write_bytes(msgspec.msgpack.encode(state))
     if export_hf:
         export_policy(policy, tmp / "hf", tokenizer_dir)
+        if value is not None:  # the critic beside it (backbone in HF format + value_head.pt)
+            value.module.save(tmp / "hf_critic", writer=_rank() == 0)
     _barrier()
     if _rank() == 0:
         _publish(root, tmp, final)
+        prune(root, retention)
     _barrier()
     return final
 
@@ -150,9 +198,12 @@ def export_policy(engine: Any, out: Path, tokenizer_dir: str | None) -> None:
 
     save_hf(engine.module, out, writer=_rank() == 0)
     if _rank() == 0 and tokenizer_dir:
-        for f in Path(tokenizer_dir).iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens")) or f.name == "warm_start.json":
-                shutil.copy(f, out / f.name)
+        from transformers import AutoTokenizer
+
+        # the tokenizer whole, as transformers writes it: its chat template included
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+        if (Path(tokenizer_dir) / "warm_start.json").exists():
+            shutil.copy(Path(tokenizer_dir) / "warm_start.json", out / "warm_start.json")
 
 
 class CheckpointError(RuntimeError):

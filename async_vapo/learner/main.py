@@ -90,6 +90,7 @@ class Trainer:
         if self.metrics is not None and args.resume:
             self.metrics.rewind(self.step)
         self.stop_requested = False
+        self.evaluated: tuple[int, float] | None = None  # (step, held-out accuracy) of the last evaluation
         self.failure: BaseException | None = (
             None  # the controller failed: every rank saves, then it is raised
         )
@@ -324,6 +325,7 @@ class Trainer:
             "time": time.time(),
         }
         self.metrics.write(row)
+        self.evaluated = (self.step, row["eval_accuracy"])
         log.info("evaluation", step=self.step, accuracy=round(row["eval_accuracy"], 4), problems=len(groups))
         return row
 
@@ -379,6 +381,9 @@ class Trainer:
                 "ledger": self.ledger.state_dict() if self.rank == 0 else {},
                 "value_pretrained": self.progress.value_pretrained,
             }
+        if self.evaluated is not None and self.evaluated[0] == self.step:  # for train.keep_best
+            state["eval_accuracy"] = self.evaluated[1]
+        t = self.cfg.train
         path = checkpoint.save(
             self.out / "checkpoints",
             self.step,
@@ -387,6 +392,7 @@ class Trainer:
             self.value,
             state,
             self.args.model_path,
+            retention=checkpoint.Retention(t.keep_last, t.keep_best),
         )
         log.info("checkpoint saved", path=str(path), step=self.step)
         return path
