@@ -52,3 +52,27 @@ def test_the_attention_kernel_is_flash_attention_only_on_gpus_that_have_it():
     has_flash = importlib.util.find_spec("flash_attn") is not None
     assert attention_kernel("auto", on_gpu=True) == ("flash_attention_2" if has_flash else "sdpa")
     assert attention_kernel("eager", on_gpu=True) == "eager"
+
+
+def test_a_reward_models_score_head_starts_the_critic(tiny_model_dir, tmp_path):
+    """``model.value_path`` naming a Hugging Face reward model (one label): its backbone and its score head
+    make the critic, whose value at a sequence's last token is the reward model's score of it."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from async_vapo.learner.models import load_value
+
+    config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1, pad_token_id=0)
+    torch.manual_seed(3)
+    rm = AutoModelForSequenceClassification.from_config(config).eval()
+    torch.nn.init.normal_(rm.score.weight, std=0.5)  # not zero: the critic's own head starts at zero
+    rm.save_pretrained(tmp_path / "rm")
+    critic = load_value(str(tiny_model_dir), str(tmp_path / "rm"), torch.float32).eval()
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(critic(ids)[:, -1], rm(input_ids=ids).logits[:, 0])
+    two = AutoModelForSequenceClassification.from_config(
+        AutoConfig.from_pretrained(tiny_model_dir, num_labels=2)
+    )
+    two.save_pretrained(tmp_path / "two")
+    with pytest.raises(ValueError, match="a reward model with one label"):
+        load_value(str(tiny_model_dir), str(tmp_path / "two"), torch.float32)

@@ -1,8 +1,9 @@
 """Policy and value models, each wrapped in its own DeepSpeed engine (own optimiser, own lr).
 
 The value model is a transformer backbone with a scalar head: ``V(s_t)`` is read at the position of the
-last token of state ``s_t``. It starts from ``value_path`` (a reward-model or saved value checkpoint) when
-given, else from the policy's backbone with a zero-initialised head.
+last token of state ``s_t``. It starts from ``value_path`` when given: a saved critic (its
+``value_head.pt``) or a Hugging Face reward model (its one-label ``score`` head becomes the value head);
+else from the policy's backbone with a zero-initialised head.
 """
 
 from __future__ import annotations
@@ -125,7 +126,33 @@ def load_value(
     head = Path(source) / VALUE_HEAD
     if value_path and head.exists():
         model.head.load_state_dict(torch.load(head, map_location="cpu", weights_only=True))
+    elif value_path and (score := reward_model_head(value_path, hidden)) is not None:
+        with torch.no_grad():
+            model.head.weight.copy_(score[0])
+            model.head.bias.copy_(score[1])
     return model
+
+
+def reward_model_head(path: str, hidden: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The scalar score head of a Hugging Face reward model (``*ForSequenceClassification`` with one
+    label: ``score.weight`` [1, hidden], ``score.bias`` when it has one) as (weight, bias); None when
+    ``path`` has no such head. A head of another shape (several labels) is an error: it scores no value."""
+    from async_vapo.learner.loading import _read, checkpoint_files
+
+    try:
+        files = checkpoint_files(path)
+    except FileNotFoundError:
+        return None
+    if "score.weight" not in files:
+        return None
+    weight = _read(files["score.weight"], "score.weight")
+    if tuple(weight.shape) != (1, hidden):
+        raise ValueError(
+            f"model.value_path {path}: its score head has shape {tuple(weight.shape)}, a critic needs (1, "
+            f"{hidden}) (a reward model with one label)"
+        )
+    bias = _read(files["score.bias"], "score.bias") if "score.bias" in files else torch.zeros(1)
+    return weight, bias.reshape(1)
 
 
 def partitioned(ds_config: dict[str, Any] | None) -> bool:
