@@ -51,6 +51,11 @@ class DataConfig(_Section, frozen=True):
     eval_answer_field: str = ""
     eval_prompt_template: str = ""
     verifier: str = ""  # "" = the task's own (addition / math-verify); or a registry name or "module:factory"
+    # prompts through the tokenizer's chat template (apply_chat_template, generation prompt added): "auto"
+    # = when the tokenizer has one; a prompt field holding a message list ([{role, content}], the DAPO
+    # layout's "prompt") is taken as the conversation, a text one becomes the user message
+    chat_template: bool | Literal["auto"] = "auto"
+    system_prompt: str = ""  # chat: a system message put first ("" = none, or the data's own)
     n_train: int = 100_000  # addition: size of the generated training set
     n_eval: int = 256  # held-out problems for periodic evaluation
     # addition: fewest digits of the longer operand (1..7; the prompt format is the same, 7-digit operands).

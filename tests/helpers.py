@@ -100,3 +100,31 @@ def listening_sockets(pids: set[int]) -> set[tuple[str, int]]:
                 raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
                 found.add((str(ipaddress.ip_address(raw)), int(hexport, 16)))
     return found
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def chat_tokenizer(out_dir):
+    """A real Hugging Face tokenizer, one token per printable ASCII character, with a chat template of its
+    own (``<role>content`` lines, ``<assistant>`` as the generation prompt); saved to ``out_dir``."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<pad>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast

@@ -150,3 +150,46 @@ def test_paper_recipe_reads_its_training_and_held_out_layouts(tmp_path):
     assert len(held_out) == 30 and held_out[0].answer == "204"
     text = "".join(chr(i) for i in unpack_i32(held_out[0].token_ids).tolist()[1:])
     assert text.startswith("Solve the problem below") and "Every morning Aya" in text
+
+
+def test_chat_templates_render_text_and_message_list_prompts(tmp_path):
+    """``data.chat_template``: a text prompt becomes the user message, a message-list prompt (the DAPO
+    layout's ``prompt``) is the conversation; the system prompt goes first, the generation prompt last.
+    ``auto`` follows the tokenizer; ``true`` without a template is an error; a message list without a
+    template is an error naming the row (it used to be formatted as a Python list)."""
+    from transformers import AutoTokenizer
+
+    from async_vapo.tasks.datasets import chat_format
+    from tests.helpers import chat_tokenizer
+
+    chat_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")  # the template survives save / load
+    rows = [
+        {"q": "1+2", "prompt": [{"role": "user", "content": "Add 3 and 4."}], "answer": "3"},
+        {"q": "5+5", "prompt": [{"role": "system", "content": "Own."}, {"role": "user", "content": "Hi"}],
+         "answer": "10"},
+    ]  # fmt: skip
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat = chat_format("auto", tok, system_prompt="Be brief.")
+    assert chat is not None
+
+    def texts(prompts):
+        return [tok.decode(unpack_i32(p.token_ids).tolist()) for p in prompts]
+
+    assert texts(load_prompts(data, tok, "Q: {problem}", "q", "answer", chat=chat)) == [
+        "<system>Be brief.\n<user>Q: 1+2\n<assistant>",
+        "<system>Be brief.\n<user>Q: 5+5\n<assistant>",
+    ]
+    assert texts(load_prompts(data, tok, "{problem}", "prompt", "answer", chat=chat)) == [
+        "<system>Be brief.\n<user>Add 3 and 4.\n<assistant>",
+        "<system>Own.\n<user>Hi\n<assistant>",  # the data's own system message is kept
+    ]
+    assert chat_format(False, tok) is None
+    assert texts(load_prompts(data, tok, "Q: {problem}", "q", "answer", chat=None)) == ["Q: 1+2", "Q: 5+5"]
+    with pytest.raises(DatasetError, match="row 0: the prompt field holds a message list"):
+        load_prompts(data, tok, "{problem}", "prompt", "answer", chat=None)
+    plain = CharTokenizer()
+    assert chat_format("auto", plain) is None
+    with pytest.raises(DatasetError, match="data.chat_template is true but the tokenizer"):
+        chat_format(True, plain)

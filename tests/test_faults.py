@@ -174,8 +174,18 @@ def test_faults_during_a_run_then_the_learner_restarts(tiny_model_dir, tmp_path)
 
         def refused(row):
             c = row["controller_counters"]
-            groups = sum(v - c0.get(k, 0) for k, v in c.items() if k.startswith("group_rejected_"))
-            hellos = {k: v - c0.get(k, 0) for k, v in c.items() if k.startswith("hello_rejected_")}
+            # a group for a prompt not outstanding is the buffer's duplicate; one for an outstanding
+            # prompt is refused by admission (it lacks the prompt's ticket)
+            groups = sum(
+                v - c0.get(k, 0)
+                for k, v in c.items()
+                if k.startswith("group_rejected_") or k == "group_duplicate"
+            )
+            hellos = {
+                k: v - c0.get(k, 0)
+                for k, v in c.items()
+                if k.startswith("hello_rejected_") and v > c0.get(k, 0)
+            }
             return groups, hellos
 
         hostile = _wait(
@@ -184,8 +194,10 @@ def test_faults_during_a_run_then_the_learner_restarts(tiny_model_dir, tmp_path)
             log,
             "the hostile groups to be refused",
         )
-        assert hostile[0] == HOSTILE_GROUPS, hostile  # (the heavy frame: dropped by ZeroMQ, never read)
-        assert hostile[1]["hello_rejected_identity_mismatch"] == hostile[1]["hello_rejected_tp_mismatch"] == 1
+        # (honest groups can be duplicates too, hence >=; the heavy frame is dropped by ZeroMQ, never read)
+        assert hostile[0] >= HOSTILE_GROUPS, hostile
+        # a Hello in the worker's name from another socket; one from an unplanned id (with 64-way TP)
+        assert hostile[1] == {"hello_rejected_identity_mismatch": 1, "hello_rejected_unplanned_worker": 1}
         assert set(_train_rows(out)[-1]["worker_versions"]) == {"rollout-0"}  # no rogue registered
 
         # 2. SIGKILL the rollout worker

@@ -148,7 +148,7 @@ def _fitting(prompts: list[Prompt], cfg: Config, split: str) -> list[Prompt]:
 
 
 def _task_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Prompt]]:
-    from async_vapo.tasks.datasets import addition_prompts, load_prompts
+    from async_vapo.tasks.datasets import addition_prompts, chat_format, load_prompts
 
     d = cfg.data
     if d.task == "addition":
@@ -156,6 +156,7 @@ def _task_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Promp
             addition_prompts(tokenizer, d.n_train, d.seed, "train-", d.min_digits),
             addition_prompts(tokenizer, d.n_eval, d.seed + 99_991, "eval-", d.min_digits),
         )
+    chat = chat_format(d.chat_template, tokenizer, d.system_prompt)
     train = load_prompts(
         d.train_file,
         tokenizer,
@@ -164,6 +165,7 @@ def _task_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Promp
         d.answer_field,
         "math",
         split=d.train_split,
+        chat=chat,
     )
     eval_fields = (
         d.eval_prompt_template or d.prompt_template,
@@ -171,7 +173,7 @@ def _task_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Promp
         d.eval_answer_field or d.answer_field,
     )
     evals = (
-        load_prompts(d.eval_file, tokenizer, *eval_fields, "math", split=d.eval_split)
+        load_prompts(d.eval_file, tokenizer, *eval_fields, "math", split=d.eval_split, chat=chat)
         if d.eval_file
         else train[: d.n_eval]
     )

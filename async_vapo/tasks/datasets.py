@@ -12,6 +12,7 @@ has several. A row without an answer is rejected with an error naming the source
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,61 @@ def _get(row: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """Prompts rendered by the tokenizer's chat template (``data.chat_template``), with an optional
+    system message first."""
+
+    system_prompt: str = ""
+
+
+def chat_format(setting: bool | str, tokenizer: Any, system_prompt: str = "") -> ChatFormat | None:
+    """``data.chat_template`` resolved against the tokenizer: ``auto`` uses the template when the
+    tokenizer has one; ``true`` without one is an error (prompts would silently lack the chat markup)."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if setting is True and not has:
+        raise DatasetError(
+            f"data.chat_template is true but the tokenizer ({getattr(tokenizer, 'name_or_path', '?')}) has no "
+            "chat template"
+        )
+    return ChatFormat(system_prompt) if has and setting is not False else None
+
+
+def _messages(problem: Any) -> list[dict[str, str]] | None:
+    """A prompt field that holds a conversation: a list of {role, content} with text contents."""
+    if not isinstance(problem, list) or not problem:
+        return None
+    for m in problem:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            return None
+    return [{"role": m["role"], "content": m["content"]} for m in problem]
+
+
+def prompt_token_ids(
+    tokenizer: Any, problem: Any, template: str, fields: dict[str, Any], chat: ChatFormat | None
+) -> list[int]:
+    """One row's prompt as token ids: ``template`` over the row's fields with ``{problem}``, tokenized as
+    text; with ``chat``, through the chat template (a message-list ``problem`` is the conversation)."""
+    conversation = _messages(problem)
+    if chat is None:
+        if conversation is not None:
+            raise DatasetError(
+                "the prompt field holds a message list but the tokenizer has no chat template (or "
+                "data.chat_template is false): point data.prompt_field at a text (e.g. prompt.0.content)"
+            )
+        return list(
+            tokenizer(template.format(**{**fields, "problem": problem}), add_special_tokens=True)["input_ids"]
+        )
+    if conversation is None:
+        conversation = [{"role": "user", "content": template.format(**{**fields, "problem": problem})}]
+    if chat.system_prompt and conversation[0]["role"] != "system":
+        conversation = [{"role": "system", "content": chat.system_prompt}, *conversation]
+    ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
 def load_prompts(
     path: str | Path,
     tokenizer: Any,
@@ -106,9 +162,11 @@ def load_prompts(
     task: str = "math",
     id_field: str = "id",
     split: str = "train",
+    chat: ChatFormat | None = None,
 ) -> list[Prompt]:
     """``template`` is a ``str.format`` string over the row's top-level fields plus ``{problem}`` (the
-    value of ``prompt_field``, which may be dotted like ``reward_model.ground_truth``)."""
+    value of ``prompt_field``, which may be dotted like ``reward_model.ground_truth``); ``chat``: through
+    the tokenizer's chat template (``prompt_token_ids``)."""
     out = []
     for i, row in enumerate(read_rows(path, split)):
         answer = _get(row, answer_field)
@@ -120,8 +178,10 @@ def load_prompts(
         if problem is None:
             raise DatasetError(f"{path}: row {i} has no prompt in field {prompt_field!r}")
         fields = {k: v for k, v in row.items() if isinstance(k, str)}
-        text = template.format(**{**fields, "problem": problem})
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        try:
+            ids = prompt_token_ids(tokenizer, problem, template, fields, chat)
+        except DatasetError as exc:
+            raise DatasetError(f"{path}: row {i}: {exc}") from None
         out.append(
             Prompt(f"{Path(path).stem}-{row.get(id_field, i)}", pack_i32(ids), str(answer).strip(), task)
         )
