@@ -7,6 +7,7 @@ field, e.g. ``config error at train.actor_lr: Expected float, got str``.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import typing
 from pathlib import Path
@@ -51,6 +52,13 @@ class DataConfig(_Section, frozen=True):
     eval_answer_field: str = ""
     eval_prompt_template: str = ""
     verifier: str = ""  # "" = the task's own (addition / math-verify); or a registry name or "module:factory"
+    # several verifiers (instead of ``verifier``): the reward is the weighted sum of theirs, the first decides
+    # "correct" (rewards/base.py has the interface: bool, graded float within a declared range, or Verdict)
+    verifiers: list[str] = []
+    verifier_weights: list[float] = []  # one per verifier ([] = 1 each)
+    # the row's fields a verifier receives as keyword arguments (besides ``prompt``); dotted names are
+    # reached into; they travel with the prompt (at most 16 KiB of JSON per row)
+    extra_fields: list[str] = []
     # prompts through the tokenizer's chat template (apply_chat_template, generation prompt added): "auto"
     # = when the tokenizer has one; a prompt field holding a message list ([{role, content}], the DAPO
     # layout's "prompt") is taken as the conversation, a text one becomes the user message
@@ -292,6 +300,22 @@ class Config(_Section, frozen=True):
                 not self.train.filter_uniform_rewards or self.rollout.n_samples > 1,
                 "train.filter_uniform_rewards needs rollout.n_samples > 1 (a group of one is always uniform)",
             ),
+            (
+                not (self.data.verifier and self.data.verifiers),
+                "set data.verifier (one) or data.verifiers (several), not both",
+            ),
+            (
+                not self.data.verifier_weights
+                or (
+                    len(self.data.verifier_weights) == len(self.data.verifiers)
+                    and all(math.isfinite(w) and w >= 0 for w in self.data.verifier_weights)
+                ),
+                "data.verifier_weights needs one finite weight >= 0 per entry of data.verifiers",
+            ),
+            (
+                all(SPEC_SAFE.fullmatch(v) for v in [self.data.verifier, *self.data.verifiers] if v),
+                "a verifier is a registry name or module:factory (letters, digits, _ . : -)",
+            ),
             (self.train.keep_last >= 0, "train.keep_last must be >= 0 (0 = keep every checkpoint)"),
             (self.train.filter_patience >= 0, "train.filter_patience must be >= 0 (0 = never stop)"),
             (self.train.eval_timeout_s >= 0, "train.eval_timeout_s must be >= 0 (0 = derived)"),
@@ -314,6 +338,14 @@ class Config(_Section, frozen=True):
 
 class ConfigError(ValueError):
     pass
+
+
+SPEC_SAFE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]*")  # a verifier name (no "@" / "|": rewards.base.Scoring)
+
+
+def verifier_names(cfg: Config) -> list[str]:
+    """The run's verifiers by name ([]: each prompt's task's own)."""
+    return list(cfg.data.verifiers) or ([cfg.data.verifier] if cfg.data.verifier else [])
 
 
 def check_learner_split(cfg: Config, learner_world: int) -> None:

@@ -191,5 +191,5 @@ def test_chat_templates_render_text_and_message_list_prompts(tmp_path):
         load_prompts(data, tok, "{problem}", "prompt", "answer", chat=None)
     plain = CharTokenizer()
     assert chat_format("auto", plain) is None
-    with pytest.raises(DatasetError, match="data.chat_template is true but the tokenizer"):
+    with pytest.raises(DatasetError, match=r"data\.chat_template is true but the tokenizer"):
         chat_format(True, plain)

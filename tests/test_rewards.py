@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from async_vapo.rewards import AdditionVerifier, MathVerifier, VerifierPool, extract_math_answer
+from async_vapo.rewards import AdditionVerifier, MathVerifier, Verdict, VerifierPool, extract_math_answer
 
 AIME = Path(__file__).resolve().parents[1] / "data" / "aime24.jsonl"  # shipped with the repository
 
@@ -113,3 +113,54 @@ def test_loading_a_verifier_is_not_charged_to_the_sample():
         assert pool.counts["timeout"] == 1
     finally:
         pool.close()
+
+
+def test_graded_rewards_context_and_several_weighted_verifiers():
+    """Rewards v2: a verifier may return a bool, a number within its declared range or a Verdict; it gets
+    the prompt and the row's fields it names; several verifiers give the weighted sum of their rewards
+    (binary ones at correct_reward / wrong_reward), the first deciding ``correct``."""
+    from async_vapo.rewards.base import Scoring
+    from async_vapo.rewards.pool import check_verifier
+
+    pool = VerifierPool(processes=1, timeout_s=5.0, correct_reward=1.0, wrong_reward=-1.0)
+    try:
+        ctx = {"prompt": "12+30=", "bonus": "yes", "unused": 1}
+        (full,) = pool.score([("tests.verifier_fixtures:graded", "|42", "42", ctx)])
+        assert full == Verdict(True, "ok", 2.0)  # the top of its range (-1, 2): correct
+        (part,) = pool.score([("tests.verifier_fixtures:graded", "|12", "42", ctx)])
+        assert part == Verdict(False, "wrong", -1.0 + 2.0 * 1 / 2 + 0.5)  # one digit right, the bonus
+        (echo,) = pool.score([("tests.verifier_fixtures:context", "x", "1", ctx)])
+        assert echo == Verdict(True, "ok: bonus=yes,prompt=12+30=,unused=1", 0.25)  # **kwargs: all of it
+        (big,) = pool.score([("tests.verifier_fixtures:out_of_range", "x", "1")])
+        assert big == Verdict(False, "bad_output")  # 5.0 outside the default [0, 1]
+        spec = Scoring.spec(["tests.verifier_fixtures:graded", "addition"], [0.5, 2.0])
+        assert spec == "tests.verifier_fixtures:graded@0.5|addition@2.0"
+        (mixed,) = pool.score([(spec, "|12", "42", ctx)])
+        assert mixed.correct is False and mixed.reward == pytest.approx(0.5 * 0.5 + 2.0 * -1.0)
+        (both,) = pool.score([(spec, "|42", "42", ctx)])
+        assert both.correct and both.reward == pytest.approx(0.5 * 2.0 + 2.0 * 1.0)
+        hung = Scoring.spec(["addition", "tests.verifier_fixtures:raises"], [1.0, 1.0])
+        (err,) = pool.score([(hung, "|42", "42")])
+        assert err.correct and err.detail.startswith("error") and err.reward == pytest.approx(1.0 - 1.0)
+    finally:
+        pool.close()
+    assert check_verifier("tests.verifier_fixtures:graded").reward_range == (-1.0, 2.0)
+    assert check_verifier("addition") == check_verifier("math").__class__(None, (0.0, 1.0))
+    assert "not a finite interval" in (check_verifier("tests.verifier_fixtures:bad_range").error or "")
+
+
+def test_the_controller_accepts_exactly_the_declared_reward_range():
+    from async_vapo.config import load_config
+    from async_vapo.controller.admission import GroupRules
+
+    binary = GroupRules.of(load_config(), 17)
+    assert binary.reward_bounds is None and binary.reward_ok(1.0, True) and not binary.reward_ok(0.5, True)
+    cfg = load_config(
+        None,
+        ["data.verifiers=[tests.verifier_fixtures:graded, addition]", "data.verifier_weights=[0.5, 2.0]",
+         "rollout.wrong_reward=-1"],
+    )  # fmt: skip
+    rules = GroupRules.of(cfg, 17, ranges={"tests.verifier_fixtures:graded": (-1.0, 2.0)})
+    assert rules.reward_bounds == (0.5 * -1.0 + 2.0 * -1.0, 0.5 * 2.0 + 2.0 * 1.0)
+    assert rules.reward_ok(3.0, False) and rules.reward_ok(-2.5, True)
+    assert not rules.reward_ok(3.01, True) and not rules.reward_ok(1e30, True)

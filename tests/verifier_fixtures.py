@@ -85,3 +85,59 @@ def slow_load():
 
     time.sleep(1.5)
     return AdditionVerifier()
+
+
+class _Graded:
+    """Partial credit by the digits in common with the answer; reads the prompt and a row field."""
+
+    name = "graded"
+    reward_range = (-1.0, 2.0)
+
+    def __call__(self, response, answer, prompt="", bonus=None):
+        from async_vapo.tasks.arithmetic import extract_answer
+
+        got = extract_answer(response) or ""
+        if got.lstrip("0") == answer.lstrip("0"):
+            return 2.0
+        common = sum(a == b for a, b in zip(got[::-1], answer[::-1], strict=False))
+        return -1.0 + 2.0 * common / max(1, len(answer)) + (0.5 if bonus and "+" in prompt else 0.0)
+
+
+def graded():
+    return _Graded()
+
+
+class _Context:
+    """Echoes what it was given, to check the keyword arguments (a Verdict with the context in detail)."""
+
+    name = "context"
+
+    def __call__(self, response, answer, **kwargs):
+        from async_vapo.rewards import Verdict
+
+        return Verdict(True, "ok: " + ",".join(f"{k}={kwargs[k]}" for k in sorted(kwargs)), 0.25)
+
+
+def context():
+    return _Context()
+
+
+def out_of_range():
+    class _Big:
+        name = "big"
+
+        def __call__(self, response, answer):
+            return 5.0  # the default range is [0, 1]
+
+    return _Big()
+
+
+def bad_range():
+    class _Bad:
+        name = "bad_range"
+        reward_range = (1.0, 0.0)
+
+        def __call__(self, response, answer):
+            return 0.5
+
+    return _Bad()

@@ -61,11 +61,22 @@ class GroupRules:
     tensor_parallel_size: int
     eval_samples: int = 1
     engines: int = 0  # > 0: the launcher's plan has this many engines, and only their workers may join
+    # graded or several verifiers: the interval their (weighted) rewards lie in; None = exactly
+    # correct_reward / wrong_reward, agreeing with ``correct``
+    reward_bounds: tuple[float, float] | None = None
 
     @classmethod
-    def of(cls, cfg: Config, vocab_size: int, engines: int = 0) -> GroupRules:
+    def of(
+        cls,
+        cfg: Config,
+        vocab_size: int,
+        engines: int = 0,
+        ranges: dict[str, tuple[float, float]] | None = None,
+    ) -> GroupRules:
+        """``ranges``: the reward range each of the run's verifiers declares (``reward_bounds``)."""
         r = cfg.rollout
         return cls(
+            reward_bounds=reward_bounds(cfg, ranges or {}),
             engines=engines,
             vocab_size=vocab_size,
             n_samples=r.n_samples,
@@ -88,9 +99,35 @@ class GroupRules:
 
     def reward_ok(self, reward: float, correct: bool) -> bool:
         """``reward`` is what the verifiers give for a response judged ``correct`` (or not)."""
+        if self.reward_bounds is not None:
+            lo, hi = self.reward_bounds
+            slack = 1e-6 * max(1.0, abs(lo), abs(hi))  # a weighted sum's rounding
+            return lo - slack <= reward <= hi + slack
         if self.correct_reward == self.wrong_reward:
             return reward == self.correct_reward
         return reward == (self.correct_reward if correct else self.wrong_reward)
+
+
+def reward_bounds(cfg: Config, ranges: dict[str, tuple[float, float]]) -> tuple[float, float] | None:
+    """The interval a response's reward lies in when the run's verifiers may grade (None: one binary
+    verifier, whose rewards are exactly correct_reward / wrong_reward). Each verifier contributes its
+    weight times the hull of its declared range (``ranges``; the built-in ones are binary) and the
+    binary rewards (a verifier that times out or errs gives the wrong reward)."""
+    from async_vapo.config import verifier_names
+    from async_vapo.rewards.verifiers import REGISTRY
+
+    names = verifier_names(cfg)
+    weights = list(cfg.data.verifier_weights) or [1.0] * len(names)
+    if not names or (len(names) == 1 and weights == [1.0] and names[0] in REGISTRY):
+        return None
+    r = cfg.rollout
+    binary = (min(r.correct_reward, r.wrong_reward), max(r.correct_reward, r.wrong_reward))
+    lo = hi = 0.0
+    for name, w in zip(names, weights, strict=True):
+        a, b = binary if name in REGISTRY else ranges.get(name, binary)
+        lo += w * min(a, binary[0])
+        hi += w * max(b, binary[1])
+    return lo, hi
 
 
 def check_group(

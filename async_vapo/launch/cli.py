@@ -131,11 +131,13 @@ def preflight(cfg: Config, dry_run: bool) -> str | None:
             return (
                 f"model.path {path} has no {' or '.join(missing)} (a Hugging Face model directory is needed)"
             )
-    if cfg.data.verifier:
-        from async_vapo.rewards.pool import check_verifier
+    from async_vapo.config import verifier_names
+    from async_vapo.rewards.pool import check_verifier
 
-        if (why := check_verifier(cfg.data.verifier, cfg.rollout.verifier_timeout_s + 60)) is not None:
-            return f"data.verifier {cfg.data.verifier!r} cannot be used: {why}"
+    for name in verifier_names(cfg):
+        if (why := check_verifier(name, cfg.rollout.verifier_timeout_s + 60).error) is not None:
+            field = "data.verifier" if cfg.data.verifier else "data.verifiers"
+            return f"{field} {name!r} cannot be used: {why}"
     return None
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 import torch
 import torch.distributed as dist
@@ -116,13 +117,34 @@ def build_models(cfg: Config, model_path: str, on_gpu: bool, micro: int) -> tupl
     return policy, value
 
 
+def declared_ranges(cfg: Config) -> dict[str, tuple[float, float]]:
+    """The reward range each of the run's own verifiers declares (loaded in a child process, as the
+    launcher's pre-flight does; the built-in ones are binary and need no load)."""
+    from async_vapo.config import verifier_names
+    from async_vapo.rewards.pool import check_verifier
+    from async_vapo.rewards.verifiers import REGISTRY
+
+    out = {}
+    for name in verifier_names(cfg):
+        if name not in REGISTRY:
+            check = check_verifier(name, cfg.rollout.verifier_timeout_s + 60)
+            if check.error is not None:
+                raise ValueError(f"verifier {name!r} cannot be used: {check.error}")
+            out[name] = check.reward_range
+    return out
+
+
 def build_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Prompt]]:
     """Training and held-out prompts; ``data.verifier`` (if set) names the verifier of every prompt."""
+    from async_vapo.config import verifier_names
+    from async_vapo.rewards.base import Scoring
+
     train, evals = _task_prompts(cfg, tokenizer)
     train, evals = _fitting(train, cfg, "train"), _fitting(evals, cfg, "eval")
-    if cfg.data.verifier:
-        train = [Prompt(p.uid, p.token_ids, p.answer, cfg.data.verifier) for p in train]
-        evals = [Prompt(p.uid, p.token_ids, p.answer, cfg.data.verifier) for p in evals]
+    if names := verifier_names(cfg):
+        spec = Scoring.spec(names, list(cfg.data.verifier_weights))
+        train = [msgspec.structs.replace(p, task=spec) for p in train]
+        evals = [msgspec.structs.replace(p, task=spec) for p in evals]
     return train, evals
 
 
@@ -166,6 +188,7 @@ def _task_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Promp
         "math",
         split=d.train_split,
         chat=chat,
+        extra_fields=tuple(d.extra_fields),
     )
     eval_fields = (
         d.eval_prompt_template or d.prompt_template,
@@ -173,7 +196,15 @@ def _task_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Promp
         d.eval_answer_field or d.answer_field,
     )
     evals = (
-        load_prompts(d.eval_file, tokenizer, *eval_fields, "math", split=d.eval_split, chat=chat)
+        load_prompts(
+            d.eval_file,
+            tokenizer,
+            *eval_fields,
+            "math",
+            split=d.eval_split,
+            chat=chat,
+            extra_fields=tuple(d.extra_fields),
+        )
         if d.eval_file
         else train[: d.n_eval]
     )
@@ -210,7 +241,11 @@ def start_controller(
         ranks_per_node=args.ranks_per_node,
     )
     controller = Controller(
-        t, wiring, ledger, version, rules=GroupRules.of(args.cfg, vocab_size, args.rollout_engines)
+        t,
+        wiring,
+        ledger,
+        version,
+        rules=GroupRules.of(args.cfg, vocab_size, args.rollout_engines, declared_ranges(args.cfg)),
     )
     controller.start()
     return controller

@@ -21,7 +21,8 @@ import numpy as np
 
 # 2: evaluation rounds are numbered (Assign / TrajectoryGroup.eval_round)
 # 3: prompts carry a ticket; a worker reports the prompts it could not finish (RolloutFailed)
-# 4: Control("rejoin"): a restarted learner world asks a live worker to say Hello again, engine kept
+# 4: Control("rejoin"): a restarted learner world asks a live worker to say Hello again, engine kept;
+#    Prompt.extras (the row's fields for the verifiers)
 PROTOCOL_VERSION = 4
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -87,6 +88,7 @@ class Prompt(msgspec.Struct, array_like=True, gc=False, frozen=True):
     task: ShortText = "math"
     attempt: int = 0
     ticket: ShortText = ""
+    extras: ShortText = ""  # JSON of the row's ``data.extra_fields`` (verifiers' keyword arguments)
 
 
 class Response(msgspec.Struct, array_like=True, gc=False, frozen=True):

@@ -18,11 +18,13 @@ Weight updates (``WeightUpdate``), one at a time, in the mode ``rollout.weight_u
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 import zmq.asyncio
@@ -79,7 +81,13 @@ class RolloutWorker:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.engine.model)
-        self.pool = VerifierPool(cfg.rollout.verifier_processes, cfg.rollout.verifier_timeout_s)
+        r = cfg.rollout
+        self.pool = VerifierPool(
+            r.verifier_processes,
+            r.verifier_timeout_s,
+            correct_reward=r.correct_reward,
+            wrong_reward=r.wrong_reward,
+        )
         self.ctx = zmq.asyncio.Context()
         security = client_security(cfg.curve_dir, cfg.worker_id) if cfg.curve_dir else None
         self.control = ControlClient(self.ctx, cfg.control_endpoint, cfg.worker_id, security)
@@ -237,7 +245,10 @@ class RolloutWorker:
         gen_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         texts = [str(self.tokenizer.decode(s.token_ids, skip_special_tokens=True)) for s in samples]
-        verdicts = await asyncio.to_thread(self.pool.score, [(prompt.task, t, prompt.answer) for t in texts])
+        context = verifier_context(self.tokenizer, prompt)
+        verdicts = await asyncio.to_thread(
+            self.pool.score, [(prompt.task, t, prompt.answer, context) for t in texts]
+        )
         responses = []
         for s, v in zip(samples, verdicts, strict=True):
             self.generated_tokens += len(s.token_ids)
@@ -285,6 +296,21 @@ class RolloutWorker:
         self.control.close()
         self.engine.shutdown()
         self.ctx.term()
+
+
+def verifier_context(tokenizer: Any, prompt: Prompt) -> dict[str, Any]:
+    """What a verifier may take as keyword arguments: the prompt's text and the row's extra fields."""
+    context: dict[str, Any] = {
+        "prompt": str(tokenizer.decode(unpack_i32(prompt.token_ids), skip_special_tokens=True))
+    }
+    if prompt.extras:
+        try:
+            extras = json.loads(prompt.extras)
+        except ValueError:
+            extras = None
+        if isinstance(extras, dict):
+            context |= {k: v for k, v in extras.items() if k != "prompt"}
+    return context
 
 
 def worker_main(cfg: WorkerConfig) -> None:

@@ -163,6 +163,7 @@ def load_prompts(
     id_field: str = "id",
     split: str = "train",
     chat: ChatFormat | None = None,
+    extra_fields: tuple[str, ...] = (),
 ) -> list[Prompt]:
     """``template`` is a ``str.format`` string over the row's top-level fields plus ``{problem}`` (the
     value of ``prompt_field``, which may be dotted like ``reward_model.ground_truth``); ``chat``: through
@@ -182,10 +183,24 @@ def load_prompts(
             ids = prompt_token_ids(tokenizer, problem, template, fields, chat)
         except DatasetError as exc:
             raise DatasetError(f"{path}: row {i}: {exc}") from None
-        out.append(
-            Prompt(f"{Path(path).stem}-{row.get(id_field, i)}", pack_i32(ids), str(answer).strip(), task)
-        )
+        extras = row_extras(row, extra_fields)
+        if len(extras) > MAX_EXTRAS:
+            raise DatasetError(
+                f"{path}: row {i}: data.extra_fields come to {len(extras)} bytes of JSON (at most {MAX_EXTRAS})"
+            )
+        uid = f"{Path(path).stem}-{row.get(id_field, i)}"
+        out.append(Prompt(uid, pack_i32(ids), str(answer).strip(), task, extras=extras))
     return out
+
+
+MAX_EXTRAS = 16 * 1024  # bytes of JSON per prompt: they travel with it, both ways
+
+
+def row_extras(row: dict[str, Any], fields: tuple[str, ...]) -> str:
+    """The row's ``fields`` (dotted names reach in; the last part names it) as JSON ("" for none)."""
+    if not fields:
+        return ""
+    return json.dumps({f.rsplit(".", 1)[-1]: _get(row, f) for f in fields}, ensure_ascii=False, default=str)
 
 
 def addition_prompts(tokenizer: Any, n: int, seed: int, prefix: str, min_digits: int = 1) -> list[Prompt]:
