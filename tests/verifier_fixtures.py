@@ -141,3 +141,15 @@ def bad_range():
             return 0.5
 
     return _Bad()
+
+
+def needs_unit():
+    """A verifier that needs a row field the run does not send (data.extra_fields lacks it)."""
+
+    class _NeedsUnit:
+        name = "needs_unit"
+
+        def __call__(self, response, answer, *, unit):
+            return unit in response
+
+    return _NeedsUnit()

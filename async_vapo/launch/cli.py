@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -138,6 +139,71 @@ def preflight(cfg: Config, dry_run: bool) -> str | None:
         if (why := check_verifier(name, cfg.rollout.verifier_timeout_s + 60).error) is not None:
             field = "data.verifier" if cfg.data.verifier else "data.verifiers"
             return f"{field} {name!r} cannot be used: {why}"
+    if cfg.data.task != "addition":
+        return preflight_data(cfg)
+    return None
+
+
+PREFLIGHT_ROWS = 4  # rows of each data file read and scored before a run starts
+
+
+def preflight_data(cfg: Config) -> str | None:
+    """The first rows of the training and held-out files, read through the real loader (fields, template,
+    extras), and the training rows' answers scored by every verifier as if they were responses: a
+    verifier whose call raises, hangs or returns something outside the interface (a keyword it needs
+    and is not given, say) stops the launch instead of giving every sample the wrong reward."""
+    from async_vapo.config import verifier_names
+    from async_vapo.rewards.pool import VerifierPool
+    from async_vapo.tasks.datasets import DatasetError, _get, read_rows, row_extras
+
+    d = cfg.data
+    fields = [(d.train_file, d.train_split, d.prompt_template, d.prompt_field, d.answer_field)]
+    if d.eval_file:
+        fields.append(
+            (
+                d.eval_file,
+                d.eval_split,
+                d.eval_prompt_template or d.prompt_template,
+                d.eval_prompt_field or d.prompt_field,
+                d.eval_answer_field or d.answer_field,
+            )
+        )
+    items = []
+    for path, split, template, prompt_field, answer_field in fields:
+        try:
+            rows = read_rows(path, split)[:PREFLIGHT_ROWS]
+        except (DatasetError, OSError) as exc:
+            return f"data file {path}: {exc}"
+        for i, row in enumerate(rows):
+            answer, problem = _get(row, answer_field), _get(row, prompt_field)
+            if answer is None or problem is None:
+                missing = answer_field if answer is None else prompt_field
+                return f"{path}: row {i} has no field {missing!r} (data.*_field)"
+            try:
+                text = (
+                    problem if isinstance(problem, list) else template.format(**{**row, "problem": problem})
+                )
+            except (KeyError, IndexError, ValueError) as exc:
+                return f"{path}: row {i}: the prompt template cannot be filled ({type(exc).__name__}: {exc})"
+            if path == d.train_file:
+                context = {"prompt": str(text)} | json.loads(row_extras(row, tuple(d.extra_fields)) or "{}")
+                items.append((str(answer), str(answer), context))
+    names = verifier_names(cfg)
+    if not names or not items:
+        return None
+    r = cfg.rollout
+    pool = VerifierPool(1, r.verifier_timeout_s, correct_reward=r.correct_reward, wrong_reward=r.wrong_reward)
+    try:
+        for name in names:
+            for i, (response, answer, context) in enumerate(items):
+                v = pool.score_one(name, response, answer, context)
+                if v.detail.startswith(("error", "timeout", "bad_output")):
+                    return (
+                        f"verifier {name!r} fails on row {i} of {d.train_file} (its answer given as the "
+                        f"response): {v.detail}"
+                    )
+    finally:
+        pool.close()
     return None
 
 
