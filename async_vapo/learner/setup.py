@@ -135,17 +135,27 @@ def declared_ranges(cfg: Config) -> dict[str, tuple[float, float]]:
 
 
 def build_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Prompt]]:
-    """Training and held-out prompts; ``data.verifier`` (if set) names the verifier of every prompt."""
+    """Training and held-out prompts; the run's verifiers (if set) name the verifier of every prompt."""
+    train, evals = _task_prompts(cfg, tokenizer)
+    return _scored(_fitting(train, cfg, "train"), cfg), _scored(_fitting(evals, cfg, "eval"), cfg)
+
+
+def held_out_prompts(cfg: Config, tokenizer: Any) -> list[Prompt]:
+    """The held-out prompts alone (``python -m async_vapo.eval --config``): the training data is not read
+    when the run has a held-out file of its own."""
+    if cfg.data.task == "addition" or not cfg.data.eval_file:
+        return build_prompts(cfg, tokenizer)[1]
+    return _scored(_fitting(_eval_file_prompts(cfg, tokenizer), cfg, "eval"), cfg)
+
+
+def _scored(prompts: list[Prompt], cfg: Config) -> list[Prompt]:
     from async_vapo.config import verifier_names
     from async_vapo.rewards.base import Scoring
 
-    train, evals = _task_prompts(cfg, tokenizer)
-    train, evals = _fitting(train, cfg, "train"), _fitting(evals, cfg, "eval")
     if names := verifier_names(cfg):
         spec = Scoring.spec(names, list(cfg.data.verifier_weights))
-        train = [msgspec.structs.replace(p, task=spec) for p in train]
-        evals = [msgspec.structs.replace(p, task=spec) for p in evals]
-    return train, evals
+        return [msgspec.structs.replace(p, task=spec) for p in prompts]
+    return prompts
 
 
 def _fitting(prompts: list[Prompt], cfg: Config, split: str) -> list[Prompt]:
@@ -178,7 +188,6 @@ def _task_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Promp
             addition_prompts(tokenizer, d.n_train, d.seed, "train-", d.min_digits),
             addition_prompts(tokenizer, d.n_eval, d.seed + 99_991, "eval-", d.min_digits),
         )
-    chat = chat_format(d.chat_template, tokenizer, d.system_prompt)
     train = load_prompts(
         d.train_file,
         tokenizer,
@@ -187,28 +196,27 @@ def _task_prompts(cfg: Config, tokenizer: Any) -> tuple[list[Prompt], list[Promp
         d.answer_field,
         "math",
         split=d.train_split,
-        chat=chat,
+        chat=chat_format(d.chat_template, tokenizer, d.system_prompt),
         extra_fields=tuple(d.extra_fields),
     )
-    eval_fields = (
+    return train, _eval_file_prompts(cfg, tokenizer) if d.eval_file else train[: d.n_eval]
+
+
+def _eval_file_prompts(cfg: Config, tokenizer: Any) -> list[Prompt]:
+    from async_vapo.tasks.datasets import chat_format, load_prompts
+
+    d = cfg.data
+    return load_prompts(
+        d.eval_file,
+        tokenizer,
         d.eval_prompt_template or d.prompt_template,
         d.eval_prompt_field or d.prompt_field,
         d.eval_answer_field or d.answer_field,
+        "math",
+        split=d.eval_split,
+        chat=chat_format(d.chat_template, tokenizer, d.system_prompt),
+        extra_fields=tuple(d.extra_fields),
     )
-    evals = (
-        load_prompts(
-            d.eval_file,
-            tokenizer,
-            *eval_fields,
-            "math",
-            split=d.eval_split,
-            chat=chat,
-            extra_fields=tuple(d.extra_fields),
-        )
-        if d.eval_file
-        else train[: d.n_eval]
-    )
-    return train, evals
 
 
 def restore(cfg: Config, resume: bool, policy: Any, value: Any | None, ledger: Any) -> Progress:
