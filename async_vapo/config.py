@@ -200,6 +200,10 @@ class TrainConfig(_Section, frozen=True):
     keep_last: int = 2
     keep_best: bool = False
     eval_every: int = 10
+    # every this many steps the batch's first group goes to <output_dir>/samples.jsonl (prompt, each
+    # response, its reward and verdict, the policy versions that sampled it), one of its responses to the
+    # console and, with W&B on, the group to a table; 0 = never
+    log_samples_every: int = 10
     # an evaluation round ends (partial, logged) after this long; 0 = derived from the round's work: its
     # samples x rollout.max_tokens at the engines' measured generation rate, times a margin, with a floor
     # (controller/evaluation.py eval_timeout_s)
@@ -317,6 +321,7 @@ class Config(_Section, frozen=True):
                 "a verifier is a registry name or module:factory (letters, digits, _ . : -)",
             ),
             (self.train.keep_last >= 0, "train.keep_last must be >= 0 (0 = keep every checkpoint)"),
+            (self.train.log_samples_every >= 0, "train.log_samples_every must be >= 0 (0 = never)"),
             (self.train.filter_patience >= 0, "train.filter_patience must be >= 0 (0 = never stop)"),
             (self.train.eval_timeout_s >= 0, "train.eval_timeout_s must be >= 0 (0 = derived)"),
             (self.train.collective_timeout_s > 0, "train.collective_timeout_s must be > 0"),

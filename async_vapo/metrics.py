@@ -1,5 +1,6 @@
 """What a user sees and keeps: ``metrics.jsonl`` (one object per learner step or evaluation), PNG
-learning curves, and a one-line live progress display."""
+learning curves, a one-line live progress display and ``samples.jsonl`` (what the model wrote: one row
+per response of the groups logged every ``train.log_samples_every`` steps)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class MetricsWriter:
         self.sinks = Fanout(sinks or [])
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
+        self.samples_path = out_dir / "samples.jsonl"
         self.total_steps = total_steps
         self.t0 = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
@@ -44,9 +46,16 @@ class MetricsWriter:
         keep = [r for r in self.rows if r.get("phase") == "value_pretrain" or r.get("step", 0) < step]
         if len(keep) != len(self.rows):
             self.rows = keep
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            tmp.replace(self.path)
+            _rewrite(self.path, keep)
+        if self.samples_path.exists():
+            rows = [json.loads(line) for line in self.samples_path.read_text().splitlines() if line.strip()]
+            _rewrite(self.samples_path, [r for r in rows if r.get("step", 0) < step])
+
+    def samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        """Append sample rows (``sample_rows``) to ``samples.jsonl`` and hand them to the sinks' tables."""
+        with self.samples_path.open("a") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        self.sinks.table("samples", rows, step)
 
     def write(self, row: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
@@ -97,3 +106,40 @@ class MetricsWriter:
         plt.close(fig)
         tmp.replace(out)
         return out
+
+
+def _rewrite(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def sample_rows(group: Any, tokenizer: Any, step: int, version: int) -> list[dict[str, Any]]:
+    """One row per response of a trained ``TrajectoryGroup``: the prompt and response as text, the
+    reward and verdict the worker gave it, why it ended, and the oldest and newest policy version that
+    sampled its tokens (``versions``: one version when it was sampled by one policy)."""
+    from async_vapo.protocol import unpack_i32
+
+    prompt = str(tokenizer.decode(unpack_i32(group.prompt.token_ids).tolist(), skip_special_tokens=False))
+    rows = []
+    for i, r in enumerate(group.responses):
+        versions = unpack_i32(r.versions)
+        rows.append(
+            {
+                "step": step,
+                "policy_version": version,
+                "uid": group.prompt.uid,
+                "worker_id": group.worker_id,
+                "sample": i,
+                "prompt": prompt,
+                "response": str(tokenizer.decode(unpack_i32(r.token_ids).tolist(), skip_special_tokens=True)),
+                "answer": group.prompt.answer,
+                "reward": r.reward,
+                "correct": r.correct,
+                "verdict": r.verdict,
+                "finish_reason": r.finish_reason,
+                "tokens": len(versions),
+                "versions": [int(versions.min()), int(versions.max())] if len(versions) else [],
+            }
+        )
+    return rows

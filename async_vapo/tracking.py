@@ -24,6 +24,8 @@ log = structlog.get_logger(__name__)
 class Sink(Protocol):
     def log(self, scalars: dict[str, float], step: int) -> None: ...
 
+    # optional: ``table(name, rows, step)`` for rows of text (logged samples); a sink without it skips them
+
     def close(self) -> None: ...
 
 
@@ -58,6 +60,11 @@ class TensorBoardSink:
             self.writer.add_scalar(k, v, step)
         self.writer.flush()
 
+    def table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        for r in rows:
+            self.writer.add_text(f"{name}/{r.get('sample', 0)}", _as_markdown(r), step)
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -87,6 +94,16 @@ class WandbSink:
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log({**scalars, "step": step})
+
+    def table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        import wandb
+
+        if not rows:
+            return
+        names = list(rows[0])
+        data = [[str(r[c]) if isinstance(r.get(c), list) else r.get(c) for c in names] for r in rows]
+        columns: list[str | int] = list(names)
+        self.run.log({name: wandb.Table(columns=columns, data=data), "step": step})
 
     def close(self) -> None:
         self.run.finish()
@@ -130,6 +147,19 @@ class Fanout:
                 )
                 self.sinks.remove(s)
 
+    def table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        """Rows of text to every sink that shows tables (W&B, TensorBoard's text tab)."""
+        for s in list(self.sinks):
+            if (table := getattr(s, "table", None)) is None:
+                continue
+            try:
+                table(name, rows, step)
+            except Exception as exc:
+                log.error(
+                    "a tracking sink failed; switching it off", sink=type(s).__name__, error=repr(exc)[:200]
+                )
+                self.sinks.remove(s)
+
     def close(self) -> None:
         for s in self.sinks:
             try:
@@ -137,3 +167,9 @@ class Fanout:
             except Exception as exc:
                 log.error("a tracking sink failed to close", sink=type(s).__name__, error=repr(exc)[:200])
         self.sinks = []
+
+
+def _as_markdown(row: dict[str, Any]) -> str:
+    head = ", ".join(f"{k}={row[k]}" for k in ("uid", "reward", "verdict", "versions") if k in row)
+    prompt, response = (str(row.get(k, "")).replace("\n", "\n    ") for k in ("prompt", "response"))
+    return f"{head}\n\n**prompt**\n\n    {prompt}\n\n**response**\n\n    {response}"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from async_vapo.config import load_config
+
 pytestmark = pytest.mark.slow
 
 SMALL = [
@@ -61,7 +63,7 @@ def test_train_then_resume(tiny_model_dir, tmp_path):
     """Also the draining weight updates (the default, keep, runs in the other end-to-end tests): no
     trained response spans two versions."""
     out = tmp_path / "run"
-    first = launch(out, "train.total_steps=3", "rollout.weight_update=drain")
+    first = launch(out, "train.total_steps=3", "rollout.weight_update=drain", "train.log_samples_every=2")
     assert first.returncode == 0, first.stderr[-3000:]
     # a clean run prints no traceback, at exit included (vLLM's AsyncLLM.__del__ printed one once)
     assert "Traceback" not in first.stdout + first.stderr, first.stderr[-3000:]
@@ -88,10 +90,28 @@ def test_train_then_resume(tiny_model_dir, tmp_path):
     assert (out / "checkpoints" / "step_3" / "hf" / "tokenizer_config.json").exists()
     assert (out / "checkpoints" / "step_3" / "hf_critic" / "value_head.pt").exists()  # the critic beside it
     assert (out / "value_pretrained" / "value_head.pt").exists()
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted({x["step"] for x in samples}) == [0, 2]  # every log_samples_every steps: a whole group
+    assert len(samples) == 2 * load_config(out / "config.yaml").rollout.n_samples
+    for x in samples:  # drain: one version per response, never newer than the policy that trained on it
+        lo, hi = x["versions"]
+        assert lo == hi <= x["policy_version"] - 1 and x["tokens"] > 0 and x["prompt"].endswith("=")
+        assert x["reward"] == (1.0 if x["correct"] else 0.0) and x["verdict"]
+    # one log file per process: structlog events as JSON lines (the console keeps its own rendering)
+    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    assert {"launcher-node0.log", "learner-0.log", "rollout-0.log"} <= set(logs), sorted(logs)
+    events = [
+        json.loads(line)["event"] for line in logs["learner-0.log"].splitlines() if line.startswith("{")
+    ]
+    assert "sample" in events and "training finished" in events
+    assert any(
+        json.loads(line)["event"] for line in logs["rollout-0.log"].splitlines() if line.startswith("{")
+    )
 
     second = launch(
-        out, "train.total_steps=5", "--resume", "rollout.weight_update=drain", "train.keep_last=1"
-    )
+        out, "train.total_steps=5", "--resume", "rollout.weight_update=drain", "train.keep_last=1",
+        "train.log_samples_every=2",
+    )  # fmt: skip
     assert second.returncode == 0, second.stderr[-3000:]
     r2 = rows(out)
     train2 = [x for x in r2 if x["phase"] == "train"]
@@ -100,6 +120,8 @@ def test_train_then_resume(tiny_model_dir, tmp_path):
     assert sum(x["phase"] == "value_pretrain" for x in r2) == 1  # not redone on resume
     assert (out / "checkpoints" / "latest").read_text() == "step_5"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_5"]  # keep_last=1
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted({x["step"] for x in samples}) == [0, 2, 4]
 
 
 def test_bad_config_field_is_a_clear_error(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from async_vapo.config import ConfigError, load_config
@@ -14,6 +16,11 @@ ROWS = [
     {"phase": "train", "step": 1, "reward_mean": 0.75, "rollout_idle_frac": None},
     {"phase": "eval", "step": 1, "eval_accuracy": 0.5},
 ]
+SAMPLES = [
+    {"step": 1, "uid": "train-3@0", "sample": i, "prompt": "1+2=", "response": f"Answer: {3 + i}",
+     "reward": 1.0 - i, "correct": i == 0, "verdict": ["correct", "wrong"][i], "versions": [0, 1]}
+    for i in range(2)
+]  # fmt: skip
 
 
 def test_scalars_are_named_by_phase_and_skip_what_is_not_a_number():
@@ -28,6 +35,7 @@ def test_off_by_default_and_both_write_when_on(tmp_path):
     writer = MetricsWriter(tmp_path, 2, make_sinks(cfg, tmp_path))
     for r in ROWS:
         writer.write(r)
+    writer.samples(SAMPLES, 1)
     writer.close()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -38,10 +46,20 @@ def test_off_by_default_and_both_write_when_on(tmp_path):
     assert got["train/reward_mean"] == [(0, 0.25), (1, 0.75)]
     assert got["value_pretrain/value_loss"] == [(-2, 0.5)]
     assert got["eval/eval_accuracy"] == [(1, 0.5)]
+    assert {"samples/0/text_summary", "samples/1/text_summary"} <= set(acc.Tags()["tensors"])  # text tab
+    text = acc.Tensors("samples/1/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "1+2=" in text and "Answer: 4" in text and "reward=0.0" in text
+    assert [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()] == SAMPLES
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1  # offline: no network needed; the history is in the run file
     blob = runs[0].read_bytes()
     assert b"train/reward_mean" in blob and b"eval/eval_accuracy" in blob and b"0.75" in blob
+    (table,) = runs[0].parent.glob("files/media/table/samples_*.table.json")  # the samples as a W&B table
+    t = json.loads(table.read_text())
+    assert t["columns"] == list(SAMPLES[0]) and [r[t["columns"].index("response")] for r in t["data"]] == [
+        "Answer: 3",
+        "Answer: 4",
+    ]
     # a resumed run (same output directory) continues the same W&B run
     run_id = (tmp_path / "wandb_run_id").read_text()
     assert runs[0].name == f"run-{run_id}.wandb"

@@ -15,7 +15,7 @@ import yaml
 from async_vapo.cluster import Layout, NodeInfo, layout, node_info
 from async_vapo.cluster.placement import PlacementError
 from async_vapo.config import Config, ConfigError, check_learner_split, load_config
-from async_vapo.logging import configure_logging
+from async_vapo.logging import LOG_DIR_ENV, configure_logging
 
 log = structlog.get_logger("async_vapo.launch")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "embedded_default.yaml"
@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     (Path(cfg.output_dir) / "config.yaml").write_text(
         yaml.safe_dump(msgspec.to_builtins(cfg), sort_keys=False)
     )
+    # one log file per process in <output_dir>/logs (children inherit the variable)
+    os.environ[LOG_DIR_ENV] = str(Path(cfg.output_dir) / "logs")
+    configure_logging(process=f"launcher-node{node.node_rank}")
     model_path = resolve_model(cfg)
     log.info("placement", node=node.node_rank, nnodes=node.nnodes, source=node.source, plan=lay.describe())
     from async_vapo.launch.supervisor import Supervisor

@@ -42,7 +42,7 @@ from async_vapo.learner.step import (
     policy_update,
     value_update,
 )
-from async_vapo.metrics import MetricsWriter
+from async_vapo.metrics import MetricsWriter, sample_rows
 from async_vapo.protocol import Sampling
 from async_vapo.tracking import make_sinks
 from async_vapo.weight_sync.broadcast import Snapshot
@@ -50,6 +50,7 @@ from async_vapo.weight_sync.fanout import RankLinks, gather_status, share_plan
 from async_vapo.weight_sync.publish import StreamPlan, stream_publish
 
 log = structlog.get_logger(__name__)
+SHOWN_CHARS = 300  # of a logged sample's prompt (its end) and response (its start) on the console
 __all__ = ["LearnerArgs", "Trainer", "learner_main"]
 
 
@@ -227,6 +228,8 @@ class Trainer:
                 stats | m, timer, time.perf_counter() - t0, int(b.mask.sum()) * self.world, busy0, busy1
             )
             busy0 = busy1
+            if t.log_samples_every and self.step % t.log_samples_every == 0 and groups:
+                self._log_samples(groups[0])
             if t.eval_every and (self.step + 1) % t.eval_every == 0:
                 self.evaluate()
             self.progress.step += 1
@@ -288,6 +291,25 @@ class Trainer:
         self.metrics.progress(row, 0)
         if self.step % 5 == 0:
             self.metrics.plot()
+
+    def _log_samples(self, group: Any) -> None:
+        """Rank 0: one trained group to ``samples.jsonl`` (and the trackers' tables), one of its responses
+        (a rewarded one if there is one) to the console."""
+        if self.metrics is None:
+            return
+        rows = sample_rows(group, self.tokenizer, self.step, self.version)
+        self.metrics.samples(rows, self.step)
+        shown = max(rows, key=lambda r: r["reward"])
+        log.info(
+            "sample",
+            step=self.step,
+            uid=shown["uid"],
+            reward=shown["reward"],
+            verdict=shown["verdict"],
+            versions=shown["versions"],
+            prompt=shown["prompt"][-SHOWN_CHARS:],
+            response=shown["response"][:SHOWN_CHARS],
+        )
 
     def evaluate(self) -> dict[str, Any] | None:
         """One evaluation round on the engines (rank 0's controller). Every rank waits for it in
@@ -431,7 +453,7 @@ def _controller_fields(cm: ControllerMetrics) -> dict[str, Any]:
 def learner_main(args: LearnerArgs) -> None:
     from async_vapo.logging import configure_logging
 
-    configure_logging()
+    configure_logging(process=f"learner-{os.environ.get('RANK', '0')}")
     if args.cpu_affinity and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(args.cpu_affinity))
     if not torch.cuda.is_available():

@@ -319,7 +319,7 @@ def worker_main(cfg: WorkerConfig) -> None:
 
     from async_vapo.logging import configure_logging
 
-    configure_logging()
+    configure_logging(process=cfg.worker_id)
 
     async def main() -> int:
         worker = RolloutWorker(cfg)
