@@ -166,6 +166,11 @@ class TrainConfig(_Section, frozen=True):
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 1
+    # DeepSpeed's ZeRO-Offload, for full fine-tuning on few GPUs: offload_optimizer keeps the fp32 master
+    # weights and Adam moments in host memory and runs the step there with DeepSpeed's CPU Adam (needs
+    # zero_stage >= 1); offload_params also keeps the parameters there between uses (needs zero_stage 3)
+    offload_optimizer: bool = False
+    offload_params: bool = False
     seed: int = 0
     max_staleness: int = 1  # 0 = synchronous
     # DAPO dynamic sampling: groups whose rewards are all equal are dropped; filter_patience of them in a
@@ -321,6 +326,14 @@ class Config(_Section, frozen=True):
                 "a verifier is a registry name or module:factory (letters, digits, _ . : -)",
             ),
             (self.train.keep_last >= 0, "train.keep_last must be >= 0 (0 = keep every checkpoint)"),
+            (
+                not self.train.offload_optimizer or self.train.zero_stage >= 1,
+                "train.offload_optimizer needs train.zero_stage >= 1 (DeepSpeed offloads ZeRO's partitions)",
+            ),
+            (
+                not self.train.offload_params or self.train.zero_stage == 3,
+                "train.offload_params needs train.zero_stage=3 (only ZeRO-3 partitions the parameters)",
+            ),
             (self.train.log_samples_every >= 0, "train.log_samples_every must be >= 0 (0 = never)"),
             (self.train.filter_patience >= 0, "train.filter_patience must be >= 0 (0 = never stop)"),
             (self.train.eval_timeout_s >= 0, "train.eval_timeout_s must be >= 0 (0 = derived)"),

@@ -98,18 +98,27 @@ def main() -> None:
     rss: list[float] = []
     stop = threading.Event()
 
+    missed: dict[str, int] = {}
+
     def inject() -> None:
-        i = 0
+        i, tries = 0, 0
         while not stop.wait(rng.expovariate(1 / args.every)):
             if not _rows(out):
                 continue  # faults start once training does
             kind = KINDS[i % len(KINDS)]
             try:
-                if inj(kind):
-                    i += 1
-                    print(f"[chaos] {time.monotonic() - t0:6.0f}s injected {kind}", flush=True)
+                done = inj(kind)
             except Exception as exc:  # a fault that could not be injected is reported, not fatal
                 print(f"[chaos] could not inject {kind}: {exc!r}", flush=True)
+                done = False
+            if done:
+                print(f"[chaos] {time.monotonic() - t0:6.0f}s injected {kind}", flush=True)
+            tries = 0 if done else tries + 1
+            if not done and tries < 5:
+                continue  # (its target may be restarting) tried again, then the next kind
+            if not done:
+                missed[kind] = missed.get(kind, 0) + 1
+            i, tries = i + 1, 0
 
     th = threading.Thread(target=inject, daemon=True)
     th.start()
@@ -143,6 +152,7 @@ def main() -> None:
         "steps": len(rows),
         "faults_injected": sum(inj.injected.values()),
         "faults_by_kind": dict(inj.injected),
+        "faults_not_injected": missed,  # kinds skipped after 5 tries found nothing to inject them into
         "faults_survived": sum(inj.injected.values()) if finished else 0,
         "hostile_groups_sent": sum(n for _, n in inj.hostile_sent),
         "hostile_groups_sent_before_last_row": counted_sent,

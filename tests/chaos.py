@@ -44,9 +44,11 @@ def node_state(out: Path) -> dict[str, Any]:
         return {}
 
 
-def _comm(pid: int) -> str:
+def _title(pid: int) -> str:
+    """A process's title: vLLM renames its engine core "VLLM::EngineCore" in its command line (``comm``
+    keeps only 15 characters of it)."""
     with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/comm").read_text().strip()
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     return ""
 
 
@@ -76,7 +78,7 @@ class Injector:
     def engine_kill(self, state: dict[str, Any]) -> bool:
         for wpid in state["workers"].values():
             for kid in process_tree(wpid) - {wpid}:
-                if "EngineCore" in _comm(kid):
+                if "EngineCore" in _title(kid):
                     os.kill(kid, signal.SIGKILL)
                     return True
         return False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from async_vapo.cluster import engine_core_binding, estimate_memory, layout, model_shape, node_info
@@ -110,6 +112,37 @@ def test_memory_plan_qwen32b():
     assert z3.kv_tokens_per_engine > 22528
     tp1 = estimate_memory(shape, load_config(None, [*recipe, "train.zero_stage=3"]), 32, 80.0, 1)
     assert any("tensor_parallel_size" in p for p in tp1.problems)  # 61 GiB of bf16 weights on one card
+
+
+def test_memory_plan_counts_offloaded_state_in_host_memory_and_advises_what_applies():
+    """Qwen2.5-7B on 4 learner GPUs with the 32B recipe's sequence settings (configs/vapo_qwen2.5_7b.yaml
+    without its offload): over an 80 GB card; the advice names the offloads, not the ZeRO stage (already 3)
+    nor gradient checkpointing (already on); with the offload the optimizer state and fp32 gradient
+    partition are host memory and the card fits."""
+    shape = model_shape("/models/Qwen2.5-7B")
+    recipe = load_config(Path(__file__).resolve().parents[1] / "configs" / "vapo_qwen2.5_7b.yaml").train
+    assert recipe.offload_optimizer and recipe.zero_stage == 3 and recipe.gradient_checkpointing
+    base = ["train.zero_stage=3", "train.gradient_checkpointing=true", "train.max_tokens_per_micro=22528",
+            "rollout.max_model_len=22528", "train.logit_chunk=4096", "rollout.tensor_parallel_size=1"]  # fmt: skip
+    full = estimate_memory(shape, load_config(None, base), 4, 80.0)
+    (problem,) = [p for p in full.problems if "learner GPU" in p]
+    assert "train.offload_optimizer=true" in problem and "train.offload_params=true" in problem
+    assert "zero_stage" not in problem and "gradient_checkpointing" not in problem
+    assert not full.learner_host
+    off = estimate_memory(shape, load_config(None, [*base, "train.offload_optimizer=true"]), 4, 80.0)
+    assert not off.problems and set(off.learner_host) == {"optimizer", "gradients"}
+    assert off.learner_host["optimizer"] == pytest.approx(full.learner["optimizer"])
+    assert sum(off.learner.values()) == pytest.approx(
+        sum(full.learner.values()) - full.learner["optimizer"] - full.learner["gradients"]
+    )
+    both = estimate_memory(
+        shape,
+        load_config(None, [*base, "train.offload_optimizer=true", "train.offload_params=true"]),
+        4,
+        80.0,
+    )
+    assert "weights" in both.learner_host and "weights" not in both.learner
+    assert "learner host memory per rank (offloaded)" in both.describe(80.0)
 
 
 def test_model_shape_from_config_json(tiny_model_dir):

@@ -38,6 +38,7 @@ def test_overrides_are_typed():
         ("train.bogus=1", "bogus"),
         ("algo.estimator=ppo", "algo.estimator"),
         ("train.zero_stage=4", "train.zero_stage"),
+        ("train.offload_params=true", "train.offload_params needs train.zero_stage=3"),
         ("algo.eps_low=-0.1", "eps_low"),
         ("data.task=math", "train_file"),
         ("train.broadcast_every=3", "broadcast_every"),
@@ -53,6 +54,12 @@ def test_overrides_are_typed():
 def test_bad_fields_are_named(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_offload_needs_zero():
+    with pytest.raises(ConfigError, match=r"train\.offload_optimizer needs train\.zero_stage >= 1"):
+        load_config(None, ["train.zero_stage=0", "train.offload_optimizer=true"])
+    assert load_config(None, ["train.zero_stage=3", "train.offload_params=true"]).train.offload_params
 
 
 def test_malformed_override():

@@ -45,15 +45,8 @@ def test_install_script_plan(target, must, must_not):
     assert f"target={target}" in res.stdout and must in res.stdout and must_not not in res.stdout
 
 
-def _dry_run(*extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "async_vapo.launch",
-        "--dry-run",
-        "--config",
-        "configs/vapo_qwen2.5_32b.yaml",
-    ]
+def _dry_run(*extra: str, config: str = "configs/vapo_qwen2.5_32b.yaml") -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "async_vapo.launch", "--dry-run", "--config", config]
     return subprocess.run([*cmd, *extra], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
@@ -93,6 +86,19 @@ def test_dry_run_counts_the_publish_memory():
     assert "publish 1.5" in ok.stdout and "weight_receive" in ok.stdout  # the embedding, not 2 x 61 GiB
     res = _dry_run("--rollout-gpus", "32", "--train-gpus", "32", "train.publish=snapshot")
     assert res.returncode == 2 and "train.publish=stream" in res.stdout
+
+
+def test_the_7b_recipe_fits_one_node_with_the_optimizer_offloaded():
+    """configs/vapo_qwen2.5_7b.yaml: 4 + 4 GPUs of 80 GB on one node, the optimizer in host memory."""
+    res = _dry_run("--rollout-gpus", "4", "--train-gpus", "4", config="configs/vapo_qwen2.5_7b.yaml")
+    assert res.returncode == 0 and "IMPOSSIBLE" not in res.stdout, res.stdout + res.stderr
+    assert "1 node(s); learner world 4; 4 vLLM engine(s)" in res.stdout
+    assert "learner host memory per rank (offloaded)" in res.stdout
+    full = _dry_run(
+        "--rollout-gpus", "4", "--train-gpus", "4", "train.offload_optimizer=false",
+        config="configs/vapo_qwen2.5_7b.yaml",
+    )  # fmt: skip
+    assert full.returncode == 2 and "train.offload_optimizer=true" in full.stdout
 
 
 def test_an_uneven_split_of_groups_is_a_config_error():

@@ -131,14 +131,22 @@ class MemoryPlan:
     concurrent_sequences_per_engine: int
     problems: list[str]
     notes: list[str] = field(default_factory=list)  # how items were counted
+    learner_host: dict[str, float] = field(
+        default_factory=dict
+    )  # GiB of host memory per learner rank (offload)
 
     def describe(self, card_gib: float, device: str = "GPU") -> str:
         def block(title: str, items: dict[str, float]) -> str:
             body = ", ".join(f"{k} {v:.1f}" for k, v in items.items())
             return f"{title}: {sum(items.values()):.1f} GiB of {card_gib:.0f} ({body})"
 
-        lines = [
-            block(f"learner {device}", self.learner),
+        lines = [block(f"learner {device}", self.learner)]
+        if self.learner_host:
+            body = ", ".join(f"{k} {v:.1f}" for k, v in self.learner_host.items())
+            lines.append(
+                f"learner host memory per rank (offloaded): {sum(self.learner_host.values()):.1f} GiB ({body})"
+            )
+        lines += [
             block(f"engine {device}", self.engine),
             f"engine KV cache: {self.kv_tokens_per_engine:,} tokens = "
             f"{self.concurrent_sequences_per_engine} full-length sequences at once",
@@ -164,6 +172,7 @@ def estimate_memory(
     t = cfg.train
     acts = activation_bytes(shape, learner_tokens(cfg), t.logit_chunk, t.gradient_checkpointing)
     learner = _learner_gib(shape, cfg, learner_world, acts["peak"])
+    host = {k: learner.pop(k) for k in _offloaded(cfg)}
     engine, kv_tokens = _engine_gib(shape, cfg, tp, card_gib, kv_cache_gib)
     seq_len = cfg.rollout.max_model_len
     problems = _problems(cfg, learner, engine, kv_tokens, tp, card_gib)
@@ -173,7 +182,22 @@ def estimate_memory(
         f"{acts['layer_work'] / GiB:.1f} and one LM-head chunk {acts['lm_head'] / GiB:.1f} "
         "(bytes per token fitted to bench/memory_trace.py)"
     ]
-    return MemoryPlan(learner, engine, kv_tokens, kv_tokens // max(1, seq_len), problems, notes)
+    if host:
+        notes.append(
+            "offloaded to host memory: " + ", ".join(host) + " (DeepSpeed's CPU Adam steps there; the GPU "
+            "keeps the reduce bucket" + (" and the gathered parameters)" if t.offload_params else ")")
+        )
+    return MemoryPlan(learner, engine, kv_tokens, kv_tokens // max(1, seq_len), problems, notes, host)
+
+
+def _offloaded(cfg: Config) -> list[str]:
+    """The learner items ZeRO-Offload keeps in host memory instead of on the GPU: the fp32 master weights
+    and Adam moments with the fp32 gradient partition (``offload_optimizer``), the parameters
+    (``offload_params``)."""
+    t = cfg.train
+    return (["optimizer", "gradients"] if t.offload_optimizer else []) + (
+        ["weights"] if t.offload_params else []
+    )
 
 
 def learner_tokens(cfg: Config) -> int:
@@ -202,7 +226,7 @@ def _learner_gib(shape: ModelShape, cfg: Config, learner_world: int, activations
     if t.max_tokens_per_micro and cfg.model.attn_implementation != "flash_attention_2":
         # packed rows under SDPA: transformers' dense block-diagonal mask (bool) and SDPA's bf16 bias of it
         learner["packed_mask"] = 3.0 * float(t.max_tokens_per_micro) ** 2 / GiB
-    if t.zero_stage >= 2:  # DeepSpeed's gradient reduce bucket (bf16)
+    if t.zero_stage >= 2 or t.offload_optimizer:  # DeepSpeed's gradient reduce bucket (bf16)
         learner["reduce_bucket"] = 2.0 * ZERO_REDUCE_BUCKET / GiB
     if t.zero_stage >= 3:  # parameters gathered at once (prefetch included), at most a few layers'
         learner["zero3_gathered"] = 2.0 * min(ZERO3_MAX_LIVE_PARAMETERS, p) / GiB
@@ -237,22 +261,37 @@ def _engine_gib(
     return engine, kv_tokens
 
 
+def _learner_fixes(cfg: Config, learner: dict[str, float]) -> list[str]:
+    """What could make a learner GPU's items fit, naming only changes that apply to ``cfg``."""
+    t = cfg.train
+    fixes = [] if t.zero_stage == 3 else [f"raise train.zero_stage (now {t.zero_stage})"]
+    fixes.append("add training GPUs")
+    if not t.offload_optimizer and t.zero_stage >= 1:
+        fixes.append(
+            f"train.offload_optimizer=true (moves {learner['optimizer'] + learner['gradients']:.0f} GiB to the host)"
+        )
+    if not t.offload_params and t.zero_stage == 3 and "weights" in learner:
+        fixes.append(f"train.offload_params=true (moves {learner['weights']:.0f} GiB to the host)")
+    if not t.gradient_checkpointing:
+        fixes.append("turn on train.gradient_checkpointing")
+    fixes.append(
+        "lower train.max_tokens_per_micro" if t.max_tokens_per_micro else "lower train.micro_batch_size"
+    )
+    fixes.append(f"set a smaller train.logit_chunk (now {t.logit_chunk or 'off'})")
+    if not t.streams_publish:
+        fixes.append(f"stream the publish (train.publish=stream: now {learner['publish']:.0f} GiB)")
+    return fixes
+
+
 def _problems(
     cfg: Config, learner: dict[str, float], engine: dict[str, float], kv_tokens: int, tp: int, card_gib: float
 ) -> list[str]:
-    t, r = cfg.train, cfg.rollout
+    r = cfg.rollout
     problems = []
     if sum(learner.values()) > card_gib:
-        fix = (
-            ""
-            if t.streams_publish
-            else f", or stream the publish (train.publish=stream: now {learner['publish']:.0f} GiB)"
-        )
         problems.append(
-            f"a learner GPU needs {sum(learner.values()):.0f} GiB > {card_gib:.0f} GiB: raise zero_stage "
-            f"(now {t.zero_stage}), add training GPUs, turn on train.gradient_checkpointing, lower "
-            "train.micro_batch_size (or train.max_tokens_per_micro) or set a smaller train.logit_chunk "
-            f"(now {t.logit_chunk or 'off'})" + fix
+            f"a learner GPU needs {sum(learner.values()):.0f} GiB > {card_gib:.0f} GiB: "
+            + ", ".join(_learner_fixes(cfg, learner))
         )
     if engine["weights"] + 2 > r.gpu_memory_utilization * card_gib:
         problems.append(

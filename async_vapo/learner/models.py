@@ -199,9 +199,10 @@ def init_distributed(backend: str, file_store: str = "", timeout_s: float = 1800
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
-def zero_config(stage: int) -> dict[str, Any]:
+def zero_config(stage: int, offload_optimizer: bool = False, offload_params: bool = False) -> dict[str, Any]:
     """DeepSpeed's ``zero_optimization`` section. The buffer sizes are DeepSpeed's defaults, set here so
-    that the memory plan (``cluster.memory``) counts what runs."""
+    that the memory plan (``cluster.memory``) counts what runs. Offloaded state goes to host memory
+    (pinned on a GPU machine: faster copies)."""
     from async_vapo.cluster.memory import ZERO3_MAX_LIVE_PARAMETERS, ZERO_REDUCE_BUCKET
 
     zero: dict[str, Any] = {"stage": stage}
@@ -209,6 +210,11 @@ def zero_config(stage: int) -> dict[str, Any]:
         zero["reduce_bucket_size"] = ZERO_REDUCE_BUCKET
     if stage >= 3:
         zero["stage3_max_live_parameters"] = ZERO3_MAX_LIVE_PARAMETERS
+    host = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if offload_optimizer:
+        zero["offload_optimizer"] = dict(host)
+    if offload_params:
+        zero["offload_param"] = dict(host)
     return zero
 
 
@@ -222,7 +228,7 @@ def ds_config(train: TrainConfig, bf16: bool, micro_batch_size: int) -> dict[str
         "train_batch_size": micro_batch_size * world,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": train.grad_clip,
-        "zero_optimization": zero_config(train.zero_stage),
+        "zero_optimization": zero_config(train.zero_stage, train.offload_optimizer, train.offload_params),
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
@@ -234,16 +240,23 @@ def ds_config(train: TrainConfig, bf16: bool, micro_batch_size: int) -> dict[str
 
 
 def make_engine(model: nn.Module, lr: float, train: TrainConfig, bf16: bool, micro_batch_size: int) -> Any:
-    """A DeepSpeed engine with torch AdamW and a warmup-constant schedule (the paper's); ``train`` gives
-    the ZeRO stage, warm-up, weight decay, clipping and gradient checkpointing."""
+    """A DeepSpeed engine with AdamW and a warmup-constant schedule (the paper's); ``train`` gives the ZeRO
+    stage, offload, warm-up, weight decay, clipping and gradient checkpointing. AdamW is torch's, or with
+    ``train.offload_optimizer`` DeepSpeed's CPU Adam in AdamW mode (the same update, run on the host;
+    built by DeepSpeed on first use, about a minute)."""
     import deepspeed
 
     if train.gradient_checkpointing:
         core: Any = getattr(model, "backbone", model)  # the value model's transformer, or the policy
         core.gradient_checkpointing_enable()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=lr, weight_decay=train.weight_decay, betas=(0.9, 0.95), eps=1e-8
-    )
+    hyper: dict[str, Any] = {"lr": lr, "weight_decay": train.weight_decay, "betas": (0.9, 0.95), "eps": 1e-8}
+    opt: torch.optim.Optimizer
+    if train.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(model.parameters(), adamw_mode=True, **hyper)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), **hyper)
     warm = max(1, train.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     config = ds_config(train, bf16, micro_batch_size)

@@ -113,6 +113,9 @@ def build_models(cfg: Config, model_path: str, on_gpu: bool, micro: int) -> tupl
         gradient_checkpointing=t.gradient_checkpointing,
         attention=attn,
         critic=value is not None,
+        optimizer=type(policy.basic_optimizer).__name__,
+        offload_optimizer=policy.zero_offload_optimizer() is not None,
+        offload_params=policy.zero_offload_param() is not None,
     )
     return policy, value
 
