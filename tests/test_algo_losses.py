@@ -56,7 +56,9 @@ def reference_policy_loss(logp, prox, behav, adv, mask, lo, hi, cap, agg):
 def test_policy_loss_matches_reference(seed, agg, off_policy):
     logp, prox, behav, adv, mask = batch(seed=seed)
     b = behav if off_policy else None
-    loss, metrics = policy_loss(logp, prox, adv, mask, 0.2, 0.28, b, 2.0, agg)
+    loss, metrics = policy_loss(
+        logp, prox, adv, mask, eps_low=0.2, eps_high=0.28, behaviour_logprobs=b, iw_cap=2.0, agg=agg
+    )
     ref = reference_policy_loss(logp, prox, b, adv, mask, 0.2, 0.28, 2.0, agg)
     assert abs(float(loss.detach()) - ref) < 1e-9
     assert 0 <= float(metrics["clip_frac_low"]) <= 1
@@ -64,8 +66,10 @@ def test_policy_loss_matches_reference(seed, agg, off_policy):
 
 def test_decoupled_form_reduces_to_vapo_when_fresh():
     logp, prox, _, adv, mask = batch(seed=4)
-    plain, _ = policy_loss(logp, prox, adv, mask, 0.2, 0.28)
-    fresh, m = policy_loss(logp, prox, adv, mask, 0.2, 0.28, behaviour_logprobs=prox, iw_cap=5.0)
+    plain, _ = policy_loss(logp, prox, adv, mask, eps_low=0.2, eps_high=0.28)
+    fresh, m = policy_loss(
+        logp, prox, adv, mask, eps_low=0.2, eps_high=0.28, behaviour_logprobs=prox, iw_cap=5.0
+    )
     torch.testing.assert_close(plain, fresh)
     assert float(m["iw_mean"]) == pytest.approx(1.0)
 
@@ -76,8 +80,8 @@ def test_clip_higher_is_asymmetric():
     adv = torch.tensor([[1.0, 1.0]])
     # ratio 1.25: inside [0.8, 1.28] so unclipped with clip-higher, clipped at 1.2 when symmetric
     logp = torch.full((1, 2), torch.log(torch.tensor(1.25)).item(), requires_grad=True)
-    l_high, _ = policy_loss(logp, prox, adv, mask, 0.2, 0.28)
-    l_sym, _ = policy_loss(logp, prox, adv, mask, 0.2, 0.2)
+    l_high, _ = policy_loss(logp, prox, adv, mask, eps_low=0.2, eps_high=0.28)
+    l_sym, _ = policy_loss(logp, prox, adv, mask, eps_low=0.2, eps_high=0.2)
     assert float(l_high.detach()) == pytest.approx(-1.25)
     assert float(l_sym.detach()) == pytest.approx(-1.2)
     (g,) = torch.autograd.grad(l_sym, logp)
@@ -96,10 +100,10 @@ def test_token_level_weights_long_responses_more():
 
 def test_token_level_split_invariance_with_global_denominator():
     logp, prox, _, adv, mask = batch(b=6, seed=7)
-    full, _ = policy_loss(logp, prox, adv, mask, 0.2, 0.28)
+    full, _ = policy_loss(logp, prox, adv, mask, eps_low=0.2, eps_high=0.28)
     n = mask.sum()
     parts = [
-        policy_loss(logp[s], prox[s], adv[s], mask[s], 0.2, 0.28, denominator=n)[0]
+        policy_loss(logp[s], prox[s], adv[s], mask[s], eps_low=0.2, eps_high=0.28, denominator=n)[0]
         for s in (slice(0, 2), slice(2, 5), slice(5, 6))
     ]
     torch.testing.assert_close(sum(parts), full)

@@ -39,3 +39,20 @@ def test_zero3_with_optimizer_and_parameters_offloaded_trains_and_resumes(tiny_m
     second = launch(out, *offload, "train.total_steps=3", "train.eval_every=0", "--resume", timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert [x["step"] for x in rows(out) if x["phase"] == "train"] == [0, 1, 2]
+
+
+def test_a_cpu_adam_that_cannot_be_built_is_a_launch_error(tmp_path):
+    """No compiler: the launcher says so before starting anything (the learner ranks would each fail)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(
+        os.environ, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), CXX="/nonexistent/c++"
+    )
+    cmd = [sys.executable, "-m", "async_vapo.launch", "--output-dir", str(tmp_path / "run"),
+           "train.zero_stage=2", "train.offload_optimizer=true"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "train.offload_optimizer needs DeepSpeed's CPU Adam, which cannot be built here" in res.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -44,11 +44,12 @@ def aggregate_loss(
     raise ValueError(f"unknown loss aggregation {mode!r}; valid: 'token', 'sample'")
 
 
-def policy_loss(
+def policy_loss(  # noqa: PLR0913 (four tensors, then the loss's keyword-only tuning parameters)
     logprobs: Tensor,
     proximal_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
+    *,
     eps_low: float,
     eps_high: float,
     behaviour_logprobs: Tensor | None = None,

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import structlog
@@ -143,8 +144,22 @@ def preflight(cfg: Config, dry_run: bool) -> str | None:
         if (why := check_verifier(name, cfg.rollout.verifier_timeout_s + 60).error) is not None:
             field = "data.verifier" if cfg.data.verifier else "data.verifiers"
             return f"{field} {name!r} cannot be used: {why}"
+    if cfg.train.offload_optimizer and not dry_run and (why := cpu_adam_problem()):
+        return f"train.offload_optimizer needs DeepSpeed's CPU Adam, which cannot be built here: {why}"
     if cfg.data.task != "addition":
         return preflight_data(cfg, dry_run)
+    return None
+
+
+def cpu_adam_problem() -> str | None:
+    """Build (or find built) DeepSpeed's CPU Adam once, before the learner ranks would each try: it is
+    compiled on first use (a C++ compiler and ninja; about a minute) and cached. None, or why not."""
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        CPUAdamBuilder().load(verbose=False)
+    except Exception as exc:  # a missing compiler, headers or ninja: DeepSpeed raises several kinds
+        return f"{type(exc).__name__}: {str(exc)[-300:]} (it needs a C++ compiler, Python headers and ninja)"
     return None
 
 
@@ -156,14 +171,10 @@ def preflight_data(cfg: Config, dry_run: bool = False) -> str | None:
     extras), and the training rows' answers scored by every verifier as if they were responses: a
     verifier whose call raises, hangs or returns something outside the interface (a keyword it needs
     and is not given, say) stops the launch instead of giving every sample the wrong reward."""
-    from async_vapo.config import verifier_names
-    from async_vapo.rewards.pool import VerifierPool
-    from async_vapo.tasks.datasets import DatasetError, _get, read_rows, row_extras
-
     d = cfg.data
-    fields = [(d.train_file, d.train_split, d.prompt_template, d.prompt_field, d.answer_field)]
+    sources = [(d.train_file, d.train_split, d.prompt_template, d.prompt_field, d.answer_field)]
     if d.eval_file:
-        fields.append(
+        sources.append(
             (
                 d.eval_file,
                 d.eval_split,
@@ -172,29 +183,54 @@ def preflight_data(cfg: Config, dry_run: bool = False) -> str | None:
                 d.eval_answer_field or d.answer_field,
             )
         )
-    items = []
-    for path, split, template, prompt_field, answer_field in fields:
+    items: list[tuple[str, str, dict[str, Any]]] = []
+    for source in sources:
+        problem = _preflight_rows(cfg, *source, dry_run, items if source[0] == d.train_file else [])
+        if problem is not None:
+            return problem
+    return _preflight_scores(cfg, items)
+
+
+def _preflight_rows(
+    cfg: Config,
+    path: str,
+    split: str,
+    template: str,
+    prompt_field: str,
+    answer_field: str,
+    dry_run: bool,
+    items: list[tuple[str, str, dict[str, Any]]],
+) -> str | None:
+    """Read one data file's first rows and fill the template with each; each row's (answer, answer,
+    verifier context) is appended to ``items``. None, or the problem."""
+    from async_vapo.tasks.datasets import DatasetError, _get, read_rows, row_extras
+
+    try:
+        rows = read_rows(path, split)[:PREFLIGHT_ROWS]
+    except (DatasetError, OSError) as exc:
+        if dry_run:
+            print(f"note: data file {path} cannot be read here; not checked ({exc})")
+            return None
+        return f"data file {path}: {exc}"
+    for i, row in enumerate(rows):
+        answer, problem = _get(row, answer_field), _get(row, prompt_field)
+        if answer is None or problem is None:
+            missing = answer_field if answer is None else prompt_field
+            return f"{path}: row {i} has no field {missing!r} (data.*_field)"
         try:
-            rows = read_rows(path, split)[:PREFLIGHT_ROWS]
-        except (DatasetError, OSError) as exc:
-            if dry_run:
-                print(f"note: data file {path} cannot be read here; not checked ({exc})")
-                continue
-            return f"data file {path}: {exc}"
-        for i, row in enumerate(rows):
-            answer, problem = _get(row, answer_field), _get(row, prompt_field)
-            if answer is None or problem is None:
-                missing = answer_field if answer is None else prompt_field
-                return f"{path}: row {i} has no field {missing!r} (data.*_field)"
-            try:
-                text = (
-                    problem if isinstance(problem, list) else template.format(**{**row, "problem": problem})
-                )
-            except (KeyError, IndexError, ValueError) as exc:
-                return f"{path}: row {i}: the prompt template cannot be filled ({type(exc).__name__}: {exc})"
-            if path == d.train_file:
-                context = {"prompt": str(text)} | json.loads(row_extras(row, tuple(d.extra_fields)) or "{}")
-                items.append((str(answer), str(answer), context))
+            text = problem if isinstance(problem, list) else template.format(**{**row, "problem": problem})
+        except (KeyError, IndexError, ValueError) as exc:
+            return f"{path}: row {i}: the prompt template cannot be filled ({type(exc).__name__}: {exc})"
+        context = {"prompt": str(text)} | json.loads(row_extras(row, tuple(cfg.data.extra_fields)) or "{}")
+        items.append((str(answer), str(answer), context))
+    return None
+
+
+def _preflight_scores(cfg: Config, items: list[tuple[str, str, dict[str, Any]]]) -> str | None:
+    """Every verifier scores the training rows' answers given as responses. None, or the problem."""
+    from async_vapo.config import verifier_names
+    from async_vapo.rewards.pool import VerifierPool
+
     names = verifier_names(cfg)
     if not names or not items:
         return None
@@ -206,8 +242,8 @@ def preflight_data(cfg: Config, dry_run: bool = False) -> str | None:
                 v = pool.score_one(name, response, answer, context)
                 if v.detail.startswith(("error", "timeout", "bad_output")):
                     return (
-                        f"verifier {name!r} fails on row {i} of {d.train_file} (its answer given as the "
-                        f"response): {v.detail}"
+                        f"verifier {name!r} fails on row {i} of {cfg.data.train_file} (its answer given as "
+                        f"the response): {v.detail}"
                     )
     finally:
         pool.close()

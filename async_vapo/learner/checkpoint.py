@@ -155,7 +155,7 @@ def prune(root: Path, retention: Retention) -> list[Path]:
     return gone
 
 
-def save(
+def save(  # noqa: PLR0913 (both engines, where and what to write, and the retention policy)
     root: Path,
     step: int,
     version: int,

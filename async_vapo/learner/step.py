@@ -358,12 +358,12 @@ def policy_update(
                 prox,
                 t.advantages[sub],
                 umask,
-                cfg.eps_low,
-                cfg.eps_high,
-                behaviour,
-                cfg.iw_cap,
-                cfg.loss_agg,
-                denom,
+                eps_low=cfg.eps_low,
+                eps_high=cfg.eps_high,
+                behaviour_logprobs=behaviour,
+                iw_cap=cfg.iw_cap,
+                agg=cfg.loss_agg,
+                denominator=denom,
             )
             nll = algo.positive_nll_loss(logp, umask, ub.correct, n_pos) if cfg.nll_coef > 0 else pg_loss * 0
             return pg_loss + cfg.nll_coef * nll, {"policy_loss": pg_loss, "nll_loss": nll}, m

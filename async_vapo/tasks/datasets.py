@@ -153,7 +153,7 @@ def prompt_token_ids(
     return [int(t) for t in ids]
 
 
-def load_prompts(
+def load_prompts(  # noqa: PLR0913 (a data source is its path, fields, split and formats: config.DataConfig)
     path: str | Path,
     tokenizer: Any,
     template: str,
