@@ -29,19 +29,11 @@ import msgspec
 import numpy as np
 import structlog
 import torch
-import torch.distributed as dist
+
+from async_vapo import distributed
 
 log = structlog.get_logger(__name__)
 STEP_DIR = re.compile(r"step_(\d+)")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def rng_state() -> dict[str, Any]:
@@ -168,26 +160,26 @@ def save(  # noqa: PLR0913 (both engines, where and what to write, and the reten
 ) -> Path:
     final = root / f"step_{step}"
     tmp = root / f"step_{step}.tmp"
-    if _rank() == 0:
+    if distributed.rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    distributed.barrier()
     policy.save_checkpoint(str(tmp / "policy"), tag="ds")
     if value is not None:
         value.save_checkpoint(str(tmp / "value"), tag="ds")
-    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
-    if _rank() == 0:
+    torch.save(rng_state(), tmp / f"rng_rank{distributed.rank()}.pt")
+    if distributed.rank() == 0:
         state = dict(learner_state, step=step, version=version)
         (tmp / "learner_state.msgpack").write_bytes(msgspec.msgpack.encode(state))
     if export_hf:
         export_policy(policy, tmp / "hf", tokenizer_dir)
         if value is not None:  # the critic beside it (backbone in HF format + value_head.pt)
-            value.module.save(tmp / "hf_critic", writer=_rank() == 0)
-    _barrier()
-    if _rank() == 0:
+            value.module.save(tmp / "hf_critic", writer=distributed.rank() == 0)
+    distributed.barrier()
+    if distributed.rank() == 0:
         _publish(root, tmp, final)
         prune(root, retention)
-    _barrier()
+    distributed.barrier()
     return final
 
 
@@ -196,8 +188,8 @@ def export_policy(engine: Any, out: Path, tokenizer_dir: str | None) -> None:
     are gathered one at a time under ZeRO-3, never the whole model at once: ``learner.export``)."""
     from async_vapo.learner.export import save_hf
 
-    save_hf(engine.module, out, writer=_rank() == 0)
-    if _rank() == 0 and tokenizer_dir:
+    save_hf(engine.module, out, writer=distributed.rank() == 0)
+    if distributed.rank() == 0 and tokenizer_dir:
         from transformers import AutoTokenizer
 
         # the tokenizer whole, as transformers writes it: its chat template included
@@ -245,7 +237,7 @@ def load(path: Path, policy: Any, value: Any | None) -> dict[str, Any]:
     policy.load_checkpoint(str(path / "policy"), tag="ds")
     if value is not None:
         value.load_checkpoint(str(path / "value"), tag="ds")
-    rng = path / f"rng_rank{_rank()}.pt"
+    rng = path / f"rng_rank{distributed.rank()}.pt"
     if rng.exists():
         try:
             set_rng_state(torch.load(rng, weights_only=True))

@@ -22,8 +22,9 @@ from typing import Any
 
 import structlog
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from async_vapo import distributed
 
 log = structlog.get_logger(__name__)
 
@@ -75,7 +76,7 @@ def load_partitioned_weights(model: nn.Module, path: str | Path) -> list[str]:
     if missing := sorted(n for n, c in found.items() if c is None):
         raise KeyError(f"{path} lacks {len(missing)} of the model's parameters: {missing[:5]}")
     keys = {n: c for n, c in found.items() if c is not None}
-    writer = not dist.is_initialized() or dist.get_rank() == 0
+    writer = distributed.rank() == 0
     for name, param in model.named_parameters():
         key = keys[name]
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):

@@ -27,35 +27,16 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from async_vapo import algo
+from async_vapo import algo, distributed
 from async_vapo.config import AlgoConfig
 from async_vapo.learner.batch import Batch
 from async_vapo.learner.forward import Micro, as_micro, policy_forward, token_slices, value_forward
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_sum(x: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
-
-
-def _all_max(n: int, device: torch.device) -> int:
-    if not _distributed():
-        return n
-    t = torch.tensor([n], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+# mini-batch shuffles: each step's seed spans SEEDS_PER_STEP seeds (its epochs'), and the value update
+# shuffles with an offset of its own so that its mini-batches are not the policy update's
+SEEDS_PER_STEP = 1000
+VALUE_SHUFFLE_OFFSET = 7
 
 
 @dataclass(frozen=True)
@@ -66,7 +47,9 @@ class UpdateSchedule:
     mini_batches: int = 1
     micro_batch_size: int = 64
     seed: int = 0
-    shuffle_offset: int = 0  # mini-batch shuffles use seeds ``seed * 1000 + shuffle_offset + epoch``
+    shuffle_offset: int = (
+        0  # mini-batch shuffles use seeds ``seed * SEEDS_PER_STEP + shuffle_offset + epoch``
+    )
     max_tokens_per_micro: int = 0  # > 0: packed micro-batches of whole sequences up to this many tokens
     logit_chunk: int = 0  # > 0: the LM head sees this many response tokens at a time
 
@@ -124,7 +107,7 @@ def _rank_slices(b: Batch, micro: Micro) -> list[slice | None]:
         real: list[slice | None] = list(token_slices(b.row_lengths.tolist(), micro.tokens))
     else:
         real = list(micro_slices(b.size, micro.sequences, -(-b.size // micro.sequences)))
-    n = _all_max(len(real), b.input_ids.device)
+    n = distributed.all_max(len(real), b.input_ids.device)
     return real + [None] * (n - len(real))
 
 
@@ -159,9 +142,9 @@ def _sweep(
 
 def _whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``masked_whiten`` with the mean and variance of every rank's valid entries (two passes)."""
-    total, count = _all_sum(algo.masked_sum_count(x, mask)).unbind()
+    total, count = distributed.all_sum(algo.masked_sum_count(x, mask)).unbind()
     mean = total / count.clamp(min=1)
-    sq = _all_sum(algo.masked_sq_dev(x, mask, mean))
+    sq = distributed.all_sum(algo.masked_sq_dev(x, mask, mean))
     var = torch.where(count > 1, sq / (count - 1).clamp(min=1), torch.zeros_like(sq))
     return algo.whiten_with(x, mask, mean, var)
 
@@ -281,11 +264,11 @@ def run_update(
     """The epoch / mini-batch / micro-batch skeleton shared by the policy and the value update: one
     optimiser step per mini-batch, whatever ``micro_batch_size`` is."""
     acc: dict[str, list[float]] = defaultdict(list)
-    world = _world()
+    world = distributed.world_size()
     device = b.input_ids.device
     for epoch in range(sched.epochs):
         for rows in split_mini_batches(
-            b.group_ids, sched.mini_batches, sched.seed * 1000 + sched.shuffle_offset + epoch
+            b.group_ids, sched.mini_batches, sched.seed * SEEDS_PER_STEP + sched.shuffle_offset + epoch
         ):
             rows = rows[length_order(b.attention_mask[rows].sum(1), sched.micro)]
             mb = b.select(rows)
@@ -307,7 +290,7 @@ def run_update(
             engine.step()
             if parts:  # each rank holds its share of the global mean: the sum is the mini-batch's loss
                 names = sorted(parts)
-                totals = _all_sum(torch.stack([parts[k].float() for k in names]))
+                totals = distributed.all_sum(torch.stack([parts[k].float() for k in names]))
                 for k, v in zip(names, totals.tolist(), strict=True):
                     acc[k].append(v)
             gn = engine.get_global_grad_norm()
@@ -338,7 +321,7 @@ def policy_update(
     def prepare(rows: torch.Tensor, mb: Batch) -> MicroLoss:
         mask = t.loss_mask[rows]
         pos = mask & mb.correct.unsqueeze(1)
-        counts = _all_sum(
+        counts = distributed.all_sum(
             torch.stack([mask.sum(), torch.tensor(mb.size, device=mask.device), pos.sum()]).float()
         )
         n_tok, n_seq, n_pos = counts.unbind()
@@ -385,7 +368,7 @@ def value_update(
     critic's targets are built from them row by row, and the old values go to ``record``."""
 
     def prepare(rows: torch.Tensor, mb: Batch) -> MicroLoss:
-        n_tok = _all_sum(mb.mask.sum().to(torch.float32))
+        n_tok = distributed.all_sum(mb.mask.sum().to(torch.float32))
 
         def loss_of(sub: torch.Tensor, ub: Batch):
             values = value_forward(engine, ub, sched.micro)
@@ -402,7 +385,9 @@ def value_update(
         return loss_of
 
     # the critic's mini-batches are shuffled independently of the policy's
-    return _summary(run_update(engine, b, replace(sched, shuffle_offset=7), prepare), "value_grad_norm")
+    return _summary(
+        run_update(engine, b, replace(sched, shuffle_offset=VALUE_SHUFFLE_OFFSET), prepare), "value_grad_norm"
+    )
 
 
 def can_fuse(sched: UpdateSchedule, cfg: AlgoConfig) -> bool:

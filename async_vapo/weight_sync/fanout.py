@@ -29,6 +29,7 @@ import structlog
 import torch
 import torch.distributed as dist
 
+from async_vapo import distributed
 from async_vapo.protocol.messages import PublishPlan
 from async_vapo.weight_sync.broadcast import EngineLink
 from async_vapo.weight_sync.group import GroupSpec, broadcast
@@ -40,7 +41,7 @@ _DEC = msgspec.msgpack.Decoder(PublishPlan)
 
 def share_plan(plan: PublishPlan | None, device: torch.device | str) -> PublishPlan:
     """Broadcast rank 0's plan (``plan`` is None on the other ranks) over the default process group."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not distributed.active():
         assert plan is not None
         return plan
     raw = _ENC.encode(plan) if plan is not None else b""
@@ -138,7 +139,7 @@ def gather_status(plan: PublishPlan, mine: dict[int, Outcome], device: torch.dev
     t = torch.zeros(len(plan.targets), 3, dtype=torch.float64, device=device)
     for i, o in mine.items():
         t[i] = torch.tensor([0.0 if o.ok else 1.0, o.seconds, float(o.nbytes)], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed.active():
         dist.all_reduce(t)
     rows: list[Any] = t.cpu().tolist()
     return [
