@@ -13,7 +13,7 @@ admitted (``hostile_groups_accepted``: those sent minus those refused or dropped
 growth of learner rank 0's resident memory from the first to the last step (``rss_growth_mb``). Its last
 line is one JSON object.
 
-    .venv/bin/python bench/chaos.py [--minutes 6] [--every 20] [--seed 0] [--out runs/bench_chaos]
+    .venv/bin/python bench/chaos.py [--minutes 6] [--every 20] [--steps N] [--seed 0] [--out runs/bench_chaos]
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=6.0)
     ap.add_argument("--every", type=float, default=20.0, help="mean seconds between faults")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=0, help="training steps (default: 10 per minute)")
     ap.add_argument("--out", default="runs/bench_chaos")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -66,7 +67,7 @@ def main() -> None:
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    steps = max(10, int(args.minutes * 10))
+    steps = args.steps or max(10, int(args.minutes * 10))
     cmd = [
         sys.executable,
         "-m",
