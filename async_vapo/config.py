@@ -33,6 +33,20 @@ class ModelConfig(_Section, frozen=True):
     # when the flash-attn package is installed (packed rows as variable-length sequences), else sdpa
     # (packed rows through a dense block-diagonal mask: tokens^2 bytes, and attention over the whole pack)
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    # LoRA (learner/lora.py): > 0 trains rank-r adapters on the policy's lora_target_modules instead of
+    # its weights (the engines get the merged weights; checkpoints also hold the adapters in PEFT's
+    # layout); critic_lora_rank likewise for the critic's backbone, whose value head is always trained.
+    # Needs train.zero_stage <= 2
+    lora_rank: int = 0
+    critic_lora_rank: int = 0
+    lora_alpha: float = 32.0  # adapters scaled by lora_alpha / rank
+    lora_target_modules: list[str] = msgspec.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora_rank > 0 or self.critic_lora_rank > 0
 
 
 class DataConfig(_Section, frozen=True):
@@ -333,6 +347,19 @@ class Config(_Section, frozen=True):
             (
                 not self.train.offload_params or self.train.zero_stage == 3,
                 "train.offload_params needs train.zero_stage=3 (only ZeRO-3 partitions the parameters)",
+            ),
+            (
+                self.model.lora_rank >= 0 and self.model.critic_lora_rank >= 0 and self.model.lora_alpha > 0,
+                "model.lora_rank and model.critic_lora_rank must be >= 0 (0 = off), model.lora_alpha > 0",
+            ),
+            (
+                not self.model.uses_lora or self.train.zero_stage <= 2,
+                "LoRA (model.lora_rank / critic_lora_rank) needs train.zero_stage <= 2 (the adapted layers'"
+                " merged weights are computed from whole parameters)",
+            ),
+            (
+                not self.model.uses_lora or bool(self.model.lora_target_modules),
+                "model.lora_target_modules is empty",
             ),
             (self.train.log_samples_every >= 0, "train.log_samples_every must be >= 0 (0 = never)"),
             (self.train.filter_patience >= 0, "train.filter_patience must be >= 0 (0 = never stop)"),

@@ -39,6 +39,7 @@ def test_overrides_are_typed():
         ("algo.estimator=ppo", "algo.estimator"),
         ("train.zero_stage=4", "train.zero_stage"),
         ("train.offload_params=true", "train.offload_params needs train.zero_stage=3"),
+        ("model.lora_rank=-1", "model.lora_rank"),
         ("algo.eps_low=-0.1", "eps_low"),
         ("data.task=math", "train_file"),
         ("train.broadcast_every=3", "broadcast_every"),
@@ -54,6 +55,16 @@ def test_overrides_are_typed():
 def test_bad_fields_are_named(override, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_lora_needs_zero_2_at_most():
+    with pytest.raises(
+        ConfigError, match=r"LoRA \(model.lora_rank / critic_lora_rank\) needs train.zero_stage <= 2"
+    ):
+        load_config(None, ["model.lora_rank=8", "train.zero_stage=3"])
+    with pytest.raises(ConfigError, match=r"model.lora_target_modules is empty"):
+        load_config(None, ["model.lora_rank=8", "model.lora_target_modules=[]"])
+    assert load_config(None, ["model.critic_lora_rank=8", "train.zero_stage=2"]).model.uses_lora
 
 
 def test_offload_needs_zero():

@@ -101,6 +101,17 @@ def test_the_7b_recipe_fits_one_node_with_the_optimizer_offloaded():
     assert full.returncode == 2 and "train.offload_optimizer=true" in full.stdout
 
 
+def test_the_7b_lora_recipe_fits_two_plus_two_gpus():
+    res = _dry_run("--rollout-gpus", "2", "--train-gpus", "2", config="configs/vapo_qwen2.5_7b_lora.yaml")
+    assert res.returncode == 0 and "IMPOSSIBLE" not in res.stdout, res.stdout + res.stderr
+    learner = re.search(
+        r"learner GPU: ([\d.]+) GiB of 80 \(weights ([\d.]+), gradients ([\d.]+), optimizer ([\d.]+)",
+        res.stdout,
+    )
+    total, weights, grads, optim = map(float, learner.groups())
+    assert total < 60 and grads + optim < 2 < weights  # the adapters' state, beside two frozen models
+
+
 def test_an_uneven_split_of_groups_is_a_config_error():
     """512 groups cannot go evenly to 24 learner ranks x 16 mini-batches: refused before anything runs."""
     res = _dry_run("--rollout-gpus", "32", "--train-gpus", "24")

@@ -205,22 +205,35 @@ def learner_tokens(cfg: Config) -> int:
     return cfg.train.max_tokens_per_micro or cfg.train.micro_batch_size * cfg.rollout.max_model_len
 
 
+def lora_params(shape: ModelShape, rank: int, targets: list[str]) -> int:
+    """Adapter elements of rank ``rank`` on the named projections of every layer (each is r x (in + out))."""
+    kv = shape.kv_heads * shape.head_dim
+    h, i = shape.hidden, shape.intermediate
+    dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+    return shape.layers * sum(rank * (a + b) for name, (a, b) in dims.items() if name in targets)
+
+
 def _learner_gib(shape: ModelShape, cfg: Config, learner_world: int, activations: float) -> dict[str, float]:
-    t = cfg.train
+    t, m = cfg.train, cfg.model
     p, n = shape.params, max(1, learner_world)
+    # the parameters each model trains: all of them, or with LoRA its adapters (learner/lora.py)
+    ranks = [m.lora_rank] + ([m.critic_lora_rank] if cfg.algo.estimator == "gae" else [])
+    trained = [lora_params(shape, r, m.lora_target_modules) if r else p for r in ranks]
     # bf16 weights, gradients accumulated in fp32 (learner.models.ds_config), fp32 Adam moments + master
-    weights, grads, optim = 2.0 * p, (4.0 if t.zero_stage >= 1 else 2.0) * p, 12.0 * p
+    weights = 2.0 * p * len(ranks)
+    grads = (4.0 if t.zero_stage >= 1 else 2.0) * sum(trained)
+    optim = 12.0 * sum(trained)
     if t.zero_stage >= 1:
         optim /= n
     if t.zero_stage >= 2:
         grads /= n
     if t.zero_stage >= 3:
         weights /= n
-    models = 2 if cfg.algo.estimator == "gae" else 1
     learner = {
-        "weights": models * weights / GiB,
-        "gradients": models * grads / GiB,
-        "optimizer": models * optim / GiB,
+        "weights": weights / GiB,
+        "gradients": grads / GiB,
+        "optimizer": optim / GiB,
         "activations": activations / GiB,  # policy and value passes never overlap
     }
     if t.max_tokens_per_micro and cfg.model.attn_implementation != "flash_attention_2":
@@ -272,6 +285,8 @@ def _learner_fixes(cfg: Config, learner: dict[str, float]) -> list[str]:
         )
     if not t.offload_params and t.zero_stage == 3 and "weights" in learner:
         fixes.append(f"train.offload_params=true (moves {learner['weights']:.0f} GiB to the host)")
+    if not cfg.model.uses_lora:
+        fixes.append("train LoRA adapters instead (model.lora_rank / critic_lora_rank, train.zero_stage <= 2)")
     if not t.gradient_checkpointing:
         fixes.append("turn on train.gradient_checkpointing")
     fixes.append(

@@ -31,6 +31,7 @@ import structlog
 import torch
 
 from async_vapo import distributed
+from async_vapo.learner.lora import save_adapter
 
 log = structlog.get_logger(__name__)
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -173,6 +174,10 @@ def save(  # noqa: PLR0913 (both engines, where and what to write, and the reten
         (tmp / "learner_state.msgpack").write_bytes(msgspec.msgpack.encode(state))
     if export_hf:
         export_policy(policy, tmp / "hf", tokenizer_dir)
+        if distributed.rank() == 0:  # LoRA: the adapters too, in PEFT's layout (nothing without LoRA)
+            save_adapter(policy.module, tmp / "adapter")
+            if value is not None:
+                save_adapter(value.module.backbone, tmp / "critic_adapter")
         if value is not None:  # the critic beside it (backbone in HF format + value_head.pt)
             value.module.save(tmp / "hf_critic", writer=distributed.rank() == 0)
     distributed.barrier()

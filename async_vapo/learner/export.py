@@ -31,13 +31,19 @@ Gather = Callable[[list[torch.nn.Parameter]], Any]
 def host_tensors(
     module: torch.nn.Module, writer: bool, gather: Gather = zero3_gather
 ) -> Iterator[tuple[str, torch.Tensor | None]]:
-    """Every tensor of ``module``'s state dict (parameters, shared ones once, then persistent buffers),
-    whole and on the host for the writer (None elsewhere), one at a time. Every rank must drain it:
+    """Every tensor of ``module``'s state dict (parameters, shared ones once, then persistent buffers; a
+    LoRA layer's weight merged with its adapter, the adapters left out), whole and on the host for the
+    writer (None elsewhere), one at a time. Every rank must drain it:
     each parameter's gather is a collective of the learner world."""
+    from async_vapo.learner.lora import published
+
     kept = set(module.state_dict().keys())
-    for name, p in module.named_parameters():
+    for name, p, value in published(module):  # LoRA: adapters merged into their layers' weights
         with gather([p]), torch.no_grad():
-            yield name, p.detach().to("cpu", copy=True) if writer else None
+            yield (
+                name,
+                (value() if value is not None else p.detach()).to("cpu", copy=True) if writer else None,
+            )
     for name, b in module.named_buffers():
         if name in kept:
             yield name, b.detach().to("cpu", copy=True) if writer else None

@@ -23,6 +23,7 @@ from async_vapo.controller import ControllerMetrics, RolloutTotals
 from async_vapo.controller.evaluation import EVAL_GRACE_S, eval_timeout_s
 from async_vapo.learner import checkpoint
 from async_vapo.learner.batch import Batch, collate, recv_batch, send_batch
+from async_vapo.learner.lora import published
 from async_vapo.learner.setup import (
     LearnerArgs,
     build_models,
@@ -370,8 +371,9 @@ class Trainer:
 
     def _bucket_plan(self) -> StreamPlan:
         if self._stream_plan is None:
+            # LoRA: the engines get the merged weights under the base model's names
             self._stream_plan = StreamPlan.of(
-                self.policy.module.named_parameters(), int(self.cfg.train.bucket_mb * 2**20)
+                published(self.policy.module), int(self.cfg.train.bucket_mb * 2**20)
             )
         return self._stream_plan
 

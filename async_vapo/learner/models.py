@@ -249,14 +249,17 @@ def make_engine(model: nn.Module, lr: float, train: TrainConfig, bf16: bool, mic
     if train.gradient_checkpointing:
         core: Any = getattr(model, "backbone", model)  # the value model's transformer, or the policy
         core.gradient_checkpointing_enable()
+        if any(not p.requires_grad for p in core.parameters()):  # LoRA: the embeddings are frozen, and a
+            core.enable_input_require_grads()  # recomputed layer must still see an input that needs grad
     hyper: dict[str, Any] = {"lr": lr, "weight_decay": train.weight_decay, "betas": (0.9, 0.95), "eps": 1e-8}
     opt: torch.optim.Optimizer
+    trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters (and value head)
     if train.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        opt = DeepSpeedCPUAdam(model.parameters(), adamw_mode=True, **hyper)
+        opt = DeepSpeedCPUAdam(trained, adamw_mode=True, **hyper)
     else:
-        opt = torch.optim.AdamW(model.parameters(), **hyper)
+        opt = torch.optim.AdamW(trained, **hyper)
     warm = max(1, train.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     config = ds_config(train, bf16, micro_batch_size)

@@ -21,6 +21,7 @@ from async_vapo.config import Config, check_learner_split
 from async_vapo.controller import Controller, GroupSettings, Wiring
 from async_vapo.controller.admission import GroupRules, prompt_fits
 from async_vapo.learner import checkpoint
+from async_vapo.learner.lora import apply_lora
 from async_vapo.learner.models import (
     attention_kernel,
     ds_config,
@@ -101,10 +102,16 @@ def build_models(cfg: Config, model_path: str, on_gpu: bool, micro: int) -> tupl
     t = cfg.train
     ds = ds_config(t, bf16, micro)  # ZeRO-3: each model is built partitioned, never whole on a rank
     attn = attention_kernel(cfg.model.attn_implementation, on_gpu)
-    policy = make_engine(load_policy(model_path, dtype, ds, attn), t.actor_lr, t, bf16, micro)
+    m = cfg.model
+    actor = load_policy(model_path, dtype, ds, attn)
+    if m.lora_rank:
+        apply_lora(actor, m.lora_rank, m.lora_alpha, m.lora_target_modules)
+    policy = make_engine(actor, t.actor_lr, t, bf16, micro)
     value = None
     if cfg.algo.estimator == "gae":
-        critic = load_value(model_path, cfg.model.value_path, dtype, ds, attn)
+        critic = load_value(model_path, m.value_path, dtype, ds, attn)
+        if m.critic_lora_rank:  # the backbone adapted and frozen, the value head trained in full
+            apply_lora(critic.backbone, m.critic_lora_rank, m.lora_alpha, m.lora_target_modules)
         value = make_engine(critic, t.critic_lr, t, bf16, micro)
     log.info(
         "learner models built",
@@ -116,8 +123,13 @@ def build_models(cfg: Config, model_path: str, on_gpu: bool, micro: int) -> tupl
         optimizer=type(policy.basic_optimizer).__name__,
         offload_optimizer=policy.zero_offload_optimizer() is not None,
         offload_params=policy.zero_offload_param() is not None,
+        trained_params={"policy": _trained(policy.module), "critic": _trained(value.module) if value else 0},
     )
     return policy, value
+
+
+def _trained(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def declared_ranges(cfg: Config) -> dict[str, tuple[float, float]]:

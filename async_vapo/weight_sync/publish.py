@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,13 +36,27 @@ class StreamPlan:
 
     buckets: list[BucketMeta]
     params: list[list[torch.nn.Parameter]]
+    # what is sent for a parameter, when not the parameter itself (a LoRA layer's merged weight)
+    values: dict[int, Callable[[], torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, named_params: Iterable[tuple[str, torch.nn.Parameter]], bucket_bytes: int) -> StreamPlan:
+    def of(
+        cls,
+        named_params: Iterable[tuple[str, torch.nn.Parameter] | tuple[str, torch.nn.Parameter, Any]],
+        bucket_bytes: int,
+    ) -> StreamPlan:
+        """From ``(name, parameter)`` pairs, or ``(name, parameter, value)`` triples whose ``value()``, when
+        not None, is the tensor to send for it (``learner.lora.published``)."""
         named = list(named_params)
-        buckets = plan_bucket_meta(((n, p.dtype, full_shape(p)) for n, p in named), bucket_bytes)
-        by_name = dict(named)
-        return cls(buckets, [[by_name[n] for n, _, _ in b] for b in buckets])
+        buckets = plan_bucket_meta(((x[0], x[1].dtype, full_shape(x[1])) for x in named), bucket_bytes)
+        by_name = {x[0]: x[1] for x in named}
+        values = {id(x[1]): x[2] for x in named if len(x) == 3 and x[2] is not None}
+        return cls(buckets, [[by_name[n] for n, _, _ in b] for b in buckets], values)
+
+    def value(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """The tensor sent for ``p`` (gathered by the caller)."""
+        fn = self.values.get(id(p))
+        return fn() if fn is not None else p.detach()
 
     @property
     def nbytes(self) -> int:
@@ -82,7 +96,7 @@ def stream_publish(
             if len(params) == 1:
                 with gather(params):
                     if send is not None:
-                        t = params[0].detach().reshape(-1)
+                        t = plan.value(params[0]).reshape(-1)
                         send(t if t.is_contiguous() else t.contiguous())
                         sent += t.numel() * t.element_size()
                 continue
@@ -92,7 +106,7 @@ def stream_publish(
             ):
                 with gather([p]):
                     if view is not None:
-                        view.copy_(p.detach().reshape(view.shape))
+                        view.copy_(plan.value(p).reshape(view.shape))
             if send is not None and flat is not None:
                 send(flat)
                 sent += flat.numel() * flat.element_size()

@@ -1,0 +1,167 @@
+"""LoRA (learner/lora.py): the adapted layer against its formula, the merged weights the engines and the
+export get, the PEFT-layout adapter files; then the policy and critic trained with adapters through the
+launcher on CPU (real vLLM and DeepSpeed), the engines sampling from the merged weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from async_vapo.learner.lora import LoRALinear, adapter_count, apply_lora, published, save_adapter
+from async_vapo.weight_sync.publish import StreamPlan, stream_publish
+from tests.test_e2e import launch, rows
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(6, 4)
+        self.down_proj = nn.Linear(4, 6, bias=False)
+        self.norm = nn.LayerNorm(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.down_proj(torch.relu(self.q_proj(x))))
+
+
+def _adapted(seed: int = 0) -> tuple[Block, Block]:
+    torch.manual_seed(seed)
+    base = Block()
+    model = Block()
+    model.load_state_dict(base.state_dict())
+    assert apply_lora(model, rank=2, alpha=4.0, targets=["q_proj", "down_proj"]) == 2
+    return base, model
+
+
+def test_fresh_adapters_change_nothing_and_trained_ones_follow_the_formula():
+    base, model = _adapted()
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(model(x), base(x))  # B starts at zero
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_()
+    # reference: each adapted layer as x W^T + b + (alpha / r) x A^T B^T, written out
+    q, d = model.q_proj, model.down_proj
+    h = torch.relu(x @ q.weight.T + q.bias + 2.0 * (x @ q.lora_A.T) @ q.lora_B.T)
+    ref = model.norm(h @ d.weight.T + 2.0 * (h @ d.lora_A.T) @ d.lora_B.T)
+    torch.testing.assert_close(model(x), ref)
+    # only the adapters train; the base weights keep their names and values
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"q_proj.lora_A", "q_proj.lora_B", "down_proj.lora_A", "down_proj.lora_B"}
+    assert adapter_count(model) == 2 * (6 + 4) + 2 * (4 + 6)
+    torch.testing.assert_close(model.q_proj.weight, base.q_proj.weight)
+
+
+def test_the_publish_and_the_export_send_merged_weights_under_the_base_names(tmp_path):
+    base, model = _adapted(1)
+    with torch.no_grad():
+        model.q_proj.lora_B.normal_()
+        model.down_proj.lora_B.normal_()
+    names = [n for n, _, _ in published(model)]
+    assert names == [n for n, _ in base.named_parameters()]  # what the engines' model has, no more
+    got: list[torch.Tensor] = []
+    plan = StreamPlan.of(published(model), 64)  # small buckets: several, some of one parameter
+    stream_publish(plan, got.append, "cpu", gather=lambda ps: torch.no_grad())
+    sent = torch.cat(got)
+    merged = dict(base.named_parameters())
+    for m, name in ((model.q_proj, "q_proj.weight"), (model.down_proj, "down_proj.weight")):
+        merged[name] = m.weight + 2.0 * m.lora_B @ m.lora_A
+    expected = torch.cat([merged[n].detach().reshape(-1) for n, _, _ in (x for b in plan.buckets for x in b)])
+    torch.testing.assert_close(sent, expected)
+
+    save_adapter(model, tmp_path / "adapter", base_model="base")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 4.0
+    assert cfg["target_modules"] == ["down_proj", "q_proj"]
+    files = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert set(files) == {
+        f"base_model.model.{m}.lora_{ab}.weight" for m in ("q_proj", "down_proj") for ab in "AB"
+    }
+    torch.testing.assert_close(files["base_model.model.q_proj.lora_B.weight"], model.q_proj.lora_B.detach())
+
+
+def test_the_memory_plan_counts_the_adapters_a_real_model_gets(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from async_vapo.cluster.memory import lora_params, model_shape
+    from async_vapo.config import load_config
+
+    targets = load_config().model.lora_target_modules
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    apply_lora(model, 4, 8.0, targets)
+    assert adapter_count(model) == lora_params(model_shape(str(tiny_model_dir)), 4, targets)
+
+
+def test_no_matching_layer_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"match no linear layer; this model has \['down_proj', 'q_proj'\]"):
+        apply_lora(Block(), 2, 4.0, ["c_attn"])
+
+
+@pytest.mark.slow
+def test_lora_policy_and_critic_train_through_the_launcher(tiny_model_dir, tmp_path):
+    out = tmp_path / "lora"
+    # configs/vapo_qwen2.5_7b_lora.yaml's settings: both models adapted, ZeRO-2, the streamed publish
+    lora = ["model.lora_rank=4", "model.critic_lora_rank=4", "model.lora_alpha=8", "model.dtype=float32",
+            "train.zero_stage=2", "train.publish=stream"]  # fmt: skip
+    # on-policy and drained: every trained token was sampled by the weights the learner holds, so the
+    # engines' log-probs (from the merged weights they were sent) must be the learner's (adapters applied)
+    onpolicy = [
+        "train.max_staleness=0",
+        "rollout.weight_update=drain",
+        "train.actor_lr=2e-3",
+        "train.critic_lr=2e-3",
+    ]
+    res = launch(
+        out, *lora, *onpolicy, "train.total_steps=3", "train.eval_every=0", "train.checkpoint_every=0"
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    events = [
+        json.loads(x) for x in (out / "logs" / "learner-0.log").read_text().splitlines() if x[:1] == "{"
+    ]
+    (built,) = [e for e in events if e["event"] == "learner models built"]
+    n_full = sum(t.numel() for t in load_file(str(tiny_model_dir / "model.safetensors")).values())
+    assert 0 < built["trained_params"]["policy"] < n_full / 5  # adapters only
+    train = [x for x in rows(out) if x["phase"] == "train"]
+    assert [x["step"] for x in train] == [0, 1, 2]
+    assert all(abs(x["behaviour_kl"]) < 1e-8 for x in train), [x["behaviour_kl"] for x in train]  # 1e-12 here
+
+    ckpt = out / "checkpoints" / "step_3"
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(ckpt / "hf" / "model.safetensors"))
+    adapter = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    assert (ckpt / "critic_adapter" / "adapter_model.safetensors").exists()
+    assert set(after) == set(before)  # the export is the base model's layout, adapters merged in
+    scale = 8 / 4
+    changed = 0
+    for name, w in before.items():
+        module = name.removesuffix(".weight")
+        key = f"base_model.model.{module}.lora_A.weight"
+        if key not in adapter:
+            torch.testing.assert_close(after[name], w)  # not adapted: untouched
+            continue
+        b = adapter[key.replace("lora_A", "lora_B")]
+        torch.testing.assert_close(after[name], w + scale * b @ adapter[key], atol=1e-5, rtol=1e-4)
+        changed += int(bool((after[name] != w).any()))
+    assert changed > 0
+    # the trained adapters changed the model noticeably more than the engines and the learner disagree
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        lp = [
+            torch.log_softmax(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(ids).logits, -1)
+            for d in (tiny_model_dir, ckpt / "hf")
+        ]
+    assert float((lp[0] - lp[1]).abs().max()) > 1e-2
+
+    # resumed: the adapters come back from the DeepSpeed checkpoint, and the engines sample from them
+    res = launch(out, *lora, *onpolicy, "train.total_steps=4", "train.eval_every=0", "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    train = [x for x in rows(out) if x["phase"] == "train"]
+    assert [x["step"] for x in train] == [0, 1, 2, 3] and abs(train[-1]["behaviour_kl"]) < 1e-8
+    resumed = load_file(str(out / "checkpoints" / "step_4" / "adapter" / "adapter_model.safetensors"))
+    assert any(not torch.equal(resumed[k], adapter[k]) for k in adapter)  # trained on from step 3's
