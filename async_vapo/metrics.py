@@ -40,10 +40,16 @@ class MetricsWriter:
         if self.path.exists():
             self.rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-    def rewind(self, step: int) -> None:
+    def rewind(self, step: int, value_pretrained: bool = True) -> None:
         """On resume from a checkpoint whose next step is ``step``: forget the rows of steps the
-        checkpoint does not contain (trained after it, before the run died); they are trained again."""
-        keep = [r for r in self.rows if r.get("phase") == "value_pretrain" or r.get("step", 0) < step]
+        checkpoint does not contain (trained after it, before the run died); they are trained again.
+        Value-Pretraining's rows go too when it is done again (no checkpoint had finished it)."""
+        keep = [
+            r
+            for r in self.rows
+            if (r.get("phase") == "value_pretrain" and value_pretrained)
+            or (r.get("phase") != "value_pretrain" and r.get("step", 0) < step)
+        ]
         if len(keep) != len(self.rows):
             self.rows = keep
             _rewrite(self.path, keep)

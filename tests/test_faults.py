@@ -285,3 +285,30 @@ def test_faults_during_a_run_then_the_learner_restarts(tiny_model_dir, tmp_path)
         f" learner killed to first step of the restarted world {resume_s:.1f} s; requeued {requeued};"
         f" verdicts { ({k: v for k, v in verdicts.items() if k.startswith('verdict_')}) }"
     )
+
+
+def test_a_learner_killed_before_its_first_checkpoint_restarts_from_the_start(tiny_model_dir, tmp_path):
+    """A learner that dies before any checkpoint used to end the run (nothing to resume from); the
+    world now starts over (nothing trained was kept): every step once in the end, Value-Pretraining's
+    rows not doubled, and the rollout worker brought to the restarted learner's weights."""
+    out, log = tmp_path / "early", tmp_path / "early.log"
+    proc = _launch(out, log, "train.total_steps=4", "train.checkpoint_every=0")
+    try:
+        _wait(lambda: _train_rows(out), proc, log, "the first step")
+        assert not (out / "checkpoints").exists()
+        os.kill(int(_state(out)["learners"]["0"]), signal.SIGKILL)
+        assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    events = _events(log)
+    restarted = [e for e in events if "restarting the learner world" in str(e.get("event"))]
+    assert (
+        len(restarted) == 1
+        and "from the start" in restarted[0]["event"]
+        and restarted[0]["checkpoint"] is None
+    )
+    r = rows(out)
+    assert [x["step"] for x in r if x["phase"] == "train"] == [0, 1, 2, 3]
+    assert sum(x["phase"] == "value_pretrain" for x in r) == 1  # SMALL: one step, done again, written once
+    assert (out / "checkpoints" / "latest").read_text() == "step_4"

@@ -286,7 +286,9 @@ def _learner_fixes(cfg: Config, learner: dict[str, float]) -> list[str]:
     if not t.offload_params and t.zero_stage == 3 and "weights" in learner:
         fixes.append(f"train.offload_params=true (moves {learner['weights']:.0f} GiB to the host)")
     if not cfg.model.uses_lora:
-        fixes.append("train LoRA adapters instead (model.lora_rank / critic_lora_rank, train.zero_stage <= 2)")
+        fixes.append(
+            "train LoRA adapters instead (model.lora_rank / critic_lora_rank, train.zero_stage <= 2)"
+        )
     if not t.gradient_checkpointing:
         fixes.append("turn on train.gradient_checkpointing")
     fixes.append(

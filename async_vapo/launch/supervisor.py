@@ -284,7 +284,8 @@ class Supervisor:
         return code
 
     def _restart_learners(self) -> bool:
-        """A learner rank died: restart the learner world from its latest checkpoint, at most
+        """A learner rank died: restart the learner world from its latest checkpoint (from the start when
+        it died before the first one: nothing trained was kept, so nothing is lost or repeated), at most
         ``train.learner_restarts`` times per run, when the whole world is on this node. The rollout
         workers keep running; the new controller tells them to come back (they are restarted and say
         Hello again). False: the run ends, as before."""
@@ -294,13 +295,16 @@ class Supervisor:
         whole_world_here = len(self.share.learner_ranks) == self.layout.learner_world
         if self.stopping or not whole_world_here or self.site.files is None:
             return False
-        if self.learner_restarts >= self.cfg.train.learner_restarts or latest(ckpt) is None:
+        if self.learner_restarts >= self.cfg.train.learner_restarts:
             return False
         self.learner_restarts += 1
+        source = latest(ckpt)  # none yet (it died before its first checkpoint): from the start
         log.warning(
-            "a learner rank died; restarting the learner world from its latest checkpoint",
+            "a learner rank died; restarting the learner world from "
+            + ("its latest checkpoint" if source is not None else "the start (no checkpoint yet)"),
             restart=self.learner_restarts,
             of=self.cfg.train.learner_restarts,
+            checkpoint=source.name if source is not None else None,
         )
         for p in self.learners:  # the others are stuck in (or about to fail) a collective
             _stop_group(p.pid, signal.SIGKILL)

@@ -90,7 +90,7 @@ class Trainer:
         if self.rank == 0:
             self.metrics = MetricsWriter(self.out, self.cfg.train.total_steps, make_sinks(self.cfg, self.out))
         if self.metrics is not None and args.resume:
-            self.metrics.rewind(self.step)
+            self.metrics.rewind(self.step, self.progress.value_pretrained)
         self.stop_requested = False
         self.evaluated: tuple[int, float] | None = None  # (step, held-out accuracy) of the last evaluation
         self.failure: BaseException | None = (
