@@ -1,6 +1,7 @@
 """Chaos: the embedded default trained while faults are injected at random times, then the books audited.
 
-Faults (one every ``--every`` seconds on average, each kind in turn, at random moments; what each does is
+Faults (for the first ``--minutes`` minutes, one every ``--every`` seconds on average, each kind in turn,
+at random moments; what each does is
 in ``tests/chaos.py``, shared with the suite's ``tests/test_faults.py``): worker SIGKILL, vLLM engine-core
 SIGKILL, learner SIGKILL (the launcher restarts the learner world, the workers rejoin with their
 engines), hostile well-formed groups, spoofed Hello / WeightAck, an object-heavy frame; and throughout,
@@ -77,7 +78,7 @@ def main() -> None:
         f"train.total_steps={steps}",
         "algo.value_pretrain_steps=3",
         "train.eval_every=0",
-        "train.checkpoint_every=10",
+        "train.checkpoint_every=4",  # a learner kill costs at most the steps since the last checkpoint
         "train.worker_timeout_s=10",
         "train.weight_sync_timeout_s=20",
         "train.prompt_timeout_s=60",
@@ -104,6 +105,8 @@ def main() -> None:
     def inject() -> None:
         i, tries = 0, 0
         while not stop.wait(rng.expovariate(1 / args.every)):
+            if time.monotonic() - t0 > args.minutes * 60:
+                return  # the storm is over: the run must now finish on its own
             if not _rows(out):
                 continue  # faults start once training does
             kind = KINDS[i % len(KINDS)]
