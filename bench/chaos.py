@@ -6,7 +6,8 @@ in ``tests/chaos.py``, shared with the suite's ``tests/test_faults.py``): worker
 SIGKILL, learner SIGKILL (the launcher restarts the learner world, the workers rejoin with their
 engines), hostile well-formed groups, spoofed Hello / WeightAck, an object-heavy frame; and throughout,
 a verifier that hangs, raises or returns garbage on about 1 response in 11
-(``tests.verifier_fixtures:chaos``).
+(``tests.verifier_fixtures:chaos``) and checkpoints 25 s slower than the weight-sync timeout
+(``ASYNC_VAPO_FAULT_SLOW_SAVE``).
 The run must finish on its own within ``2 x --minutes + 5`` minutes. Then the audit, from the final
 checkpoint's prompt ledger and the last metrics row: every prompt the data cursor passed is trained,
 filtered, failed or pending, exactly once (``prompts_lost``, ``prompts_trained_twice``), hostile groups
@@ -91,6 +92,7 @@ def main() -> None:
         *args.overrides,
     ]
     env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1", ASYNC_VAPO_LOG_JSON="1")
+    env["ASYNC_VAPO_FAULT_SLOW_SAVE"] = "*:25"  # every checkpoint slower than the weight-sync timeout (20 s)
     log = (out / "launcher.log").open("w")
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)

@@ -57,8 +57,9 @@ RUN = [
 ]
 
 
-def _launch(out: Path, log: Path, *extra: str) -> subprocess.Popen:
+def _launch(out: Path, log: Path, *extra: str, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
     env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1", ASYNC_VAPO_LOG_JSON="1")
+    env |= env_extra or {}
     cmd = [sys.executable, "-m", "async_vapo.launch", "--output-dir", str(out), *RUN, *extra]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
 
@@ -290,9 +291,11 @@ def test_faults_during_a_run_then_the_learner_restarts(tiny_model_dir, tmp_path)
 def test_a_learner_killed_before_its_first_checkpoint_restarts_from_the_start(tiny_model_dir, tmp_path):
     """A learner that dies before any checkpoint used to end the run (nothing to resume from); the
     world now starts over (nothing trained was kept): every step once in the end, Value-Pretraining's
-    rows not doubled, and the rollout worker brought to the restarted learner's weights."""
+    rows not doubled. Then the final checkpoint is made slower (20 s) than the worker and weight-sync
+    timeouts (8 s, 12 s): the controller keeps serving while it is written, so no worker is dropped."""
     out, log = tmp_path / "early", tmp_path / "early.log"
-    proc = _launch(out, log, "train.total_steps=4", "train.checkpoint_every=0")
+    slow = {"ASYNC_VAPO_FAULT_SLOW_SAVE": "4:20"}
+    proc = _launch(out, log, "train.total_steps=4", "train.checkpoint_every=0", env_extra=slow)
     try:
         _wait(lambda: _train_rows(out), proc, log, "the first step")
         assert not (out / "checkpoints").exists()
@@ -312,3 +315,9 @@ def test_a_learner_killed_before_its_first_checkpoint_restarts_from_the_start(ti
     assert [x["step"] for x in r if x["phase"] == "train"] == [0, 1, 2, 3]
     assert sum(x["phase"] == "value_pretrain" for x in r) == 1  # SMALL: one step, done again, written once
     assert (out / "checkpoints" / "latest").read_text() == "step_4"
+    (slowed,) = [e for e in events if e.get("event") == "fault injection: this checkpoint is made slow"]
+    later = [e for e in events if e.get("timestamp", "") > slowed["timestamp"]]
+    assert any(e.get("event") == "checkpoint saved" for e in later)
+    assert not [e for e in later if "drop" in str(e.get("event"))], (
+        later
+    )  # "dropping it", "dropped this worker"

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,18 @@ from async_vapo.learner.lora import save_adapter
 
 log = structlog.get_logger(__name__)
 STEP_DIR = re.compile(r"step_(\d+)")
+# fault injection (tests/test_faults.py, bench/chaos.py): "STEP:SECONDS" makes the save of that step (or
+# of every step, "*:SECONDS") that much slower, as a slow file system would
+SLOW_SAVE_ENV = "ASYNC_VAPO_FAULT_SLOW_SAVE"
+
+
+def injected_save_delay(step: int) -> float:
+    """Seconds the save of ``step`` is delayed by ``ASYNC_VAPO_FAULT_SLOW_SAVE`` (0 when unset)."""
+    spec = os.environ.get(SLOW_SAVE_ENV, "")
+    which, _, seconds = spec.partition(":")
+    if not seconds or which not in ("*", str(step)):
+        return 0.0
+    return float(seconds)
 
 
 def rng_state() -> dict[str, Any]:
@@ -180,6 +193,9 @@ def save(  # noqa: PLR0913 (both engines, where and what to write, and the reten
                 save_adapter(value.module.backbone, tmp / "critic_adapter")
         if value is not None:  # the critic beside it (backbone in HF format + value_head.pt)
             value.module.save(tmp / "hf_critic", writer=distributed.rank() == 0)
+    if slow := injected_save_delay(step):
+        log.warning("fault injection: this checkpoint is made slow", step=step, seconds=slow)
+        time.sleep(slow)
     distributed.barrier()
     if distributed.rank() == 0:
         _publish(root, tmp, final)
