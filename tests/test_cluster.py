@@ -127,7 +127,7 @@ def test_memory_plan_counts_offloaded_state_in_host_memory_and_advises_what_appl
     full = estimate_memory(shape, load_config(None, base), 4, 80.0)
     (problem,) = [p for p in full.problems if "learner GPU" in p]
     assert "train.offload_optimizer=true" in problem and "train.offload_params=true" in problem
-    assert "zero_stage" not in problem and "gradient_checkpointing" not in problem
+    assert "raise train.zero_stage" not in problem and "gradient_checkpointing" not in problem
     assert not full.learner_host
     off = estimate_memory(shape, load_config(None, [*base, "train.offload_optimizer=true"]), 4, 80.0)
     assert not off.problems and set(off.learner_host) == {"optimizer", "gradients"}
