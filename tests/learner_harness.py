@@ -113,9 +113,10 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
     torch.set_num_threads(job.get("threads", 1))
     torch.manual_seed(0)
     random.seed(0)
-    from async_vapo.config import AlgoConfig, TrainConfig
+    from async_vapo.config import AlgoConfig, ModelConfig, TrainConfig
     from async_vapo.learner import checkpoint
     from async_vapo.learner.batch import collate
+    from async_vapo.learner.lora import apply_lora
     from async_vapo.learner.models import ds_config, init_distributed, load_policy, load_value, make_engine
     from async_vapo.learner.step import (
         UpdateSchedule,
@@ -138,14 +139,25 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
     stage = job.get("zero_stage", 1)
     temperature = job.get("temperature", 1.0)
 
+    lora = job.get("lora")  # {"rank", "critic_rank", "alpha"}: adapters as learner/setup.py applies them
+
     def engines(warmup: int = 0, checkpointing: bool = False):
         torch.manual_seed(0)
-        train = TrainConfig(warmup_steps=warmup, zero_stage=stage, gradient_checkpointing=checkpointing)
-        ds = ds_config(train, False, 64)  # ZeRO-3: built partitioned, as the learner does
-        pol = make_engine(
-            load_policy(model_dir, torch.float32, ds), job.get("actor_lr", 1e-4), train, False, 64
+        train = TrainConfig(
+            warmup_steps=warmup,
+            zero_stage=stage,
+            gradient_checkpointing=checkpointing,
+            **job.get("train", {}),  # e.g. offload_optimizer / offload_params
         )
-        val = make_engine(load_value(model_dir, "", torch.float32, ds), 1e-3, train, False, 64)
+        ds = ds_config(train, False, 64)  # ZeRO-3: built partitioned, as the learner does
+        actor = load_policy(model_dir, torch.float32, ds)
+        critic = load_value(model_dir, "", torch.float32, ds)
+        if lora:
+            targets = ModelConfig().lora_target_modules
+            apply_lora(actor, lora["rank"], lora["alpha"], targets)
+            apply_lora(critic.backbone, lora["critic_rank"], lora["alpha"], targets)
+        pol = make_engine(actor, job.get("actor_lr", 1e-4), train, False, 64)
+        val = make_engine(critic, 1e-3, train, False, 64)
         return pol, val
 
     def step(pol, val, k, micro=64, mini_batches=1):
@@ -231,4 +243,9 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
         out["resumed_step"] = state["step"]
         out["resumed"] = [step(pol2, val2, k) for k in (2, 3)]
         out["hf_files"] = sorted(f.name for f in (root / "step_2" / "hf").iterdir())
+        out["optimizer"] = type(pol2.basic_optimizer).__name__
+        out["trained"] = sum(p.numel() for p in pol2.module.parameters() if p.requires_grad)
+        out["total"] = sum(
+            p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in pol2.module.parameters()
+        )
     Path(job["out"]).with_suffix(f".rank{rank}.json").write_text(json.dumps(out))

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import multiprocessing as mp
+import shutil
 import threading
 
 import torch
@@ -184,3 +186,40 @@ def perturbed(model, seed: int):
         for p in new.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return new.eval()
+
+
+def never_ending_copy(src, dst, context: int):
+    """The model of ``src`` in ``dst`` with a context of ``context`` tokens and an end-of-sequence token
+    (id = the model's vocabulary size) that has no output row, so that no response ends before its limit."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    eos = cfg["vocab_size"]
+    cfg.update(max_position_embeddings=context, eos_token_id=eos)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    gen = json.loads((dst / "generation_config.json").read_text())
+    (dst / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": eos}))
+    tok = json.loads((dst / "tokenizer.json").read_text())
+    tok["added_tokens"].append(
+        {"id": eos, "content": "<never>", "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+    )  # fmt: skip
+    tok["model"]["vocab"]["<never>"] = eos
+    (dst / "tokenizer.json").write_text(json.dumps(tok))
+    tok_cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    (dst / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "eos_token": "<never>"}))
+    return dst
+
+
+def reference_logprobs(model, prompt: list[int], response: list[int], chunk: int = 2048) -> torch.Tensor:
+    """transformers' log-probs of ``response`` after ``prompt``, the sequence fed in chunks through the KV
+    cache (a whole-sequence pass would build a [heads, 22k, 22k] attention matrix)."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([prompt + response])
+    cache, logits = DynamicCache(), []
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], chunk):
+            out = model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+    all_logits = torch.cat(logits, 1)[:, len(prompt) - 1 : -1]
+    return token_logprobs(all_logits, torch.tensor([response]))[0]

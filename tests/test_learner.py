@@ -81,23 +81,34 @@ def test_value_pretraining_raises_explained_variance(tiny_model_dir, tmp_path):
     assert ev[-1] > ev[0] + 0.2, ev
 
 
-def test_checkpoint_resume_reproduces_next_step_losses_exactly(tiny_model_dir, tmp_path):
-    (out,) = run(
-        {
-            "kind": "resume",
-            "model_dir": str(tiny_model_dir),
-            "groups": 4,
-            "n": 4,
-            "ckpt": str(tmp_path / "ckpt"),
-        },
-        1,
-        tmp_path,
-    )
+RESUMED = {
+    "full": {},
+    # configs/vapo_qwen2.5_7b_lora.yaml's kind of learner: adapters on both models (and their Adam state)
+    "lora": {"zero_stage": 2, "lora": {"rank": 4, "critic_rank": 4, "alpha": 8.0}},
+    # configs/vapo_qwen2.5_7b.yaml's: ZeRO-3 with the optimizer (DeepSpeed's CPU Adam) offloaded, its state
+    # written and read back by DeepSpeed's offload paths (the parameters' offload trains in test_offload.py)
+    "offload": {"zero_stage": 3, "train": {"offload_optimizer": True}},
+}
+
+
+@pytest.mark.parametrize("kind", list(RESUMED))
+def test_checkpoint_resume_reproduces_next_step_losses_exactly(tiny_model_dir, tmp_path, kind):
+    job = {
+        "kind": "resume",
+        "model_dir": str(tiny_model_dir),
+        "groups": 4,
+        "n": 4,
+        "ckpt": str(tmp_path / "ckpt"),
+    }
+    (out,) = run(job | RESUMED[kind], 1, tmp_path)
     assert out["resumed_step"] == 2
     for a, b in zip(out["uninterrupted"], out["resumed"], strict=True):
         assert a["policy_loss"] == b["policy_loss"]
         assert a["value_loss"] == b["value_loss"]
+        assert a["policy_loss"] != 0 and a["value_loss"] > 0
     assert "model.safetensors" in out["hf_files"] and "tokenizer.json" in out["hf_files"]
+    assert out["optimizer"] == ("DeepSpeedCPUAdam" if kind == "offload" else "AdamW")
+    assert (out["trained"] < out["total"] / 5) == (kind == "lora")  # adapters only under LoRA
 
 
 @pytest.mark.parametrize(("world", "stage"), [(1, 1), (2, 3)])
@@ -205,33 +216,37 @@ def test_two_ranks_train_like_one_rank_on_the_union(tiny_model_dir, tmp_path):
     assert _max_diff(one["params"]["1"], two[0]["params"]["1"]) < 1e-5
 
 
-def test_the_recipes_response_length_updates_like_single_sequence_passes(tiny_model_dir, tmp_path):
-    """The 32B recipe's response limit, 20,480 tokens (one response cut there and a short one, in one
-    group), through a VAPO step under the recipe's learner settings: ZeRO-3, packed micro-batches of up to
-    22,528 tokens, the LM head over 4,096 response tokens at a time and gradient checkpointing; against one
-    sequence per pass with none of them. Same parameters after the step; length-adaptive GAE at the
-    recipe's alpha 0.05 gives the long row lambda 1 - 1/(0.05 x 20480) and the short one 1 - 1/(0.05 x 40)."""
-    outs = run(
-        {
-            "kind": "micro",
-            "model_dir": str(tiny_model_dir),
-            "response_tokens": 20480,
-            "steps": 1,
-            "micros": [1, "22528/4096/gc"],
-            "zero_stage": 3,
-            "algo": {"alpha": 0.05},
-            "threads": 2,  # one rank: both cores (attention over 20.5k tokens dominates)
-        },
-        1,
-        tmp_path,
-        timeout=900,
-    )
-    (out,) = outs
-    plain, recipe = out["params"]["1"], out["params"]["22528/4096/gc"]
-    assert _max_diff(plain, out["initial"]) > 1e-5  # the step moved the parameters
-    assert _max_diff(plain, recipe) < 5e-6
+def recipe_length_update(model_dir, tmp_path, response_tokens: int, packed: str) -> dict:
+    """One group with a response cut at ``response_tokens`` and a short one, through a VAPO step under
+    the recipe's learner settings (ZeRO-3, packed micro-batches, the LM head in chunks, gradient
+    checkpointing: ``packed`` = "tokens/chunk/gc") and under one sequence per pass with none of them. Same
+    parameters after the step; length-adaptive GAE at the recipe's alpha 0.05 gives the long row lambda
+    1 - 1/(0.05 x response_tokens) and the short one 1 - 1/(0.05 x 40). Returns figures for a report."""
+    job = {
+        "kind": "micro",
+        "model_dir": str(model_dir),
+        "response_tokens": response_tokens,
+        "steps": 1,
+        "micros": [1, packed],
+        "zero_stage": 3,
+        "algo": {"alpha": 0.05},
+        "threads": 2,  # one rank: both cores (attention over the long row dominates)
+    }
+    (out,) = run(job, 1, tmp_path, timeout=1800)
+    plain, recipe = out["params"]["1"], out["params"][packed]
+    moved, gap = _max_diff(plain, out["initial"]), _max_diff(plain, recipe)
+    assert moved > 1e-5  # the step moved the parameters
+    assert gap < 5e-6
     for s in out["steps"]:
-        assert s["lengths"] == [20480, 40]
-        lam = [1 - 1 / (0.05 * 20480), 1 - 1 / (0.05 * 40)]
+        assert s["lengths"] == [response_tokens, 40]
+        lam = [1 - 1 / (0.05 * response_tokens), 1 - 1 / (0.05 * 40)]
         assert s["lambda_policy_mean"] == pytest.approx(sum(lam) / 2, abs=1e-6)
         assert all(math.isfinite(x) for x in s["advantages"][0])
+    return {"moved": moved, "max_param_gap": gap}
+
+
+def test_a_long_response_updates_like_single_sequence_passes(tiny_model_dir, tmp_path):
+    """The recipe's learner settings on a 4,096-token response: both rows packed into one micro-batch of
+    up to 4,608 tokens, the LM head over 1,024 response tokens at a time (the recipe: 22,528 and 4,096 at
+    20,480 tokens, ``bench/recipe_length.py --learner``, about three minutes here)."""
+    recipe_length_update(tiny_model_dir, tmp_path, 4096, "4608/1024/gc")

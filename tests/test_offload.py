@@ -2,7 +2,8 @@
 parameters offloaded, as ``configs/vapo_qwen2.5_7b.yaml`` offloads the optimizer. On a CPU machine the
 "device" is already host memory, so this runs the offload's code paths (DeepSpeed's offload optimizer,
 the CPU Adam kernel, partitioned parameters swapped in per layer), not its memory saving; that is
-counted by the memory plan (``tests/test_cluster.py``)."""
+counted by the memory plan (``tests/test_cluster.py``). A resume of the offloaded optimizer's state
+reproduces the next steps' losses exactly in ``tests/test_learner.py`` (in process: one launch here is enough)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tests.test_e2e import launch, rows
 pytestmark = pytest.mark.slow
 
 
-def test_zero3_with_optimizer_and_parameters_offloaded_trains_and_resumes(tiny_model_dir, tmp_path):
+def test_zero3_with_optimizer_and_parameters_offloaded_trains(tiny_model_dir, tmp_path):
     out = tmp_path / "offload"
     offload = ["train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true"]
     first = launch(out, *offload, "train.total_steps=2", "train.eval_every=0", timeout=600)
@@ -34,11 +35,6 @@ def test_zero3_with_optimizer_and_parameters_offloaded_trains_and_resumes(tiny_m
     after = load_file(str(out / "checkpoints" / "step_2" / "hf" / "model.safetensors"))
     moved = max(float((after[k].float() - before[k].float()).abs().max()) for k in before)
     assert 0 < moved < 1 and all(bool(torch.isfinite(v).all()) for v in after.values())
-
-    # the offloaded optimizer state is checkpointed and restored: the resumed run goes on from step 2
-    second = launch(out, *offload, "train.total_steps=3", "train.eval_every=0", "--resume", timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert [x["step"] for x in rows(out) if x["phase"] == "train"] == [0, 1, 2]
 
 
 def test_a_cpu_adam_that_cannot_be_built_is_a_launch_error(tmp_path):
