@@ -185,6 +185,10 @@ class TrainConfig(_Section, frozen=True):
     # zero_stage >= 1); offload_params also keeps the parameters there between uses (needs zero_stage 3)
     offload_optimizer: bool = False
     offload_params: bool = False
+    # the launcher builds DeepSpeed's CPU Adam (C++, compiled on first use and cached; about a minute on two
+    # cores) in a child process before anything starts; a build not done by then is a launch error (a
+    # lock left in the extensions directory by a killed build would otherwise block it forever)
+    op_build_timeout_s: float = 900.0
     seed: int = 0
     max_staleness: int = 1  # 0 = synchronous
     # DAPO dynamic sampling: groups whose rewards are all equal are dropped; filter_patience of them in a
@@ -365,6 +369,7 @@ class Config(_Section, frozen=True):
             (self.train.filter_patience >= 0, "train.filter_patience must be >= 0 (0 = never stop)"),
             (self.train.eval_timeout_s >= 0, "train.eval_timeout_s must be >= 0 (0 = derived)"),
             (self.train.collective_timeout_s > 0, "train.collective_timeout_s must be > 0"),
+            (self.train.op_build_timeout_s > 0, "train.op_build_timeout_s must be > 0"),
             (self.train.prompt_timeout_s >= 0, "train.prompt_timeout_s must be >= 0 (0 = derived)"),
             (
                 not ENGINE_OWNED_ARGS & self.rollout.engine_kwargs.keys(),

@@ -8,6 +8,8 @@ reproduces the next steps' losses exactly in ``tests/test_learner.py`` (in proce
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,4 +53,30 @@ def test_a_cpu_adam_that_cannot_be_built_is_a_launch_error(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 2, res.stderr[-2000:]
     assert "train.offload_optimizer needs DeepSpeed's CPU Adam, which cannot be built here" in res.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_cpu_adam_build_that_never_finishes_is_a_launch_error_naming_the_lock(tmp_path):
+    """A build killed half-way leaves torch's lock file behind; the next build waits for it to go away,
+    forever. The launcher's build runs under train.op_build_timeout_s and names the file."""
+    import os
+    import subprocess
+    import sys
+
+    ext = tmp_path / "ext"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(ext))
+    where = subprocess.run(
+        [sys.executable, "-c", "from torch.utils.cpp_extension import _get_build_directory as d;"
+         "print(d('cpu_adam', False))"],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout.strip()  # fmt: skip
+    (Path(where) / "lock").touch()
+    cmd = [sys.executable, "-m", "async_vapo.launch", "--output-dir", str(tmp_path / "run"),
+           "train.zero_stage=2", "train.offload_optimizer=true", "train.op_build_timeout_s=20"]  # fmt: skip
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "did not finish within train.op_build_timeout_s=20 s" in res.stderr, res.stderr[-2000:]
+    assert f"remove {where}/lock" in res.stderr
+    assert time.monotonic() - t0 < 120
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -144,22 +145,44 @@ def preflight(cfg: Config, dry_run: bool) -> str | None:
         if (why := check_verifier(name, cfg.rollout.verifier_timeout_s + 60).error) is not None:
             field = "data.verifier" if cfg.data.verifier else "data.verifiers"
             return f"{field} {name!r} cannot be used: {why}"
-    if cfg.train.offload_optimizer and not dry_run and (why := cpu_adam_problem()):
+    if (
+        cfg.train.offload_optimizer
+        and not dry_run
+        and (why := cpu_adam_problem(cfg.train.op_build_timeout_s))
+    ):
         return f"train.offload_optimizer needs DeepSpeed's CPU Adam, which cannot be built here: {why}"
     if cfg.data.task != "addition":
         return preflight_data(cfg, dry_run)
     return None
 
 
-def cpu_adam_problem() -> str | None:
-    """Build (or find built) DeepSpeed's CPU Adam once, before the learner ranks would each try: it is
-    compiled on first use (a C++ compiler and ninja; about a minute) and cached. None, or why not."""
-    try:
-        from deepspeed.ops.op_builder import CPUAdamBuilder
+CPU_ADAM_BUILD = (
+    "from deepspeed.ops.op_builder import CPUAdamBuilder\n"
+    "from torch.utils.cpp_extension import _get_build_directory\n"
+    "print(_get_build_directory(CPUAdamBuilder().name, verbose=False), flush=True)\n"
+    "CPUAdamBuilder().load(verbose=False)\n"
+)
 
-        CPUAdamBuilder().load(verbose=False)
-    except Exception as exc:  # a missing compiler, headers or ninja: DeepSpeed raises several kinds
-        return f"{type(exc).__name__}: {str(exc)[-300:]} (it needs a C++ compiler, Python headers and ninja)"
+
+def cpu_adam_problem(timeout_s: float) -> str | None:
+    """Build (or find built) DeepSpeed's CPU Adam once, before the learner ranks would each try: it is
+    compiled on first use (a C++ compiler and ninja; about a minute) and cached. The build runs in a child
+    process given ``timeout_s`` (``train.op_build_timeout_s``): a build that does not finish, such as one
+    waiting on the lock file of a build that was killed, is an error that names that file, not a wait
+    without end. None, or why not."""
+    cmd = [sys.executable, "-c", CPU_ADAM_BUILD]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=dict(os.environ))
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        where = out.strip().splitlines()[0] if out.strip() else "the torch extensions directory"
+        return (
+            f"the build did not finish within train.op_build_timeout_s={timeout_s:g} s (a lock file left by a"
+            f" killed build blocks it: remove {where}/lock if no other build is running)"
+        )
+    if res.returncode != 0:
+        tail = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"
+        return f"{tail[-300:]} (it needs a C++ compiler, Python headers and ninja)"
     return None
 
 
