@@ -2,6 +2,9 @@
 
 value pretraining (policy frozen, version 0)  ->  loop: batch -> targets -> value update -> policy
 update -> version += 1 -> publish weights -> metrics / eval / checkpoint
+
+Batches reach the ranks through ``learner/feed.py`` (rank 0's commands), weights leave them through
+``learner/publisher.py`` (snapshot or streamed), the update's math is ``learner/step.py``'s.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ from typing import Any
 
 import structlog
 import torch
-import torch.distributed as dist
 
 from async_vapo.buffer import PromptLedger
 from async_vapo.controller import ControllerMetrics, RolloutTotals
 from async_vapo.controller.evaluation import EVAL_GRACE_S, eval_timeout_s
 from async_vapo.learner import checkpoint
-from async_vapo.learner.batch import Batch, collate, recv_batch, send_batch
-from async_vapo.learner.lora import published
+from async_vapo.learner.batch import Batch
+from async_vapo.learner.feed import RankFeed, StopRun
+from async_vapo.learner.publisher import make_publisher
 from async_vapo.learner.setup import (
     LearnerArgs,
     build_models,
@@ -46,19 +49,10 @@ from async_vapo.learner.step import (
 from async_vapo.metrics import MetricsWriter, sample_rows
 from async_vapo.protocol import Sampling
 from async_vapo.tracking import make_sinks
-from async_vapo.weight_sync.broadcast import Snapshot
-from async_vapo.weight_sync.fanout import RankLinks, gather_status, share_plan
-from async_vapo.weight_sync.publish import StreamPlan, stream_publish
 
 log = structlog.get_logger(__name__)
 SHOWN_CHARS = 300  # of a logged sample's prompt (its end) and response (its start) on the console
 __all__ = ["LearnerArgs", "Trainer", "learner_main"]
-
-
-class _Cmd:
-    """What rank 0 tells the other learner ranks while it waits for data."""
-
-    WAIT, BATCH, PUBLISH, STOP = range(4)
 
 
 class Trainer:
@@ -77,25 +71,36 @@ class Trainer:
         self.train_prompts, self.eval_prompts = build_prompts(self.cfg, self.tokenizer)
         self.ledger = PromptLedger(self.train_prompts, seed=self.cfg.data.seed)
         self.progress = restore(self.cfg, args.resume, self.policy, self.value, self.ledger)
-        self.stream_publish = self.cfg.train.streams_publish
-        self._stream_plan: StreamPlan | None = None
-        self.links = RankLinks(self.rank)  # the engines this rank feeds (streamed publish)
         vocab = int(self.policy.module.config.vocab_size)
         self.controller = (
             start_controller(args, r, self.ledger, self.version, vocab) if self.rank == 0 else None
         )
-        if self.version > 0 and not self.stream_publish:  # resumed: the snapshot for (re)joining engines
+        t = self.cfg.train
+        self.publisher = make_publisher(
+            t.streams_publish,
+            self.policy.module,
+            int(t.bucket_mb * 2**20),
+            self.controller,
+            self.rank,
+            self.world,
+            self.device,
+        )
+        if self.version > 0 and self.publisher.keeps_snapshot:  # resumed: for (re)joining engines
             self._publish()  # (every rank: ZeRO-3 gathers are collectives)
+        self.feed = RankFeed(
+            self.rank,
+            self.world,
+            self.device,
+            self.controller,
+            t.groups_per_step,
+            self.tokenizer.pad_token_id,
+        )
         self.metrics = None
         if self.rank == 0:
             self.metrics = MetricsWriter(self.out, self.cfg.train.total_steps, make_sinks(self.cfg, self.out))
         if self.metrics is not None and args.resume:
             self.metrics.rewind(self.step, self.progress.value_pretrained)
-        self.stop_requested = False
         self.evaluated: tuple[int, float] | None = None  # (step, held-out accuracy) of the last evaluation
-        self.failure: BaseException | None = (
-            None  # the controller failed: every rank saves, then it is raised
-        )
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
 
@@ -107,6 +112,15 @@ class Trainer:
     def version(self) -> int:
         return self.progress.version
 
+    @property
+    def stop_requested(self) -> bool:
+        return self.feed.stop_requested
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The controller's failure, if that is why the run stops (raised after every rank saved)."""
+        return self.feed.failure
+
     def schedule(self, seed: int) -> UpdateSchedule:
         t = self.cfg.train
         return UpdateSchedule(
@@ -114,57 +128,13 @@ class Trainer:
         )
 
     def _on_term(self, *_: Any) -> None:
-        self.stop_requested = True
+        self.feed.stop_requested = True
 
     # ---- data ------------------------------------------------------------------------------------
     def next_batch(self) -> tuple[Batch, list[Any]]:
-        """Rank 0 takes whole groups from the buffer and sends every other rank its share of them.
-
-        While it waits, rank 0 tells every rank once a second what comes next (``_Cmd``): a batch, a
-        stop, or a streamed publish for engines that have no current weights (a restarted or resumed
-        run's engines: a streamed publish is a collective, so it cannot happen on rank 0 alone)."""
-        while True:
-            cmd, got = self._poll() if self.rank == 0 else (_Cmd.WAIT, None)
-            cmd = self._share(cmd)
-            if cmd == _Cmd.STOP:
-                raise KeyboardInterrupt
-            if cmd == _Cmd.PUBLISH:
-                self._publish()
-            if cmd == _Cmd.BATCH:
-                break
-        if self.rank != 0:
-            return recv_batch(self.device), []
-        assert got is not None
-        # group i goes to rank i % world; each share is padded to its own longest row
-        shares = [collate(got[r :: self.world], self.tokenizer.pad_token_id) for r in range(self.world)]
-        for r in range(1, self.world):
-            send_batch(shares[r], r, self.device)
-        return shares[0].to(self.device), got
-
-    def _poll(self) -> tuple[int, list[Any] | None]:
-        assert self.controller is not None
-        try:
-            got = self.controller.take_batch(self.cfg.train.groups_per_step, timeout_s=1.0)
-        except RuntimeError as exc:  # the controller failed (e.g. dynamic sampling starved): stop everyone
-            self.failure = exc
-            log.error(
-                "the controller failed; checkpointing before the run ends", error=repr(exc.__cause__ or exc)
-            )
-            return _Cmd.STOP, None
-        if got is not None:
-            return _Cmd.BATCH, got
-        if self.stop_requested:
-            return _Cmd.STOP, None
-        if self.stream_publish and self.controller.engines_behind():
-            return _Cmd.PUBLISH, None
-        return _Cmd.WAIT, None
-
-    def _share(self, cmd: int) -> int:
-        if self.world == 1:
-            return cmd
-        t = torch.tensor([cmd], dtype=torch.long, device=self.device)
-        dist.broadcast(t, 0)
-        return int(t.item())
+        """This rank's share of the next batch (``learner/feed.py``); a streamed publish for engines that
+        hold no current weights happens while waiting for it. Raises ``StopRun``."""
+        return self.feed.next_batch(self._publish, self.publisher.engines_behind)
 
     # ---- phases ----------------------------------------------------------------------------------
     def value_pretrain(self) -> None:
@@ -314,7 +284,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any] | None:
         """One evaluation round on the engines (rank 0's controller). Every rank waits for it in
-        one-second rounds of ``_share``, so none sits in a collective longer than that, however long the
+        one-second rounds of ``feed.share``, so none sits in a collective longer than that, however long the
         round takes; a round that runs out of time is partial (``eval_missing``), never an error."""
         r = self.cfg.rollout
         sampling = Sampling(r.eval_samples, r.eval_temperature, r.eval_top_p, r.max_tokens)
@@ -324,7 +294,7 @@ class Trainer:
             fut = self.controller.start_evaluation(self.eval_prompts, sampling, timeout)
             # the round ends itself at its timeout; this bound holds even if the controller's loop is gone
             deadline = time.monotonic() + timeout + EVAL_GRACE_S
-        while not self._share(int(fut is None or fut.done() or time.monotonic() > deadline)):
+        while not self.feed.share(int(fut is None or fut.done() or time.monotonic() > deadline)):
             if fut is not None:
                 concurrent.futures.wait([fut], timeout=1.0)
         if fut is None or self.metrics is None:
@@ -354,45 +324,8 @@ class Trainer:
 
     # ---- weights out ---------------------------------------------------------------------------------
     def _publish(self) -> None:
-        """New weights to the engines, the way ``train.publish`` says (every rank takes part: ZeRO-3
-        gathers are collectives)."""
-        if self.controller is None and self.world == 1:
-            return
-        if self.stream_publish:
-            self._publish_streamed()
-            return
-        # a snapshot is one copy of the model on rank 0, filled bucket by bucket (ZeRO-3: each parameter
-        # gathered on its own and released), never a gather of the whole model on top of that copy
-        flats: list[torch.Tensor] = []
-        keep = (lambda t: flats.append(t.clone())) if self.controller is not None else None
-        stream_publish(self._bucket_plan(), keep, self.device)
-        if self.controller is not None:
-            self.controller.publish(Snapshot(self.version, self._bucket_plan().buckets, flats))
-
-    def _bucket_plan(self) -> StreamPlan:
-        if self._stream_plan is None:
-            # LoRA: the engines get the merged weights under the base model's names
-            self._stream_plan = StreamPlan.of(
-                published(self.policy.module), int(self.cfg.train.bucket_mb * 2**20)
-            )
-        return self._stream_plan
-
-    def _publish_streamed(self) -> None:
-        """Every rank walks the bucket plan; each sends the gathered buckets to the engines it owns
-        (``weight_sync.fanout``)."""
-        ctl = self.controller
-        targets, plan = ctl.begin_stream(self.version, self._bucket_plan().buckets) if ctl else ([], None)
-        plan = share_plan(plan, self.device)
-        if not plan.targets:  # no engine can take it now (joining ones get the next publish)
-            return
-        if ctl is not None:  # rank 0's groups are the controller's links
-            own = {t.worker.worker_id: t.worker.link for t in targets}
-            self.links.lookup = own.get
-        self.links.prepare(plan)
-        stream_publish(self._bucket_plan(), self.links.send if self.links.sending else None, self.device)
-        outcomes = gather_status(plan, self.links.outcomes, self.device)
-        if ctl is not None:
-            ctl.end_stream(self.version, targets, outcomes)
+        """New weights to the engines, the way ``train.publish`` says (every rank takes part)."""
+        self.publisher.publish(self.version)
 
     # ---- state out -----------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -469,7 +402,7 @@ def learner_main(args: LearnerArgs) -> None:
         if not trainer.stop_requested and t.eval_every and t.total_steps % t.eval_every:
             trainer.evaluate()  # the final model is always evaluated
         trainer.save()
-    except KeyboardInterrupt:  # a stop request, or a failure every rank was told of: all ranks save
+    except StopRun:  # a stop request, or a controller failure every rank was told of: all ranks save
         trainer.save()
         if trainer.failure is not None:
             raise trainer.failure from None
