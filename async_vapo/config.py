@@ -172,7 +172,7 @@ class TrainConfig(_Section, frozen=True):
     max_tokens_per_micro: int = 0
     logit_chunk: int = 0  # > 0: response tokens per LM-head chunk (never a whole micro-batch's fp32 logits)
     # one epoch and one mini-batch: old values and proximal log-probs come from the updates' own forwards
-    # instead of a separate no-grad pass over the batch (learner/step.py fused_update)
+    # instead of a separate no-grad pass over the batch (learner/update.py fused_update)
     fused_targets: bool = True
     actor_lr: float = 1e-6
     critic_lr: float = 2e-6

@@ -136,13 +136,9 @@ def _batch_width_layout() -> None:
 def _run_config(name: str, args_dict: dict, model_dir: str, out: str) -> None:
     from async_vapo.config import AlgoConfig, TrainConfig
     from async_vapo.learner.models import init_distributed, load_policy, load_value, make_engine
-    from async_vapo.learner.step import (
-        UpdateSchedule,
-        compute_targets,
-        fused_update,
-        policy_update,
-        value_update,
-    )
+    from async_vapo.learner.schedule import UpdateSchedule
+    from async_vapo.learner.targets import compute_targets
+    from async_vapo.learner.update import fused_update, policy_update, value_update
 
     from zero3_publish import PeakRss
 

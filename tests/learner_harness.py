@@ -98,7 +98,7 @@ def micro_schedule(micro: int | str, k: int, mini_batches: int = 1):
     """The update schedule of step ``k`` under ``micro`` and whether it checkpoints gradients. ``micro``:
     sequences per micro-batch, or "T/C[/gc]": packed micro-batches of up to T tokens, the LM head in chunks
     of C, gradient checkpointing when "/gc" ends it."""
-    from async_vapo.learner.step import UpdateSchedule
+    from async_vapo.learner.schedule import UpdateSchedule
 
     if isinstance(micro, int):
         return UpdateSchedule(1, mini_batches, micro, k), False
@@ -118,13 +118,9 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
     from async_vapo.learner.batch import collate
     from async_vapo.learner.lora import apply_lora
     from async_vapo.learner.models import ds_config, init_distributed, load_policy, load_value, make_engine
-    from async_vapo.learner.step import (
-        UpdateSchedule,
-        compute_targets,
-        fused_update,
-        policy_update,
-        value_update,
-    )
+    from async_vapo.learner.schedule import UpdateSchedule
+    from async_vapo.learner.targets import compute_targets
+    from async_vapo.learner.update import fused_update, policy_update, value_update
 
     init_distributed("gloo")
     model_dir = job["model_dir"]

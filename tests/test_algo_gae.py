@@ -52,7 +52,7 @@ def reference_gae(rewards, values, lengths, gamma, lams):
 def test_vectorised_matches_reference_loop(b, t, seed):
     rewards, values, mask, lengths, lam = random_batch(b, t, seed)
     gamma = 0.97
-    adv, ret = gae(rewards, values, mask, gamma, lam)
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
     ref_adv, ref_ret = reference_gae(rewards, values, lengths, gamma, lam)
     torch.testing.assert_close(adv, ref_adv)
     torch.testing.assert_close(ret, ref_ret)
@@ -61,8 +61,8 @@ def test_vectorised_matches_reference_loop(b, t, seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_float_lambda_equals_constant_tensor(seed):
     rewards, values, mask, _, _ = random_batch(6, 9, seed)
-    a1, r1 = gae(rewards, values, mask, 1.0, 0.9)
-    a2, r2 = gae(rewards, values, mask, 1.0, torch.full((6,), 0.9, dtype=torch.float64))
+    a1, r1 = gae(rewards, values, mask, gamma=1.0, lam=0.9)
+    a2, r2 = gae(rewards, values, mask, gamma=1.0, lam=torch.full((6,), 0.9, dtype=torch.float64))
     torch.testing.assert_close(a1, a2)
     torch.testing.assert_close(r1, r2)
 
@@ -70,9 +70,11 @@ def test_float_lambda_equals_constant_tensor(seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_values_and_rewards_under_mask_change_nothing(seed):
     rewards, values, mask, _, lam = random_batch(5, 12, seed)
-    adv, ret = gae(rewards, values, mask, 0.99, lam)
+    adv, ret = gae(rewards, values, mask, gamma=0.99, lam=lam)
     noise = torch.randn_like(rewards) * 1e3
-    adv2, ret2 = gae(torch.where(mask, rewards, noise), torch.where(mask, values, -noise), mask, 0.99, lam)
+    adv2, ret2 = gae(
+        torch.where(mask, rewards, noise), torch.where(mask, values, -noise), mask, gamma=0.99, lam=lam
+    )
     torch.testing.assert_close(adv, adv2)
     torch.testing.assert_close(ret, ret2)
     assert torch.all(adv[~mask] == 0) and torch.all(ret[~mask] == 0)
@@ -81,18 +83,18 @@ def test_values_and_rewards_under_mask_change_nothing(seed):
 def test_nan_under_mask_does_not_leak():
     rewards, values, mask, _, lam = random_batch(4, 6, 3)
     values = torch.where(mask, values, torch.full_like(values, float("nan")))
-    adv, ret = gae(rewards, values, mask, 1.0, lam)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=lam)
     assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
 
 
 def test_extra_padding_columns_change_nothing():
     rewards, values, mask, _, lam = random_batch(4, 7, 5)
-    adv, ret = gae(rewards, values, mask, 1.0, lam)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=lam)
     pad = 5
     rewards_p = torch.cat([rewards, torch.randn(4, pad, dtype=torch.float64)], dim=1)
     values_p = torch.cat([values, torch.randn(4, pad, dtype=torch.float64)], dim=1)
     mask_p = torch.cat([mask, torch.zeros(4, pad, dtype=torch.bool)], dim=1)
-    adv_p, ret_p = gae(rewards_p, values_p, mask_p, 1.0, lam)
+    adv_p, ret_p = gae(rewards_p, values_p, mask_p, gamma=1.0, lam=lam)
     torch.testing.assert_close(adv_p[:, :7], adv)
     torch.testing.assert_close(ret_p[:, :7], ret)
     assert torch.all(adv_p[:, 7:] == 0)
@@ -115,7 +117,7 @@ def test_gamma_lambda_one_returns_equal_terminal_reward():
     scores = torch.tensor([1.0, 0.0, -1.0])
     rewards = terminal_rewards(scores, mask)
     values = torch.randn(3, 6, generator=g)
-    adv, ret = gae(rewards, values, mask, 1.0, 1.0)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
     expected = scores.unsqueeze(1).expand(3, 6) * mask
     torch.testing.assert_close(ret, expected)
     # and the advantage is the return minus the value
@@ -124,7 +126,7 @@ def test_gamma_lambda_one_returns_equal_terminal_reward():
 
 def test_lambda_zero_is_one_step_td():
     rewards, values, mask, lengths, _ = random_batch(3, 5, 9)
-    adv, _ = gae(rewards, values, mask, 0.9, 0.0)
+    adv, _ = gae(rewards, values, mask, gamma=0.9, lam=0.0)
     for i in range(3):
         n = int(lengths[i])
         for k in range(n):
@@ -137,27 +139,27 @@ def test_lambda_zero_is_one_step_td():
 @pytest.mark.parametrize("seed", range(3))
 def test_critic_returns_do_not_depend_on_policy_lambda(seed):
     rewards, values, mask, _, lam = random_batch(6, 10, seed)
-    pa1, cr1 = decoupled_gae(rewards, values, mask, 1.0, 1.0, lam)
-    pa2, cr2 = decoupled_gae(rewards, values, mask, 1.0, 1.0, 0.3)
+    pa1, cr1 = decoupled_gae(rewards, values, mask, gamma=1.0, lam_critic=1.0, lam_policy=lam)
+    pa2, cr2 = decoupled_gae(rewards, values, mask, gamma=1.0, lam_critic=1.0, lam_policy=0.3)
     torch.testing.assert_close(cr1, cr2)
     assert not torch.allclose(pa1, pa2)
     # critic returns are Monte-Carlo reward-to-go with lambda_critic = 1
-    _, mc = gae(rewards, values, mask, 1.0, 1.0)
+    _, mc = gae(rewards, values, mask, gamma=1.0, lam=1.0)
     torch.testing.assert_close(cr1, mc)
 
 
 def test_length_adaptive_lambda_values():
     lengths = torch.tensor([0, 1, 19, 20, 21, 100, 1000])
-    lam = length_adaptive_lambda(lengths, 0.05)
+    lam = length_adaptive_lambda(lengths, alpha=0.05)
     expected = torch.tensor([0.0, 0.0, 0.0, 0.0, 1 - 1 / 1.05, 0.8, 0.98])
     torch.testing.assert_close(lam, expected)
-    clamped = length_adaptive_lambda_clamped(lengths, 0.05)
+    clamped = length_adaptive_lambda_clamped(lengths, alpha=0.05)
     assert clamped.tolist() == [True, True, True, False, False, False, False]
 
 
 def test_length_adaptive_lambda_monotone_and_bounded():
     lengths = torch.arange(0, 5000)
-    lam = length_adaptive_lambda(lengths, 0.05)
+    lam = length_adaptive_lambda(lengths, alpha=0.05)
     assert torch.all(lam >= 0) and torch.all(lam < 1)
     assert torch.all(lam[1:] >= lam[:-1])
 
@@ -175,7 +177,7 @@ def test_truncated_response_is_terminal_with_its_reward():
     mask = torch.ones(1, 3, dtype=torch.bool)
     values = torch.tensor([[0.5, 0.5, 0.5]])
     rewards = terminal_rewards(torch.tensor([0.0]), mask)
-    _, ret = gae(rewards, values, mask, 1.0, 1.0)
+    _, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
     torch.testing.assert_close(ret, torch.zeros(1, 3))
 
 
@@ -210,7 +212,7 @@ def reference_vtrace(rewards, values, lengths, gamma, lams, log_ratio, rho_bar, 
 def test_vtrace_matches_the_reference_sum(rho_bar, c_bar):
     rewards, values, mask, lengths, lam = random_batch(6, 9, seed=11)
     log_ratio = torch.randn(6, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.5
-    adv, ret = vtrace(rewards, values, mask, 0.97, lam, log_ratio, rho_bar, c_bar)
+    adv, ret = vtrace(rewards, values, mask, log_ratio, gamma=0.97, lam=lam, rho_bar=rho_bar, c_bar=c_bar)
     ref_adv, ref_ret = reference_vtrace(rewards, values, lengths, 0.97, lam, log_ratio, rho_bar, c_bar)
     torch.testing.assert_close(adv, ref_adv, atol=1e-10, rtol=0)
     torch.testing.assert_close(ret, ref_ret, atol=1e-10, rtol=0)
@@ -221,9 +223,11 @@ def test_vtrace_on_policy_is_gae():
     on_policy = torch.zeros(5, 8, dtype=torch.float64)
     for lam_i in (lam, 1.0, 0.9):
         torch.testing.assert_close(
-            vtrace(rewards, values, mask, 1.0, lam_i, on_policy), gae(rewards, values, mask, 1.0, lam_i)
+            vtrace(rewards, values, mask, on_policy, gamma=1.0, lam=lam_i),
+            gae(rewards, values, mask, gamma=1.0, lam=lam_i),
         )
     # off-policy tokens whose ratio exceeds both bounds are truncated to the on-policy case
     torch.testing.assert_close(
-        vtrace(rewards, values, mask, 1.0, lam, on_policy + 2.0), gae(rewards, values, mask, 1.0, lam)
+        vtrace(rewards, values, mask, on_policy + 2.0, gamma=1.0, lam=lam),
+        gae(rewards, values, mask, gamma=1.0, lam=lam),
     )

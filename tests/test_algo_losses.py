@@ -156,7 +156,7 @@ def test_value_loss_clipped_closed_form():
 def test_value_loss_ignores_masked_positions():
     mask = torch.tensor([[True, False]])
     v = torch.tensor([[1.0, 1e6]])
-    loss, _ = value_loss(v, v, torch.tensor([[0.0, -1e6]]), mask, None)
+    loss, _ = value_loss(v, v, torch.tensor([[0.0, -1e6]]), mask, clip_range=None)
     assert float(loss.detach()) == pytest.approx(0.5)
 
 
@@ -178,13 +178,13 @@ def test_explained_variance_of_returns_equal_up_to_rounding_is_zero():
     mask = torch.ones(64, 40, dtype=torch.bool)
     mask[:, 30:] = False
     values = torch.rand(64, 40, generator=gen) * 0.1
-    _, returns = gae(torch.zeros(64, 40), values, mask, 1.0, 1.0)
+    _, returns = gae(torch.zeros(64, 40), values, mask, gamma=1.0, lam=1.0)
     assert 0 < float(masked_var(returns, mask)) < 1e-12  # rounding, not spread
     assert float(explained_variance(values, returns, mask)) == 0.0
     # a real spread, however small next to the values, is still measured
     r = torch.zeros(64, 40)
     r[:32, 29] = 1e-3
-    _, returns = gae(r, values, mask, 1.0, 1.0)
+    _, returns = gae(r, values, mask, gamma=1.0, lam=1.0)
     assert float(explained_variance(values, returns, mask)) < -100
 
 

@@ -10,7 +10,13 @@ import torch
 from async_vapo.config import ConfigError, check_learner_split, load_config
 from async_vapo.learner.batch import Batch
 from async_vapo.learner.forward import Micro
-from async_vapo.learner.step import UnevenSplitError, _sweep, length_order, micro_slices, split_mini_batches
+from async_vapo.learner.schedule import (
+    UnevenSplitError,
+    length_order,
+    micro_slices,
+    split_mini_batches,
+    sweep,
+)
 
 
 def test_mini_batches_hold_whole_groups_in_equal_numbers():
@@ -61,7 +67,7 @@ def test_forward_sweeps_cut_length_sorted_micro_batches_and_return_rows_in_order
         seen.append(ub.attention_mask.sum(1).tolist())
         return ub.group_ids, ub.attention_mask.sum(1)
 
-    rows, lens = _sweep(b, Micro(sequences=3), fn)
+    rows, lens = sweep(b, Micro(sequences=3), fn)
     assert seen == [[1, 2, 4], [4, 9, 17], [30]]  # micro-batches of similar lengths
     assert rows.tolist() == list(range(7)) and lens.tolist() == lengths  # back in the batch's order
 

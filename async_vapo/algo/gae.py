@@ -45,6 +45,7 @@ def gae(
     rewards: Tensor,
     values: Tensor,
     mask: Tensor,
+    *,
     gamma: float,
     lam: float | Tensor,
 ) -> tuple[Tensor, Tensor]:
@@ -96,6 +97,7 @@ def decoupled_gae(
     rewards: Tensor,
     values: Tensor,
     mask: Tensor,
+    *,
     gamma: float,
     lam_critic: float | Tensor,
     lam_policy: float | Tensor,
@@ -106,12 +108,12 @@ def decoupled_gae(
     Returns (policy_advantages [B, T], critic_returns [B, T]). The critic returns never depend on
     ``lam_policy``; they are built from raw (never whitened) advantages.
     """
-    _, critic_returns = gae(rewards, values, mask, gamma, lam_critic)
-    policy_advantages, _ = gae(rewards, values, mask, gamma, lam_policy)
+    _, critic_returns = gae(rewards, values, mask, gamma=gamma, lam=lam_critic)
+    policy_advantages, _ = gae(rewards, values, mask, gamma=gamma, lam=lam_policy)
     return policy_advantages, critic_returns
 
 
-def length_adaptive_lambda(lengths: Tensor, alpha: float) -> Tensor:
+def length_adaptive_lambda(lengths: Tensor, *, alpha: float) -> Tensor:
     """Length-adaptive GAE: lambda_b = clamp(1 - 1 / (alpha * l_b), 0, 1).
 
     lengths: int or float [B] -> float32 [B]. The clamp is our decision (the raw formula is negative for
@@ -124,7 +126,7 @@ def length_adaptive_lambda(lengths: Tensor, alpha: float) -> Tensor:
     return torch.where(lf > 0, lam, torch.zeros_like(lam))
 
 
-def length_adaptive_lambda_clamped(lengths: Tensor, alpha: float) -> Tensor:
+def length_adaptive_lambda_clamped(lengths: Tensor, *, alpha: float) -> Tensor:
     """bool [B]: True where the raw length-adaptive formula fell below 0 and was clamped (incl. l = 0)."""
     lf = lengths.to(torch.float32)
     return (alpha * lf) < 1.0
@@ -145,9 +147,10 @@ def vtrace(
     rewards: Tensor,
     values: Tensor,
     mask: Tensor,
+    log_ratio: Tensor,
+    *,
     gamma: float,
     lam: float | Tensor,
-    log_ratio: Tensor,
     rho_bar: float = 1.0,
     c_bar: float = 1.0,
 ) -> tuple[Tensor, Tensor]:

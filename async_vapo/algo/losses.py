@@ -102,6 +102,7 @@ def value_loss(
     old_values: Tensor,
     returns: Tensor,
     mask: Tensor,
+    *,
     clip_range: float | None,
     denominator: Tensor | float | None = None,
 ) -> tuple[Tensor, Tensor]:

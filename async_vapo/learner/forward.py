@@ -3,7 +3,7 @@
 **Layouts.** A ``Batch`` is response-aligned and right-padded (``learner/batch.py``). The padded layout runs
 the model on ``[B, L']`` with an attention mask, ``L'`` the longest row *of the micro-batch* (a micro-batch
 selected from a batch keeps the batch's width; ``trim`` cuts it): every sequence costs the micro-batch's
-longest, and the learner cuts micro-batches from length-sorted rows (``learner/step.py``). The packed
+longest, and the learner cuts micro-batches from length-sorted rows (``learner/schedule.py``). The packed
 layout (``Micro.tokens > 0``) concatenates the micro-batch's sequences without padding into one row
 ``[1, N]`` with position ids restarting at 0 per sequence and no attention mask: transformers derives a
 block-diagonal causal mask from the position ids (``masking_utils.find_packed_sequence_indices``; the

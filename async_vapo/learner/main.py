@@ -4,7 +4,8 @@ value pretraining (policy frozen, version 0)  ->  loop: batch -> targets -> valu
 update -> version += 1 -> publish weights -> metrics / eval / checkpoint
 
 Batches reach the ranks through ``learner/feed.py`` (rank 0's commands), weights leave them through
-``learner/publisher.py`` (snapshot or streamed), the update's math is ``learner/step.py``'s.
+``learner/publisher.py`` (snapshot or streamed), the update is ``learner/targets.py``
+(its constants) and ``learner/update.py`` (the optimiser steps, on ``learner/schedule.py``'s schedule).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from async_vapo.learner import checkpoint
 from async_vapo.learner.batch import Batch
 from async_vapo.learner.feed import RankFeed, StopRun
 from async_vapo.learner.publisher import make_publisher
+from async_vapo.learner.schedule import UpdateSchedule
 from async_vapo.learner.setup import (
     LearnerArgs,
     build_models,
@@ -36,16 +38,9 @@ from async_vapo.learner.setup import (
     restore,
     start_controller,
 )
-from async_vapo.learner.step import (
-    Timer,
-    UpdateSchedule,
-    batch_metrics,
-    can_fuse,
-    compute_targets,
-    fused_update,
-    policy_update,
-    value_update,
-)
+from async_vapo.learner.targets import compute_targets
+from async_vapo.learner.timing import Timer, batch_metrics
+from async_vapo.learner.update import can_fuse, fused_update, policy_update, value_update
 from async_vapo.metrics import MetricsWriter, sample_rows
 from async_vapo.protocol import Sampling
 from async_vapo.tracking import make_sinks
