@@ -316,3 +316,39 @@ def test_timeouts_derive_from_the_recipe():
     assert eval_timeout_s(load_config(None, ["train.eval_timeout_s=42"]), 256, 1.0) == 42
     assert prompt_timeout_s(0.0, 20_480) == 4096 and prompt_timeout_s(0.0, 96) == 300
     assert prompt_timeout_s(7.0, 20_480) == 7
+
+
+def test_every_counter_family_member_is_a_named_count():
+    """Every reason a family is picked by names a ``Count`` (grep finds it); any other name is an error
+    where it is counted, and a count is written to JSON as its plain name."""
+    import json
+    import typing
+    from collections import Counter
+
+    from async_vapo.controller.admission import GroupRejection
+    from async_vapo.controller.counters import (
+        Count,
+        group_outcome,
+        group_rejected,
+        hello_rejected,
+        verdict,
+        worker_dropped,
+    )
+    from async_vapo.protocol.messages import VerdictKind
+
+    for why in GroupRejection:
+        assert group_rejected(why).value == f"group_rejected_{why.value}"
+    for kind in (*typing.get_args(VerdictKind), "other"):
+        assert verdict(kind) in Count
+    for outcome in ("admitted", "duplicate", "stale", "filtered"):
+        assert group_outcome(outcome) in Count
+    for why in ("bad_worker_id", "identity_mismatch", "unplanned_worker", "tp_mismatch", "too_frequent"):
+        assert hello_rejected(why) in Count
+    for reason in ("heartbeat", "unreachable", "stalled", "weight_sync_failed"):
+        assert worker_dropped(reason) in Count
+    with pytest.raises(ValueError):
+        worker_dropped("heartbeet")
+    counters: Counter[str] = Counter()
+    counters[Count.GROUP_ADMITTED] += 1
+    counters["group_admitted"] += 1
+    assert json.loads(json.dumps(dict(counters))) == {"group_admitted": 2}

@@ -37,6 +37,14 @@ from async_vapo.controller.admission import (
     check_hello,
     prompt_timeout_s,
 )
+from async_vapo.controller.counters import (
+    Count,
+    group_outcome,
+    group_rejected,
+    hello_rejected,
+    worker_dropped,
+)
+from async_vapo.controller.counters import verdict as verdict_count
 from async_vapo.controller.dispatch import eligible, share_out
 from async_vapo.controller.evaluation import EvalRounds
 from async_vapo.controller.metrics import ControllerMetrics
@@ -309,7 +317,7 @@ class Controller:
         while True:
             msg = await self.data.recv()
             if not isinstance(msg, TrajectoryGroup):
-                self.counters["unexpected_on_data"] += 1
+                self.counters[Count.UNEXPECTED_ON_DATA] += 1
             elif msg.eval_round:  # a late one (its round timed out) or a stranger is counted there
                 self._collect_eval(msg)
             else:
@@ -338,16 +346,16 @@ class Controller:
             if (w := self.registry.get(group.worker_id)) is not None and issued is not None:
                 w.last_group = time.monotonic()
             verdict = self.buffer.put(group)
-            self.counters[f"group_{verdict}"] += 1
+            self.counters[group_outcome(verdict)] += 1
             if verdict == "admitted" and self.registry.get(group.worker_id) is not None:
                 self.groups_by_worker[group.worker_id] += 1
             self.ready.notify_all()
         if verdict != "duplicate":  # verifier outcomes of groups for prompts we issued
             for r in group.responses:  # (a fixed set of names: a peer cannot grow the counters)
-                self.counters[f"verdict_{verdict_kind(r.verdict)}"] += 1
+                self.counters[verdict_count(verdict_kind(r.verdict))] += 1
 
     def _reject(self, group: TrajectoryGroup, why: GroupRejection) -> None:
-        key = f"group_rejected_{why.value}"
+        key = group_rejected(why)
         self.counters[key] += 1
         n = self.counters[key]
         if n & (n - 1) == 0:  # the 1st, 2nd, 4th, ... of each reason: visible, never a flood
@@ -386,7 +394,7 @@ class Controller:
             wid, msg = await self.control.recv()
             if isinstance(msg, Hello):
                 if (why := self._refuse_hello(wid, msg)) is not None:
-                    self.counters[f"hello_rejected_{why}"] += 1
+                    self.counters[hello_rejected(why)] += 1
                     log.warning("hello refused", identity=wid[:64], reason=why)
                     continue
                 # in the background: the handshake waits for acks that this very loop must receive
@@ -394,11 +402,11 @@ class Controller:
                 continue
             w = self.registry.get(wid)
             if w is None:
-                self.counters["message_from_unknown_worker"] += 1
+                self.counters[Count.MESSAGE_FROM_UNKNOWN_WORKER] += 1
                 self._tell_to_rejoin(wid)
                 continue
             if getattr(msg, "worker_id", wid) != wid:  # a worker speaks only for itself
-                self.counters["control_identity_mismatch"] += 1
+                self.counters[Count.CONTROL_IDENTITY_MISMATCH] += 1
                 continue
             w.last_seen = time.monotonic()
             if isinstance(msg, WorkerStats):
@@ -436,20 +444,20 @@ class Controller:
         if msg.eval_round:
             entry = self.evals.issued(msg.eval_round, msg.uid)
             if entry is not None and entry[0] == wid and entry[1].ticket == msg.ticket:
-                self.counters["eval_prompt_failed"] += 1
+                self.counters[Count.EVAL_PROMPT_FAILED] += 1
                 self.evals.give_up(msg.eval_round, msg.uid)
             return
         with self.ready:
             issued = self.ledger.issued(msg.uid)
             if issued is None or issued.worker_id != wid or issued.prompt.ticket != msg.ticket:
-                self.counters["rollout_failed_unknown"] += 1
+                self.counters[Count.ROLLOUT_FAILED_UNKNOWN] += 1
                 return
-            self.counters["rollout_failed"] += 1
+            self.counters[Count.ROLLOUT_FAILED] += 1
             self._failed_attempt(msg.uid, "rollout_failed")
 
     async def _on_hello(self, hello: Hello) -> None:
         if not self.weights.can_serve(hello, self.version.v):
-            self.counters["hello_restarted_weights_unavailable"] += 1
+            self.counters[Count.HELLO_RESTARTED_WEIGHTS_UNAVAILABLE] += 1
             self._spawn(
                 self.control.send(hello.worker_id, Control("shutdown", "learner", time.time(), "dropped"))
             )
@@ -475,7 +483,7 @@ class Controller:
         with self.ready:
             n = self.ledger.requeue_worker(wid, reason)
             self.staleness.on_dropped(n)
-        self.counters[f"worker_dropped_{reason}"] += 1
+        self.counters[worker_dropped(reason)] += 1
         if self._store is not None:  # a wedged worker cannot be trusted to exit: its launcher kills it
             try:
                 self._store.notify_drop(wid, w.pid)
@@ -518,7 +526,7 @@ class Controller:
         with self.ready:
             overdue = self.ledger.overdue(now - self.prompt_timeout_s)
             for issued in overdue:
-                self.counters["prompt_deadline_expired"] += 1
+                self.counters[Count.PROMPT_DEADLINE_EXPIRED] += 1
                 self._failed_attempt(issued.prompt.uid, "deadline")
         stalled = {
             i.worker_id
@@ -551,11 +559,11 @@ class Controller:
                     await asyncio.wait({done}, timeout=min(1.0, remaining))
                     orphans = self.evals.orphans(number, set(self.registry.ids()))
                     if orphans and (live := self.registry.ready()):
-                        self.counters["eval_prompts_reassigned"] += len(orphans)
+                        self.counters[Count.EVAL_PROMPTS_REASSIGNED] += len(orphans)
                         await self._eval_send(number, orphans, live, sampling)
             groups = self.evals.groups(number)
             if missing := self.evals.missing(number) if live else len(prompts):
-                self.counters["eval_rounds_partial"] += 1
+                self.counters[Count.EVAL_ROUNDS_PARTIAL] += 1
                 log.warning(
                     "evaluation round ended partial",
                     got=len(groups),

@@ -25,6 +25,7 @@ import structlog
 
 from async_vapo.cluster.ports import free_port
 from async_vapo.config import TrainConfig
+from async_vapo.controller.counters import Count
 from async_vapo.controller.metrics import SyncTotals
 from async_vapo.controller.registry import WorkerRegistry, WorkerState
 from async_vapo.protocol import Hello, JoinGroup, WeightAck, WeightUpdate
@@ -183,7 +184,7 @@ class WeightPublisher:
         w.version = version
 
     def _failed(self, w: WorkerState, exc: BaseException) -> None:
-        self.counters["weight_sync_failed"] += 1
+        self.counters[Count.WEIGHT_SYNC_FAILED] += 1
         log.error("weight sync failed; dropping worker", worker=w.worker_id, error=repr(exc)[:200])
         if self.registry.is_current(w):  # not a worker that reconnected meanwhile
             self._drop(w.worker_id, "weight_sync_failed")
