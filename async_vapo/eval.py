@@ -140,15 +140,16 @@ def write_samples(
     """One JSON line per sample, in prompt order: the prompt as the model saw it, the response, the answer,
     the reward the run would give it and the verifier's verdict."""
     from async_vapo.config import RolloutConfig
+    from async_vapo.metrics import SampleRow
     from async_vapo.rewards import reward_of
 
     r = cfg.rollout if cfg is not None else RolloutConfig()
     with open(path, "w") as f:
         for i, ((_, response, answer, context), v) in enumerate(zip(items, verdicts, strict=True)):
-            row = {"uid": prompts[i // k].uid, "sample": i % k, "prompt": context["prompt"], "response": response,
-                   "answer": answer, "reward": reward_of(v, r.correct_reward, r.wrong_reward),
-                   "correct": v.correct, "verdict": v.detail}  # fmt: skip
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            row = SampleRow(uid=prompts[i // k].uid, sample=i % k, prompt=context["prompt"], response=response,
+                            answer=answer, reward=reward_of(v, r.correct_reward, r.wrong_reward),
+                            correct=v.correct, verdict=v.detail)  # fmt: skip
+            f.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

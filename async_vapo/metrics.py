@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from async_vapo.tracking import Fanout, Sink
 
 CURVES = [
@@ -120,6 +122,29 @@ def _rewrite(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+class SampleRow(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One sampled response as ``samples.jsonl`` holds it: the training run's rows (``sample_rows``) and
+    ``python -m async_vapo.eval --output``'s (which have no step, worker or versions) share it."""
+
+    step: int | None = None
+    policy_version: int | None = None
+    uid: str
+    worker_id: str | None = None
+    sample: int  # the response's index in its group
+    prompt: str  # as the model saw it (template and special tokens included)
+    response: str
+    answer: str
+    reward: float
+    correct: bool
+    verdict: str
+    finish_reason: str | None = None
+    tokens: int | None = None
+    versions: list[int] | None = None  # the oldest and newest policy version that sampled its tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)
+
+
 def sample_rows(group: Any, tokenizer: Any, step: int, version: int) -> list[dict[str, Any]]:
     """One row per response of a trained ``TrajectoryGroup``: the prompt and response as text, the
     reward and verdict the worker gave it, why it ended, and the oldest and newest policy version that
@@ -130,22 +155,21 @@ def sample_rows(group: Any, tokenizer: Any, step: int, version: int) -> list[dic
     rows = []
     for i, r in enumerate(group.responses):
         versions = unpack_i32(r.versions)
-        rows.append(
-            {
-                "step": step,
-                "policy_version": version,
-                "uid": group.prompt.uid,
-                "worker_id": group.worker_id,
-                "sample": i,
-                "prompt": prompt,
-                "response": str(tokenizer.decode(unpack_i32(r.token_ids).tolist(), skip_special_tokens=True)),
-                "answer": group.prompt.answer,
-                "reward": r.reward,
-                "correct": r.correct,
-                "verdict": r.verdict,
-                "finish_reason": r.finish_reason,
-                "tokens": len(versions),
-                "versions": [int(versions.min()), int(versions.max())] if len(versions) else [],
-            }
+        row = SampleRow(
+            step=step,
+            policy_version=version,
+            uid=group.prompt.uid,
+            worker_id=group.worker_id,
+            sample=i,
+            prompt=prompt,
+            response=str(tokenizer.decode(unpack_i32(r.token_ids).tolist(), skip_special_tokens=True)),
+            answer=group.prompt.answer,
+            reward=r.reward,
+            correct=r.correct,
+            verdict=r.verdict,
+            finish_reason=r.finish_reason,
+            tokens=len(versions),
+            versions=[int(versions.min()), int(versions.max())] if len(versions) else [],
         )
+        rows.append(row.to_dict())
     return rows
