@@ -11,7 +11,8 @@ a verifier that hangs, raises or returns garbage on about 1 response in 11
 The run must finish on its own within ``2 x --minutes + 10`` minutes. Then the audit, from the final
 checkpoint's prompt ledger and the last metrics row: every prompt the data cursor passed is trained,
 filtered, failed or pending, exactly once (``prompts_lost``, ``prompts_trained_twice``), hostile groups
-admitted (``hostile_groups_accepted``: those sent minus those refused or dropped as duplicates), and the
+admitted (``hostile_groups_accepted``: those sent minus those refused or dropped as duplicates, each
+learner world audited on its own: ``hostile_books``), and the
 growth of learner rank 0's resident memory from the first to the last step (``rss_growth_mb``). Its last
 line is one JSON object.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -53,6 +55,31 @@ def _rows(out: Path) -> list[dict[str, Any]]:
         with contextlib.suppress(json.JSONDecodeError):
             rows.append(json.loads(line))
     return [r for r in rows if r.get("phase") == "train"]
+
+
+def _refused(row: dict[str, Any]) -> int:
+    """Groups a world's controller refused up to ``row``: against what was issued, or as duplicates."""
+    c = row.get("controller_counters", {})
+    return sum(v for k, v in c.items() if k.startswith("group_rejected_")) + c.get("group_duplicate", 0)
+
+
+def hostile_books(
+    rows: list[dict[str, Any]], sent: list[tuple[float, int]], kills: list[float]
+) -> tuple[int, int, int]:
+    """(hostile groups sent whose fate the rows record, groups those rows show refused, hostile groups
+    sent whose fate no row records). Each learner world (between two learner kills) counts from zero, and
+    its rows after the checkpoint it was restarted from are rewound, so each world is audited on its own:
+    the groups sent from its start until a second before its last kept row, against that row's
+    counters."""
+    audited = refused = unaudited = 0
+    bounds = [0.0, *sorted(kills), float("inf")]
+    for start, end in itertools.pairwise(bounds):
+        world = [r for r in rows if start <= r.get("time", 0.0) < end]
+        last = world[-1]["time"] if world else start
+        audited += sum(n for t, n in sent if start <= t < last - 1.0)
+        unaudited += sum(n for t, n in sent if last - 1.0 <= t < end)
+        refused += _refused(world[-1]) if world else 0
+    return audited, refused, unaudited
 
 
 def main() -> None:
@@ -147,12 +174,8 @@ def main() -> None:
         proc.wait(120)
     rows = _rows(out)
     counters = rows[-1].get("controller_counters", {}) if rows else {}
-    refused = sum(v for k, v in counters.items() if k.startswith("group_rejected_")) + counters.get(
-        "group_duplicate", 0
-    )
-    # only groups sent before the last metrics row can be in its counters
-    last_row = rows[-1].get("time", 0.0) if rows else 0.0
-    counted_sent = sum(n for t, n in inj.hostile_sent if t < last_row - 1.0)
+    kills = [t for t, kind in inj.times if kind == "learner_kill"]
+    counted_sent, refused, unaudited = hostile_books(rows, inj.hostile_sent, kills)
     figures: dict[str, Any] = {
         "finished": finished,
         "wall_s": round(time.monotonic() - t0),
@@ -162,7 +185,10 @@ def main() -> None:
         "faults_not_injected": missed,  # kinds skipped after 5 tries found nothing to inject them into
         "faults_survived": sum(inj.injected.values()) if finished else 0,
         "hostile_groups_sent": sum(n for _, n in inj.hostile_sent),
-        "hostile_groups_sent_before_last_row": counted_sent,
+        "hostile_groups_audited": counted_sent,
+        # sent to a learner world after its last row that was kept (its later rows were rewound when it
+        # was killed): their refusals are not on record
+        "hostile_groups_unaudited": unaudited,
         "hostile_groups_accepted": max(0, counted_sent - refused),
         "groups_refused": refused,
         "rejected_frames": rows[-1].get("rejected_frames_by_reason", {}) if rows else {},

@@ -60,12 +60,14 @@ class Injector:
         self.ctx = zmq.Context()
         self.injected: Counter[str] = Counter()
         self.hostile_sent: list[tuple[float, int]] = []  # (wall time, groups) per injection
+        self.times: list[tuple[float, str]] = []  # (wall time, kind) of every fault injected
 
     def __call__(self, kind: str) -> bool:
         state = node_state(self.out)
         if not state.get("workers") or not getattr(self, kind)(state):
             return False
         self.injected[kind] += 1
+        self.times.append((time.time(), kind))
         return True
 
     def close(self) -> None:
