@@ -26,7 +26,7 @@ from async_vapo.learner.schedule import sweep
 class Targets:
     advantages: torch.Tensor  # [B, T], whitened when configured
     returns: torch.Tensor  # [B, T] the critic's targets
-    old_values: torch.Tensor  # [B, T] (zeros without a critic)
+    old_values: torch.Tensor | None  # [B, T]; None without a critic (algo.estimator=group_norm)
     prox_logprobs: torch.Tensor  # [B, T] log pi_prox of each response token
     loss_mask: torch.Tensor  # [B, T]
     metrics: dict[str, float]
@@ -159,5 +159,4 @@ def compute_targets(
     adv, loss_mask, m = advantages(b, cfg, old_values, returns)
     metrics |= m
     metrics["behaviour_kl"] = behaviour_kl(prox_logprobs, b)
-    old = old_values if old_values is not None else torch.zeros_like(adv)
-    return Targets(adv, returns, old, prox_logprobs, loss_mask, metrics)
+    return Targets(adv, returns, old_values, prox_logprobs, loss_mask, metrics)

@@ -216,6 +216,8 @@ def value_update(
     engine: Any, b: Batch, t: Targets, cfg: AlgoConfig, sched: UpdateSchedule
 ) -> dict[str, float]:
     """The critic's mini-batch updates on ``b`` towards the batch's precomputed targets."""
+    if t.old_values is None:
+        raise ValueError("the targets were computed without a critic (algo.estimator=group_norm)")
     return _value_pass(engine, b, (t.old_values, t.returns), cfg, sched)
 
 
