@@ -264,6 +264,9 @@ def test_faults_during_a_run_then_the_learner_restarts(tiny_model_dir, tmp_path)
         _wait(lambda: _train_rows(out)[-1]["step"] > step_at_stop, proc, log, "training after the drop")
         killed_at = int((out / "checkpoints" / "latest").read_text().split("_")[1])
         verdicts_before_kill = Counter(_train_rows(out)[-1]["controller_counters"])
+        # the ledger's counts as that world last reported them: the restarted world resumes the
+        # checkpoint's ledger, whose counts stop at the checkpoint (the worker faults may come after it)
+        ledger_before_kill = Counter(_train_rows(out)[-1]["ledger"])
         worker_before = _state(out)["workers"]["rollout-0"]
         t0, wall0 = time.monotonic(), time.time()
         os.kill(learner_pid, signal.SIGKILL)
@@ -325,7 +328,8 @@ def test_faults_during_a_run_then_the_learner_restarts(tiny_model_dir, tmp_path)
     verdicts = verdicts_before_kill + Counter(train[-1]["controller_counters"])
     for kind in ("verdict_timeout", "verdict_error", "verdict_bad_output", "verdict_ok"):
         assert verdicts[kind] > 0, dict(verdicts)
-    requeued = {k: v for k, v in ledger["counts"].items() if k.startswith("requeued_")}
+    counts = ledger_before_kill | Counter(ledger["counts"])  # the larger of each (the same books)
+    requeued = {k: v for k, v in counts.items() if k.startswith("requeued_")}
     assert sum(requeued.values()) > 0, ledger["counts"]
     print(
         f"\nfuzz: {FUZZ_FRAMES} frames {dict(kinds)} all rejected; learner RSS {rss0:.0f} -> {rss1:.0f} MB;"
