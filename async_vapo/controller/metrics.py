@@ -36,5 +36,5 @@ class ControllerMetrics:
     worker_versions: dict[str, int]
     worker_owners: dict[str, int]  # the learner rank feeding each engine (streamed publish)
     counters: dict[str, int]  # group verdicts, verifier outcomes, drops, failed syncs
-    groups_by_worker: dict[str, int]
+    groups_by_worker: dict[str, int]  # valid groups each live worker delivered (admitted, filtered or stale)
     syncs: SyncTotals

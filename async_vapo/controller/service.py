@@ -347,8 +347,8 @@ class Controller:
                 w.last_group = time.monotonic()
             verdict = self.buffer.put(group)
             self.counters[group_outcome(verdict)] += 1
-            if verdict == "admitted" and self.registry.get(group.worker_id) is not None:
-                self.groups_by_worker[group.worker_id] += 1
+            if verdict != "duplicate" and self.registry.get(group.worker_id) is not None:
+                self.groups_by_worker[group.worker_id] += 1  # delivered: admitted, filtered or stale
             self.ready.notify_all()
         if verdict != "duplicate":  # verifier outcomes of groups for prompts we issued
             for r in group.responses:  # (a fixed set of names: a peer cannot grow the counters)
