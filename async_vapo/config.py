@@ -222,6 +222,9 @@ class TrainConfig(_Section, frozen=True):
     # and, with keep_best, also the one with the best held-out accuracy at its save
     keep_last: int = 2
     keep_best: bool = False
+    # false: checkpoints hold the trained weights (model dtype) and the LR schedule but no optimizer state
+    # (about 12 bytes per parameter: 400 GB at 32B); a resume starts Adam's moments from zero
+    save_optimizer: bool = True
     eval_every: int = 10
     # every this many steps the batch's first group goes to <output_dir>/samples.jsonl (prompt, each
     # response, its reward and verdict, the policy versions that sampled it), one of its responses to the

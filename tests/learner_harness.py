@@ -178,7 +178,7 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
 
     out: dict = {"steps": []}
     if job["kind"] != "micro":
-        pol, val = engines()
+        pol, val = engines(job.get("warmup", 0))
         before = full_params(pol)
     if job["kind"] == "micro":
         # the same batches under several micro-batch sizes: parameters after the steps, per size
@@ -233,11 +233,24 @@ def rank_main(rank: int, world: int, port: int, job: dict) -> None:
         for k in range(2):
             step(pol, val, k)
         checkpoint.save(root, 2, 2, pol, val, {"ledger": {}}, tokenizer_dir=model_dir, export_hf=True)
+        # train.save_optimizer=false: the same step's trained weights and LR schedule, no optimizer state
+        light = Path(job["ckpt"] + "_weights")
+        checkpoint.save(light, 2, 2, pol, val, {"ledger": {}}, export_hf=False, save_optimizer=False)
+        out["lr"] = pol.get_lr()[0]
         out["uninterrupted"] = [step(pol, val, k) for k in (2, 3)]
-        pol2, val2 = engines()
+        pol2, val2 = engines(job.get("warmup", 0))
         state = checkpoint.load(checkpoint.latest(root), pol2, val2)
         out["resumed_step"] = state["step"]
         out["resumed"] = [step(pol2, val2, k) for k in (2, 3)]
+        pol3, val3 = engines(job.get("warmup", 0))
+        checkpoint.load(checkpoint.latest(light), pol3, val3)
+        out["weights_only_lr"] = pol3.get_lr()[0]
+        out["weights_only"] = step(pol3, val3, 2)
+
+        def files(d: Path) -> dict[str, int]:
+            return {str(f.relative_to(d)): f.stat().st_size for f in d.rglob("*") if f.is_file()}
+
+        out["full_files"], out["weights_files"] = files(root / "step_2"), files(light / "step_2")
         out["hf_files"] = sorted(f.name for f in (root / "step_2" / "hf").iterdir())
         out["optimizer"] = type(pol2.basic_optimizer).__name__
         out["trained"] = sum(p.numel() for p in pol2.module.parameters() if p.requires_grad)

@@ -93,12 +93,16 @@ RESUMED = {
 
 @pytest.mark.parametrize("kind", list(RESUMED))
 def test_checkpoint_resume_reproduces_next_step_losses_exactly(tiny_model_dir, tmp_path, kind):
+    """Also ``train.save_optimizer=false``: the same step saved as trained weights and LR schedule only
+    resumes at the same weights and learning rate (the next step's losses, taken before its update, are
+    equal), in a fraction of the files."""
     job = {
         "kind": "resume",
         "model_dir": str(tiny_model_dir),
         "groups": 4,
         "n": 4,
         "ckpt": str(tmp_path / "ckpt"),
+        "warmup": 5,  # the schedule is mid-warm-up at the save: its state is visible in the resumed LR
     }
     (out,) = run(job | RESUMED[kind], 1, tmp_path)
     assert out["resumed_step"] == 2
@@ -106,6 +110,18 @@ def test_checkpoint_resume_reproduces_next_step_losses_exactly(tiny_model_dir, t
         assert a["policy_loss"] == b["policy_loss"]
         assert a["value_loss"] == b["value_loss"]
         assert a["policy_loss"] != 0 and a["value_loss"] > 0
+    # weights only: no DeepSpeed state, the trained parameters (LoRA: adapters and the value head)
+    full, light = out["full_files"], out["weights_files"]
+    assert not any(f.startswith(("policy/", "value/")) for f in light), sorted(light)
+    assert {"weights/policy/model.safetensors", "weights/value/model.safetensors"} <= light.keys()
+    assert any("optim_states" in f for f in full)
+    ds_bytes = sum(n for f, n in full.items() if f.startswith(("policy/", "value/")))
+    # fp32 here: 4 bytes a parameter against DeepSpeed's 12 (master weights and Adam's moments) and more
+    assert sum(light.values()) < ds_bytes / (10 if kind == "lora" else 2.5), (sum(light.values()), ds_bytes)
+    assert out["weights_only_lr"] == out["lr"] and 0 < out["lr"] < 1e-4  # mid-warm-up (peak 1e-4)
+    first = out["uninterrupted"][0]
+    assert out["weights_only"]["policy_loss"] == first["policy_loss"]
+    assert out["weights_only"]["value_loss"] == first["value_loss"]
     assert "model.safetensors" in out["hf_files"] and "tokenizer.json" in out["hf_files"]
     assert out["optimizer"] == ("DeepSpeedCPUAdam" if kind == "offload" else "AdamW")
     assert (out["trained"] < out["total"] / 5) == (kind == "lora")  # adapters only under LoRA

@@ -46,6 +46,7 @@ def test_own_jsonl_graded_reward_and_chat_template_train_through_the_launcher(ti
         "data.verifiers=[tests.verifier_fixtures:graded, addition]",
         "data.verifier_weights=[1.0, 0.5]",
         "train.total_steps=2",
+        "train.save_optimizer=false",  # checkpoints of the trained weights, no DeepSpeed state
     )
     assert run.returncode == 0, run.stderr[-4000:]
     train = [r for r in rows(out) if r["phase"] == "train"]
@@ -60,6 +61,8 @@ def test_own_jsonl_graded_reward_and_chat_template_train_through_the_launcher(ti
 
     exported = AutoTokenizer.from_pretrained(out / "checkpoints" / "step_2" / "hf")
     assert exported.chat_template == TEMPLATE
+    saved = {p.name for p in (out / "checkpoints" / "step_2").iterdir()}
+    assert "weights" in saved and not saved & {"policy", "value"}, saved
 
 
 def test_pre_flight_reads_the_first_rows_and_scores_them_with_every_verifier(tmp_path):

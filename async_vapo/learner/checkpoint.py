@@ -13,6 +13,13 @@ directory) falls back to the newest ``step_N`` present, loudly, never silently t
 
 RNG states are saved as tensors and plain numbers and read back with ``torch.load(weights_only=True)``: a
 checkpoint never runs code when it is loaded.
+
+``train.save_optimizer=false`` writes no optimizer state: instead of DeepSpeed's checkpoint (whose ZeRO files
+hold the fp32 master weights and Adam's two moments, about 12 bytes per parameter: ~400 GB at 32B), the
+parameters each model trains (all of them; under LoRA the adapters and the value head) are written to
+``weights/policy`` and ``weights/value`` in the model's dtype, gathered one at a time as the export is, with
+the LR schedule's and the engine's step counts. A resume loads them into the partitions, refreshes the
+optimizer's fp32 master copies from them (bf16 training: rounded to bf16) and starts Adam's moments at zero.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +47,10 @@ STEP_DIR = re.compile(r"step_(\d+)")
 # fault injection (tests/test_faults.py, bench/chaos.py): "STEP:SECONDS" makes the save of that step (or
 # of every step, "*:SECONDS") that much slower, as a slow file system would
 SLOW_SAVE_ENV = "ASYNC_VAPO_FAULT_SLOW_SAVE"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint to resume from where one is expected, or one that does not fit the model."""
 
 
 def injected_save_delay(step: int) -> float:
@@ -171,6 +183,7 @@ def save(  # noqa: PLR0913 (both engines, where and what to write, and the reten
     tokenizer_dir: str | None = None,
     export_hf: bool = True,
     retention: Retention = Retention(),
+    save_optimizer: bool = True,
 ) -> Path:
     final = root / f"step_{step}"
     tmp = root / f"step_{step}.tmp"
@@ -178,21 +191,19 @@ def save(  # noqa: PLR0913 (both engines, where and what to write, and the reten
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     distributed.barrier()
-    policy.save_checkpoint(str(tmp / "policy"), tag="ds")
-    if value is not None:
-        value.save_checkpoint(str(tmp / "value"), tag="ds")
+    for name, engine in (("policy", policy), ("value", value)):
+        if engine is None:
+            continue
+        if save_optimizer:
+            engine.save_checkpoint(str(tmp / name), tag="ds")
+        else:
+            save_trained(engine, tmp / WEIGHTS / name, writer=distributed.rank() == 0)
     torch.save(rng_state(), tmp / f"rng_rank{distributed.rank()}.pt")
     if distributed.rank() == 0:
         state = dict(learner_state, step=step, version=version)
         (tmp / "learner_state.msgpack").write_bytes(msgspec.msgpack.encode(state))
     if export_hf:
-        export_policy(policy, tmp / "hf", tokenizer_dir)
-        if distributed.rank() == 0:  # LoRA: the adapters too, in PEFT's layout (nothing without LoRA)
-            save_adapter(policy.module, tmp / "adapter")
-            if value is not None:
-                save_adapter(value.module.backbone, tmp / "critic_adapter")
-        if value is not None:  # the critic beside it (backbone in HF format + value_head.pt)
-            value.module.save(tmp / "hf_critic", writer=distributed.rank() == 0)
+        _export(tmp, policy, value, tokenizer_dir)
     if slow := injected_save_delay(step):
         log.warning("fault injection: this checkpoint is made slow", step=step, seconds=slow)
         time.sleep(slow)
@@ -202,6 +213,90 @@ def save(  # noqa: PLR0913 (both engines, where and what to write, and the reten
         prune(root, retention)
     distributed.barrier()
     return final
+
+
+def _export(tmp: Path, policy: Any, value: Any | None, tokenizer_dir: str | None) -> None:
+    """The policy in Hugging Face format, LoRA adapters in PEFT's, the critic beside them."""
+    export_policy(policy, tmp / "hf", tokenizer_dir)
+    if distributed.rank() == 0:  # LoRA: the adapters too, in PEFT's layout (nothing without LoRA)
+        save_adapter(policy.module, tmp / "adapter")
+        if value is not None:
+            save_adapter(value.module.backbone, tmp / "critic_adapter")
+    if value is not None:  # the critic beside it (backbone in HF format + value_head.pt)
+        value.module.save(tmp / "hf_critic", writer=distributed.rank() == 0)
+
+
+WEIGHTS = "weights"  # a checkpoint without optimizer state (train.save_optimizer=false)
+ENGINE_STATE = "engine_state.msgpack"
+
+
+def _trained(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters the optimizer updates, by name (frozen ones are rebuilt from ``model.path``)."""
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def save_trained(engine: Any, out: Path, writer: bool) -> None:
+    """``engine``'s trained parameters in safetensors shards, gathered one at a time (every rank calls it:
+    under ZeRO-3 each gather is a collective), plus its LR schedule and step counts; the ``writer``
+    writes. Peak extra memory: one parameter on the device, about one shard on the host."""
+    from async_vapo.learner.export import write_safetensors
+    from async_vapo.weight_sync.publish import zero3_gather
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor | None]]:
+        for name, p in _trained(engine.module):
+            with zero3_gather([p]):
+                yield name, p.detach().to("cpu", copy=True) if writer else None
+
+    if not writer:
+        for _ in tensors():
+            pass
+        return
+    write_safetensors(tensors(), out)
+    state = {
+        "global_steps": int(engine.global_steps),
+        "global_samples": int(engine.global_samples),
+        "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+    }
+    (out / ENGINE_STATE).write_bytes(msgspec.msgpack.encode(state))
+
+
+def load_trained(engine: Any, src: Path) -> None:
+    """Read what ``save_trained`` wrote into ``engine`` (every rank: under ZeRO-3 each parameter is gathered,
+    set and partitioned again, one at a time), then refresh the optimizer's fp32 master copies and restore
+    the LR schedule (Adam's moments stay at zero)."""
+    import deepspeed
+    from safetensors import safe_open
+
+    from async_vapo.learner.export import INDEX, SINGLE
+
+    files = (
+        sorted(set(msgspec.json.decode((src / INDEX).read_bytes())["weight_map"].values()))
+        if (src / INDEX).exists()
+        else [SINGLE]
+    )
+    where: dict[str, str] = {}
+    for f in files:
+        with safe_open(str(src / f), framework="pt") as h:
+            where |= dict.fromkeys(h.keys(), f)
+    trained = _trained(engine.module)
+    if missing := [n for n, _ in trained if n not in where]:
+        raise CheckpointError(f"{src} lacks trained parameters {missing[:5]} (of {len(missing)} missing)")
+    for name, p in trained:
+        with safe_open(str(src / where[name]), framework="pt") as h:
+            t = h.get_tensor(name)
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            if tuple(t.shape) != tuple(p.shape):
+                raise CheckpointError(f"{src}: {name} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
+            p.data.copy_(t.to(p.device, p.dtype))
+    if hasattr(engine.optimizer, "refresh_fp32_params"):  # ZeRO and bf16 wrappers keep fp32 masters
+        engine.optimizer.refresh_fp32_params()
+    state = msgspec.msgpack.decode((src / ENGINE_STATE).read_bytes())
+    engine.global_steps = state["global_steps"]
+    engine.global_samples = state["global_samples"]
+    if engine.lr_scheduler is not None and state["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
 
 
 def export_policy(engine: Any, out: Path, tokenizer_dir: str | None) -> None:
@@ -217,10 +312,6 @@ def export_policy(engine: Any, out: Path, tokenizer_dir: str | None) -> None:
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
         if (Path(tokenizer_dir) / "warm_start.json").exists():
             shutil.copy(Path(tokenizer_dir) / "warm_start.json", out / "warm_start.json")
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint to resume from where one is expected."""
 
 
 def complete_steps(root: Path) -> list[Path]:
@@ -255,9 +346,20 @@ def latest(root: Path) -> Path | None:
 
 
 def load(path: Path, policy: Any, value: Any | None) -> dict[str, Any]:
-    policy.load_checkpoint(str(path / "policy"), tag="ds")
-    if value is not None:
-        value.load_checkpoint(str(path / "value"), tag="ds")
+    weights_only = (path / WEIGHTS).is_dir()
+    if weights_only:
+        log.warning(
+            "this checkpoint holds no optimizer state (train.save_optimizer was false): the trained "
+            "weights are loaded and Adam's moments start from zero",
+            path=str(path),
+        )
+    for name, engine in (("policy", policy), ("value", value)):
+        if engine is None:
+            continue
+        if weights_only:
+            load_trained(engine, path / WEIGHTS / name)
+        else:
+            engine.load_checkpoint(str(path / name), tag="ds")
     rng = path / f"rng_rank{distributed.rank()}.pt"
     if rng.exists():
         try:

@@ -345,6 +345,7 @@ class Trainer:
             state,
             self.args.model_path,
             retention=checkpoint.Retention(t.keep_last, t.keep_best),
+            save_optimizer=t.save_optimizer,
         )
         log.info("checkpoint saved", path=str(path), step=self.step)
         return path
