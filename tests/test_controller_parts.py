@@ -242,7 +242,11 @@ def test_rollout_workers_do_not_inherit_the_launchers_torch_distributed_world():
 
     parent = {"RANK": "3", "WORLD_SIZE": "8", "MASTER_PORT": "29500", "LOCAL_RANK": "0", "PATH": "/bin"}
     worker = child_environ(parent, {"CUDA_VISIBLE_DEVICES": "4,5"}, worker=True)
-    assert worker == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "4,5", "VLLM_LOGGING_LEVEL": "WARNING"}
+    quiet = {
+        "VLLM_LOGGING_LEVEL": "WARNING",
+        "PYTHONWARNINGS": "ignore::FutureWarning:vllm.triton_utils.dispatcher",
+    }
+    assert worker == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "4,5", **quiet}
     assert child_environ(parent | {"VLLM_LOGGING_LEVEL": "DEBUG"}, {}, True)["VLLM_LOGGING_LEVEL"] == "DEBUG"
     learner = child_environ(parent, {"RANK": "1"}, worker=False)
     assert learner["RANK"] == "1" and learner["WORLD_SIZE"] == "8"

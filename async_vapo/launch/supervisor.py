@@ -88,6 +88,8 @@ def child_environ(parent: dict[str, str], env: dict[str, str], worker: bool) -> 
     base = {k: v for k, v in parent.items() if not (worker and k in TORCH_DIST_VARS)}
     if worker:  # vLLM's INFO lines (several per step) drown the run's own; a user's setting wins
         base.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM 0.32's CPU processes each print torch's deprecation of dist.reduce_op (4 lines) at import
+        base.setdefault("PYTHONWARNINGS", "ignore::FutureWarning:vllm.triton_utils.dispatcher")
     return base | env
 
 

@@ -263,7 +263,9 @@ def head_scores(
             f"the policy's forward changed its scoring head's output (shape {tuple(out.shape)}, expected "
             f"({k}, 2)): add the config attribute that makes it do so to forward.LOGIT_POSTPROCESSING"
         )
-    return out[:, 0], out[:, 1]
+    return out[:, 0], out[
+        :, 1
+    ].detach()  # the entropy column carries no gradient (a view of the graph's output)
 
 
 def policy_forward(

@@ -385,6 +385,9 @@ def learner_main(args: LearnerArgs) -> None:
     from async_vapo.logging import configure_logging
 
     configure_logging(process=f"learner-{os.environ.get('RANK', '0')}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars: the console has our progress line
     if args.cpu_affinity and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(args.cpu_affinity))
     if not torch.cuda.is_available():
