@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from async_vapo.rows import Row, to_dict
 from async_vapo.tracking import Fanout, Sink
 
 CURVES = [
@@ -65,8 +66,10 @@ class MetricsWriter:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         self.sinks.table("samples", rows, step)
 
-    def write(self, row: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    def write(self, row: Row | dict[str, Any]) -> None:
+        """One row (``async_vapo.rows``; a plain dict is written as it is, non-finite floats as null)."""
+        d = to_dict(row) if isinstance(row, Row) else row
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
         self.rows.append(clean)
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")

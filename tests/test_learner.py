@@ -11,6 +11,7 @@ import torch
 
 from async_vapo.cluster.ports import free_port
 from tests.learner_harness import rank_main
+from tests.test_rows import update_metrics_have_fields
 
 pytestmark = pytest.mark.slow
 
@@ -138,6 +139,7 @@ def test_fused_targets_give_the_same_parameters(tiny_model_dir, tmp_path, world,
         assert out["max_diff"] < 1e-6, out["max_diff"]
         # the first step is on-policy (0 when the learner reproduces the sampler's log-probs exactly, as
         # the partitioned ZeRO-3 load does); after an update the batch is off-policy
+        assert update_metrics_have_fields(out["steps"]) == []  # every fused metric has a row field
         seen = [(s["behaviour_kl"], s["entropy"]) for s in out["steps"]]
         assert all(0 <= kl < 1 and ent > 0 for kl, ent in seen) and all(kl > 0 for kl, _ in seen[1:]), seen
 
@@ -148,6 +150,7 @@ def test_vtrace_critic_targets_train(tiny_model_dir, tmp_path):
     job = {"kind": "train", "model_dir": str(tiny_model_dir), "groups": 4, "n": 4, "steps": 4}
     (out,) = run(job | {"algo": {"value_correction": "vtrace", "vtrace_rho_bar": 1.0}}, 1, tmp_path)
     steps = out["steps"]
+    assert update_metrics_have_fields(steps) == []  # the unfused update's metrics, V-trace's included
     assert all(0 < s["vtrace_rho_mean"] <= 1.0 for s in steps)
     assert steps[0]["vtrace_rho_mean"] > 0.99  # fresh samples: pi_prox = mu up to numerics
     assert steps[-1]["vtrace_rho_mean"] < steps[0]["vtrace_rho_mean"]  # the policy moved off mu

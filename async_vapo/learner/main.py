@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 import torch
 
+from async_vapo import rows
 from async_vapo.buffer import PromptLedger
 from async_vapo.controller import ControllerMetrics, RolloutTotals
 from async_vapo.controller.evaluation import EVAL_GRACE_S, eval_timeout_s
@@ -144,17 +145,15 @@ class Trainer:
             if self.controller is not None:
                 self.controller.mark_trained(groups)
             if self.metrics is not None:
-                self.metrics.write(
-                    {
-                        "phase": "value_pretrain",
-                        "step": k - a.value_pretrain_steps,
-                        "policy_version": self.version,
-                        **batch_metrics(b, self.cfg.rollout.max_tokens, self.version),
-                        **targets.metrics,
-                        **m,
-                        "step_seconds": time.perf_counter() - t0,
-                    }
-                )
+                fields = {
+                    "step": k - a.value_pretrain_steps,
+                    "policy_version": self.version,
+                    **batch_metrics(b, self.cfg.rollout.max_tokens, self.version),
+                    **targets.metrics,
+                    **m,
+                    "step_seconds": time.perf_counter() - t0,
+                }
+                self.metrics.write(rows.make(rows.PretrainRow, fields))
                 ev = targets.metrics.get("explained_variance", 0.0)
                 log.info(
                     "value pretraining",
@@ -238,8 +237,7 @@ class Trainer:
         if self.metrics is None or self.controller is None:
             return
         d_busy, d_alive = busy1.busy_s - busy0.busy_s, busy1.alive_s - busy0.alive_s
-        row = {
-            "phase": "train",
+        fields = {
             "step": self.step,
             "policy_version": self.version,
             **m,
@@ -253,8 +251,9 @@ class Trainer:
             **_controller_fields(self.controller.metrics()),
             "time": time.time(),
         }
+        row = rows.make(rows.TrainRow, fields)
         self.metrics.write(row)
-        self.metrics.progress(row, 0)
+        self.metrics.progress(rows.to_dict(row), 0)
         if self.step % 5 == 0:
             self.metrics.plot()
 
@@ -277,7 +276,7 @@ class Trainer:
             response=shown["response"][:SHOWN_CHARS],
         )
 
-    def evaluate(self) -> dict[str, Any] | None:
+    def evaluate(self) -> rows.EvalRow | None:
         """One evaluation round on the engines (rank 0's controller). Every rank waits for it in
         one-second rounds of ``feed.share``, so none sits in a collective longer than that, however long the
         round takes; a round that runs out of time is partial (``eval_missing``), never an error."""
@@ -301,20 +300,19 @@ class Trainer:
             fut.cancel()
             log.error("evaluation round got no answer from the controller", step=self.step)
         correct = [[resp.correct for resp in g.responses] for g in groups]
-        row: dict[str, Any] = {
-            "phase": "eval",
-            "step": self.step,
-            "policy_version": self.version,
-            "eval_accuracy": sum(map(sum, correct)) / max(1, sum(map(len, correct))),
-            f"eval_pass@{r.eval_samples}": sum(any(c) for c in correct) / max(1, len(correct)),
-            "eval_problems": len(groups),
-            "eval_missing": len(self.eval_prompts) - len(groups),
-            "eval_samples": r.eval_samples,
-            "time": time.time(),
-        }
+        row = rows.EvalRow(
+            step=self.step,
+            policy_version=self.version,
+            eval_accuracy=sum(map(sum, correct)) / max(1, sum(map(len, correct))),
+            eval_pass_at_k=sum(any(c) for c in correct) / max(1, len(correct)),
+            eval_problems=len(groups),
+            eval_missing=len(self.eval_prompts) - len(groups),
+            eval_samples=r.eval_samples,
+            time=time.time(),
+        )
         self.metrics.write(row)
-        self.evaluated = (self.step, row["eval_accuracy"])
-        log.info("evaluation", step=self.step, accuracy=round(row["eval_accuracy"], 4), problems=len(groups))
+        self.evaluated = (self.step, row.eval_accuracy)
+        log.info("evaluation", step=self.step, accuracy=round(row.eval_accuracy, 4), problems=len(groups))
         return row
 
     # ---- weights out ---------------------------------------------------------------------------------
