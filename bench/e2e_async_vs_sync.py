@@ -20,7 +20,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from runs import launch, rows, summarise, throughput_run
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # a script: the repository root, for studies.runs
+from studies.runs import launch, rows, summarise, throughput_run
 
 
 def main() -> None:

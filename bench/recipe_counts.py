@@ -18,9 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
-from runs import launch, rows
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # a script: the repository root, for studies.runs
+from studies.runs import launch, rows
 
 RECIPE_COUNTS = [
     "train.groups_per_step=512",

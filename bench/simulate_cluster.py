@@ -192,8 +192,8 @@ def rates_from(sync_dir: Path) -> Params:
     """Per-device rates from a synchronous CPU run (``max_staleness`` 0) of the embedded default."""
     import yaml
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from runs import rows, summarise
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from studies.runs import rows, summarise
 
     cfg = yaml.safe_load((sync_dir / "config.yaml").read_text())
     sync_rows = rows(sync_dir, "train")[2:]
@@ -225,7 +225,7 @@ def rates_from(sync_dir: Path) -> Params:
 
 def calibrate(run_dir: Path) -> tuple[Params, dict[int, float]]:
     """Rates from the synchronous CPU run of bench/e2e_async_vs_sync.py; measured async throughputs."""
-    from runs import summarise
+    from studies.runs import summarise
 
     p = rates_from(run_dir / "staleness_0")
     measured = {}

@@ -25,9 +25,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from runs import launch, rows, summarise, throughput_run
 from simulate_cluster import rates_from, simulate
-from study import finished
+
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # a script: the repository root, for studies.runs
+from studies.runs import launch, rows, summarise, throughput_run
+from studies.study import finished
 
 
 def main() -> None:

@@ -217,7 +217,7 @@ def test_dynamic_sampling_starved_of_signal_fails_the_learner_with_the_reason():
 
 def test_first_evaluation_waits_for_an_engine():
     """Without value pretraining the learner evaluates step 0 before any engine is up: it must wait for
-    one (it used to fail the run: found by bench/ablation.py)."""
+    one (it used to fail the run: found by studies/ablation.py)."""
     from async_vapo.protocol import Assign, Sampling, TrajectoryGroup
     from tests.helpers import make_group
 

@@ -1,16 +1,13 @@
-"""The statistics of the learning studies (``bench/study.py``): area under the curve, paired intervals."""
+"""The statistics of the learning studies (``studies/study.py``): area under the curve, paired intervals."""
 
 from __future__ import annotations
 
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from study import auc, compare, paired_ci
+from studies.study import auc, compare, paired_ci
 
 
 def test_auc_is_the_mean_accuracy_over_trained_samples():
@@ -44,7 +41,7 @@ def test_compare_pairs_variants_with_the_reference_by_seed():
 
 
 def test_r2_mc_corrects_for_the_monte_carlo_noise():
-    from critic_quality import r2_mc
+    from studies.critic_quality import r2_mc
 
     rng = random.Random(0)
     k = 4
@@ -75,7 +72,7 @@ def test_compare_reports_a_missing_statistic_as_nan_without_failing():
 
 
 def test_a_difference_over_one_seed_is_printed_without_an_interval(capsys):
-    from study import markdown_table, print_table
+    from studies.study import markdown_table, print_table
 
     runs = {
         "vapo": [
@@ -117,7 +114,7 @@ def test_a_study_reuses_a_committed_record_and_records_a_finished_run(tmp_path, 
 
     import yaml
 
-    import study
+    from studies import study
 
     launched = []
     monkeypatch.setattr(study, "launch", lambda out, overrides: launched.append(out))
@@ -177,15 +174,14 @@ def test_a_study_reuses_a_committed_record_and_records_a_finished_run(tmp_path, 
 
 
 def test_tuning_gives_every_variant_the_same_grid_and_keeps_each_ones_best_point(tmp_path, monkeypatch):
-    """bench/tune.py: every variant runs every grid point at every seed (through study.run_grid, with a
+    """studies/tune.py: every variant runs every grid point at every seed (through study.run_grid, with a
     stand-in launcher whose accuracy peaks at a known learning rate per variant); each keeps its own best
     point; the ablation's record of the default point stands for that run; a re-run reads the records."""
     import json
 
     import yaml
 
-    import study
-    import tune
+    from studies import study, tune
 
     results = tmp_path / "results"
     monkeypatch.setattr(study, "RESULTS", results)

@@ -2,7 +2,7 @@
 seed with the real launcher, read its learning curve, and compare variants over seeds.
 
 Every finished run leaves a **record** (its learning curve and figures, its whole config, the commit; a few
-KB of JSON) under ``bench/results/<study>/``, which is committed: a study reuses a run whose record holds
+KB of JSON) under ``studies/records/<study>/``, which is committed: a study reuses a run whose record holds
 the config that run would get now, on any machine, so a protocol of many hours is completed over several
 sessions and its table re-printed from the repository alone (``--report-only``); a record of one study
 stands for the same config's run in another. A change of the embedded default invalidates exactly the
@@ -33,9 +33,9 @@ from typing import Any
 import msgspec
 import yaml
 
-from runs import ROOT, launch, rows
+from studies.runs import ROOT, launch, rows
 
-RESULTS = ROOT / "bench" / "results"
+RESULTS = ROOT / "studies" / "records"
 
 # The studies compare the paper's method and its variants, so the embedded default's one addition to it,
 # DAPO's dynamic sampling (train.filter_uniform_rewards), is off in every run; the length of a run, its
@@ -105,7 +105,7 @@ def run(
 
 
 def record_path(records: Path, name: str, seed: int) -> Path:
-    """Where the record of ``name`` at ``seed`` lives (committed under ``bench/results``)."""
+    """Where the record of ``name`` at ``seed`` lives (committed under ``studies/records``)."""
     return records / f"{name}_seed{seed}.json"
 
 

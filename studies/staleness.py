@@ -6,11 +6,11 @@ the trained samples really are 0 to s versions old (the measured histogram is pr
 printed per setting: final held-out accuracy, area under the learning curve and the critic's explained
 variance (mean and sd over seeds), and V-trace minus none paired by seed with a 95% interval. Writes
 ``staleness.png`` (mean curves with +-1 sd bands) and one JSON object on its last line. Finished runs are
-recorded in ``bench/results/staleness/`` (committed; see ``study.py``) and reused, so an interrupted study
+recorded in ``studies/records/staleness/`` (committed; see ``study.py``) and reused, so an interrupted study
 continues where it stopped.
 
-    .venv/bin/python bench/staleness.py --quick --seeds 0 1 2             # 18 runs, ~4 min each on 2 cores
-    .venv/bin/python bench/staleness.py --quick --staleness 1 4 --seeds 0  # a subset
+    .venv/bin/python -m studies.staleness --quick --seeds 0 1 2             # 18 runs, ~4 min each on 2 cores
+    .venv/bin/python -m studies.staleness --quick --staleness 1 4 --seeds 0  # a subset
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from study import RESULTS, compare, plot_bands, print_table, run_grid
+from studies.study import RESULTS, compare, plot_bands, print_table, run_grid
 
 
 def settings(staleness: list[int]) -> dict[str, list[str]]:

@@ -6,13 +6,13 @@ variant, is printed with the tables.
 
 Prints every grid point of every variant (final accuracy and AUC, mean ± sd over seeds), the point each
 variant keeps, and the table of the tuned variants; writes ``tune.png`` (the tuned variants' mean curves
-with ±1 sd bands) and one JSON object on its last line. Runs are recorded in ``bench/results/tune/`` like
+with ±1 sd bands) and one JSON object on its last line. Runs are recorded in ``studies/records/tune/`` like
 the ablation's (see ``study.py``); a grid point that is the ablation's own setting reuses the ablation's
 records. The selection and the comparison use the same seeds, so both tuned figures are optimistic by the
 same selection from the same number of points.
 
-    .venv/bin/python bench/tune.py --only vapo group_norm --grid train.actor_lr=5e-5,1e-4,2e-4
-    .venv/bin/python bench/tune.py --only vapo group_norm --grid train.actor_lr=1e-4,2e-4 algo.eps_high=0.28,0.4
+    .venv/bin/python -m studies.tune --only vapo group_norm --grid train.actor_lr=5e-5,1e-4,2e-4
+    .venv/bin/python -m studies.tune --only vapo group_norm --grid train.actor_lr=1e-4,2e-4 algo.eps_high=0.28,0.4
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ablation import VARIANTS
-from study import RESULTS, compare, markdown_table, plot_bands, print_table, run_grid
+from studies.ablation import VARIANTS
+from studies.study import RESULTS, compare, markdown_table, plot_bands, print_table, run_grid
 
 
 def grid_points(specs: list[str]) -> list[list[str]]:

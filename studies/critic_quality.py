@@ -17,7 +17,7 @@ corrected for the Monte-Carlo estimate's own sampling noise), per third of the r
 falls). A critic that beats the group mean in the later thirds gives GAE credit assignment that the
 group-normalised baseline cannot have; one that does not makes its advantages noisier than the baseline's.
 
-    .venv/bin/python bench/critic_quality.py --run runs/embedded_default     # ~6 min for 5 checkpoints
+    .venv/bin/python -m studies.critic_quality --run runs/embedded_default     # ~6 min for 5 checkpoints
 """
 
 from __future__ import annotations
@@ -36,9 +36,6 @@ from typing import Any
 
 import torch
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def r2_mc(pred: Sequence[float], v_mc: Sequence[float], k: int) -> float:

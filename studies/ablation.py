@@ -5,14 +5,14 @@ Prints, per variant over seeds (3 by default): final held-out accuracy (avg@k) a
 learning curve (mean and sd), the critic's explained variance, the paired difference to VAPO (same seed)
 with a 95% interval, and samples-to-target (trained samples until held-out accuracy first reaches
 ``--target``); writes ``ablation.png`` (mean curves with +-1 sd bands) and one JSON object on its last
-line. Every finished run is recorded in ``bench/results/ablation/<protocol>/`` (committed; see ``study.py``)
+line. Every finished run is recorded in ``studies/records/ablation/<protocol>/`` (committed; see ``study.py``)
 and reused by later invocations on any machine, so an interrupted ablation continues where it stopped
 (delete a record to run it again).
 
-    .venv/bin/python bench/ablation.py --quick                          # ~4 min per run on 2 cores
-    .venv/bin/python bench/ablation.py --only vapo no_value_pretrain vanilla_ppo group_norm --seeds 0 1 2
-    .venv/bin/python bench/ablation.py                                  # the full table, ~6.5 min per run
-    .venv/bin/python bench/ablation.py --only group_norm --set data.min_digits=3   # longer responses
+    .venv/bin/python -m studies.ablation --quick                          # ~4 min per run on 2 cores
+    .venv/bin/python -m studies.ablation --only vapo no_value_pretrain vanilla_ppo group_norm --seeds 0 1 2
+    .venv/bin/python -m studies.ablation                                  # the full table, ~6.5 min per run
+    .venv/bin/python -m studies.ablation --only group_norm --set data.min_digits=3   # longer responses
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from study import RESULTS, compare, markdown_table, plot_bands, print_table, run_grid
+from studies.study import RESULTS, compare, markdown_table, plot_bands, print_table, run_grid
 
 VARIANTS: dict[str, list[str]] = {
     "vapo": [],
