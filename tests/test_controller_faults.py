@@ -28,7 +28,12 @@ TIMEOUT_S = 3.0
 
 
 def _controller(
-    n_prompts: int, groups_per_step: int = 1, max_staleness: int = 0, store_address: str = "", **train
+    n_prompts: int,
+    groups_per_step: int = 1,
+    max_staleness: int = 0,
+    store_address: str = "",
+    snapshot_at_start: bool = False,
+    **train,
 ) -> tuple[Controller, Wiring, PromptLedger]:
     """A real controller on fresh loopback ports (not started), over ``n_prompts`` small prompts."""
     ledger = PromptLedger([Prompt(f"p{i}", pack_i32([1, 2, 3]), "5") for i in range(n_prompts)], seed=0)
@@ -38,7 +43,8 @@ def _controller(
         store_address=store_address,
     )
     cfg = TrainConfig(groups_per_step=groups_per_step, max_staleness=max_staleness, **train)
-    return Controller(cfg, wiring, ledger, rules=rules()), wiring, ledger
+    controller = Controller(cfg, wiring, ledger, rules=rules(), snapshot_at_start=snapshot_at_start)
+    return controller, wiring, ledger
 
 
 def test_worker_that_stops_answering_a_weight_sync_is_dropped_in_time():
@@ -95,40 +101,49 @@ def test_worker_that_stops_answering_a_weight_sync_is_dropped_in_time():
         controller.stop()
 
 
-def test_back_to_back_publishes_never_interleave_two_broadcasts():
-    """Two publishes before the loop runs the first sync used to start two syncs on one group (found
-    by bench/soak.py): gloo saw mismatched sizes and the worker was dropped."""
+def _weight_peer(cfg: Wiring, identity: str, version: int, stop: threading.Event, acked: list[int]) -> None:
+    """A worker that says Hello with its engine at ``version``, joins its weight group, takes part in every
+    broadcast it is sent and acks it (until ``stop``)."""
     from async_vapo.protocol import WeightAck, WeightUpdate
     from async_vapo.weight_sync.buckets import FlatPool
     from async_vapo.weight_sync.group import broadcast
 
+    codec, ctx = Codec(), zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.setsockopt(zmq.RCVTIMEO, 200)
+    sock.connect(cfg.control_endpoint)
+    sock.send(codec.encode(Hello(identity, version, os.getpid())))
+    pg, pool = None, FlatPool()
+    while not stop.is_set():
+        try:
+            msg = codec.decode(sock.recv())
+        except zmq.Again:
+            continue
+        if isinstance(msg, JoinGroup):
+            pg = join_group(GroupSpec(msg.host, msg.port, msg.world_size, msg.backend, msg.timeout_s), 1)
+        elif isinstance(msg, WeightUpdate):
+            for i, b in enumerate(msg.buckets):
+                broadcast(pg, pool.get(i, b), root=0)
+            sock.send(codec.encode(WeightAck(identity, msg.version, 0.0)))
+            acked.append(msg.version)
+        elif isinstance(msg, Control) and msg.kind == "shutdown":
+            acked.append(-1)  # told to exit
+            break
+    sock.close(0)
+    ctx.term()
+
+
+def test_back_to_back_publishes_never_interleave_two_broadcasts():
+    """Two publishes before the loop runs the first sync used to start two syncs on one group (found
+    by bench/soak.py): gloo saw mismatched sizes and the worker was dropped."""
     controller, cfg, _ = _controller(8, weight_sync_timeout_s=10.0)
     controller.start()
     stop = threading.Event()
     acked: list[int] = []
 
     def peer() -> None:
-        codec, ctx = Codec(), zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, b"w-ok")
-        sock.setsockopt(zmq.RCVTIMEO, 200)
-        sock.connect(cfg.control_endpoint)
-        sock.send(codec.encode(Hello("w-ok", 0, os.getpid())))
-        pg, pool = None, FlatPool()
-        while not stop.is_set():
-            try:
-                msg = codec.decode(sock.recv())
-            except zmq.Again:
-                continue
-            if isinstance(msg, JoinGroup):
-                pg = join_group(GroupSpec(msg.host, msg.port, msg.world_size, msg.backend, msg.timeout_s), 1)
-            elif isinstance(msg, WeightUpdate):
-                for i, b in enumerate(msg.buckets):
-                    broadcast(pg, pool.get(i, b), root=0)
-                sock.send(codec.encode(WeightAck("w-ok", msg.version, 0.0)))
-                acked.append(msg.version)
-        sock.close(0)
-        ctx.term()
+        _weight_peer(cfg, "w-ok", 0, stop, acked)
 
     th = threading.Thread(target=peer, daemon=True)
     th.start()
@@ -262,4 +277,36 @@ def test_first_evaluation_waits_for_an_engine():
     finally:
         stop.set()
         th.join(5)
+        controller.stop()
+
+
+def test_a_restarted_learner_at_version_0_syncs_an_engine_that_is_ahead():
+    """A learner world restarted from the start (killed before its first checkpoint) is at version 0
+    while a worker kept across the restart holds version 3: the new learner publishes its weights as it
+    starts (``snapshot_at_start``), so the worker is welcomed, waits for them and is synced to version 0,
+    instead of being restarted from the model (a vLLM start-up)."""
+    controller, cfg, ledger = _controller(8, 2, 1, weight_sync_timeout_s=10.0, snapshot_at_start=True)
+    controller.start()
+    stop = threading.Event()
+    acked: list[int] = []
+    th = threading.Thread(target=_weight_peer, args=(cfg, "w-ahead", 3, stop, acked), daemon=True)
+    th.start()
+    try:
+        time.sleep(1.0)  # its Hello is handled before the snapshot exists: welcomed, not dropped
+        assert "hello_restarted_weights_unavailable" not in controller.metrics().counters
+        assert not ledger.outstanding  # no prompt for it while its weights are unknown
+        model = torch.nn.Linear(64, 64)
+        controller.publish(snapshot(0, model.named_parameters(), 2**16))
+        deadline = time.monotonic() + 30
+        while controller.metrics().worker_versions.get("w-ahead") != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert controller.metrics().worker_versions == {"w-ahead": 0}
+        assert acked == [0]  # synced once, to the learner's version 0, never told to exit
+        deadline = time.monotonic() + 10
+        while not ledger.outstanding and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ledger.outstanding  # then fed
+    finally:
+        stop.set()
+        th.join(10)
         controller.stop()

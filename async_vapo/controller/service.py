@@ -113,6 +113,7 @@ class Controller:
         rules: GroupRules,
         max_attempts: int = 3,
         hello_interval_s: float = 1.0,
+        snapshot_at_start: bool = False,
     ):
         self.train, self.wiring, self.rules = train, wiring, rules
         self.max_attempts = max_attempts  # a prompt that fails this many times is counted failed, not retried
@@ -148,6 +149,7 @@ class Controller:
             self._drop_worker,
             self._spawn,
             initial_version,
+            snapshot_at_start,
         )
         self.failure: BaseException | None = None
         self._background: set[asyncio.Future] = set()

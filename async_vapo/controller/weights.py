@@ -70,6 +70,7 @@ class WeightPublisher:
         drop: Callable[[str, str], None],
         spawn: Callable[..., None],
         initial_version: int = 0,
+        snapshot_at_start: bool = False,
     ) -> None:
         self.timeout_s = train.weight_sync_timeout_s
         self.streamed = train.streams_publish
@@ -80,6 +81,9 @@ class WeightPublisher:
         self._spawn = spawn
         self.control: ControlServer | None = None  # set once the loop has bound its sockets
         self.snapshot: Snapshot | None = None  # the newest snapshot (snapshot mode)
+        # a resumed or restarted learner publishes its weights as it starts (snapshot mode): engines that
+        # hold other weights (kept across a learner restart) are synced to them
+        self.snapshot_at_start = snapshot_at_start
         self.streamed_version = initial_version  # weights the engines should have (stream mode)
         self.totals = SyncTotals()
         self._acks: dict[tuple[str, int], asyncio.Future] = {}
@@ -116,14 +120,22 @@ class WeightPublisher:
     # ---- a worker says Hello --------------------------------------------------------------------------
     def can_serve(self, hello: Hello, learner_version: int) -> bool:
         """Whether this learner can bring ``hello``'s engine to its weights. Not when the engine holds
-        other weights than the model's (a worker kept across a learner restart) while the learner, at
-        version 0 in snapshot mode, has no snapshot to send and makes none before its first step (which
-        needs groups): that worker is restarted from the model instead."""
-        return self.streamed or learner_version > 0 or hello.version == 0 or self.snapshot is not None
+        other weights than the model's while the learner, at version 0 in snapshot mode, has no snapshot
+        to send and makes none before its first step (which needs groups): that worker is restarted from
+        the model instead. (A learner world the launcher restarts is resumed, so it publishes as it
+        starts, its version-0 weights included: a worker kept across the restart is synced, not restarted.)"""
+        return (
+            self.streamed
+            or learner_version > 0
+            or hello.version == 0
+            or self.snapshot is not None
+            or self.snapshot_at_start
+        )
 
     async def welcome(self, w: WorkerState, hello: Hello, learner_version: int) -> bool:
         """Give a (re)connected worker its group and current weights; False if it could not join."""
-        fresh = hello.version == learner_version and self.snapshot is None
+        # fresh: the engine loaded what the learner holds (version 0 is always the model's weights)
+        fresh = hello.version == learner_version and (self.snapshot is None or hello.version == 0)
         if w.owner != 0:  # its owner joins the group at the next streamed publish
             w.version = hello.version if fresh else -1
             return True

@@ -68,10 +68,15 @@ class Trainer:
         self.ledger = PromptLedger(self.train_prompts, seed=self.cfg.data.seed)
         self.progress = restore(self.cfg, args.resume, self.policy, self.value, self.ledger)
         vocab = int(self.policy.module.config.vocab_size)
-        self.controller = (
-            start_controller(args, r, self.ledger, self.version, vocab) if self.rank == 0 else None
-        )
         t = self.cfg.train
+        # resumed (a restarted learner world too, from the start included): engines kept across the restart
+        # may hold other weights, so in snapshot mode the learner publishes its own before its first step
+        snapshot_at_start = not t.streams_publish and (self.version > 0 or args.resume)
+        self.controller = (
+            start_controller(args, r, self.ledger, self.version, vocab, snapshot_at_start)
+            if self.rank == 0
+            else None
+        )
         self.publisher = make_publisher(
             t.streams_publish,
             self.policy.module,
@@ -81,7 +86,7 @@ class Trainer:
             self.world,
             self.device,
         )
-        if self.version > 0 and self.publisher.keeps_snapshot:  # resumed: for (re)joining engines
+        if snapshot_at_start:  # for (re)joining engines
             self._publish()  # (every rank: ZeRO-3 gathers are collectives)
         self.feed = RankFeed(
             self.rank,

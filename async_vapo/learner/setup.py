@@ -247,10 +247,11 @@ def restore(cfg: Config, resume: bool, policy: Any, value: Any | None, ledger: A
 
 
 def start_controller(
-    args: LearnerArgs, rank: RankInfo, ledger: Any, version: int, vocab_size: int
+    args: LearnerArgs, rank: RankInfo, ledger: Any, version: int, vocab_size: int, snapshot_at_start: bool
 ) -> Controller:
     """Rank 0's controller thread, listening on the run's endpoints; groups are checked against the
-    config's bounds and the policy's vocabulary (``controller.admission``)."""
+    config's bounds and the policy's vocabulary (``controller.admission``). ``snapshot_at_start``: the
+    learner publishes a snapshot of its weights before its first step."""
     t = args.cfg.train
     wiring = Wiring(
         data_endpoint=args.data_endpoint,
@@ -269,6 +270,7 @@ def start_controller(
         ledger,
         version,
         rules=GroupRules.of(args.cfg, vocab_size, args.rollout_engines, declared_ranges(args.cfg)),
+        snapshot_at_start=snapshot_at_start,
     )
     controller.start()
     return controller
