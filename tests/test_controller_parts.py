@@ -356,3 +356,24 @@ def test_every_counter_family_member_is_a_named_count():
     counters[Count.GROUP_ADMITTED] += 1
     counters["group_admitted"] += 1
     assert json.loads(json.dumps(dict(counters))) == {"group_admitted": 2}
+
+
+def test_every_reason_the_controller_requeues_for_is_a_ledger_name():
+    """The ledger counts ``requeued_<reason>`` / ``failed_<reason>`` for ``buffer.Requeue`` members only:
+    every worker-drop reason and every refused-group reason charged to the assignee must be one."""
+    from async_vapo.buffer import PromptLedger, Requeue
+    from async_vapo.controller.admission import GroupRejection
+    from async_vapo.controller.counters import Count
+    from async_vapo.controller.service import _NOT_THE_ASSIGNEE
+
+    drops = [c.value.removeprefix("worker_dropped_") for c in Count if c.value.startswith("worker_dropped_")]
+    assert drops and all(Requeue(d) for d in drops)
+    assert all(Requeue(f"bad_group_{w.value}") for w in GroupRejection if w not in _NOT_THE_ASSIGNEE)
+    ledger = PromptLedger([Prompt(f"p{i}", pack_i32([1]), "1") for i in range(4)], seed=0)
+    (p,) = ledger.take(1, "w0")
+    assert ledger.retry(p.uid, Requeue.DEADLINE, max_attempts=1)
+    assert ledger.counts["failed_deadline"] == 1 and ledger.counts["failed"] == 1
+    (q,) = ledger.take(1, "w0")
+    with pytest.raises(ValueError, match="made_up"):
+        ledger.requeue(q.uid, "made_up")  # type: ignore[arg-type]
+    assert q.uid in ledger.outstanding  # nothing moved

@@ -14,7 +14,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from async_vapo.buffer.ledger import PromptLedger
+from async_vapo.buffer.ledger import PromptLedger, Requeue
 from async_vapo.buffer.staleness import StalenessManager
 from async_vapo.protocol.messages import TrajectoryGroup
 
@@ -89,7 +89,7 @@ class GroupBuffer:
 
     def _drop_stale(self, group: TrajectoryGroup, was_accepted: bool) -> None:
         self.metrics.stale += 1
-        self.ledger.requeue(group.prompt.uid, "stale")
+        self.ledger.requeue(group.prompt.uid, Requeue.STALE)
         if was_accepted:
             self.staleness.on_evicted()
         else:

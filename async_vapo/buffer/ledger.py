@@ -12,9 +12,37 @@ import random
 import secrets
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
+from enum import Enum
 from typing import Any, NamedTuple
 
 from async_vapo.protocol.messages import Prompt
+
+
+class Requeue(str, Enum):
+    """Why a prompt goes back to the line: counted as ``requeued_<value>`` in ``counts`` (and, when it was
+    the prompt's last attempt, as ``failed_<value>``), so every name the ledger counts is listed here."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    STALE = "stale"  # its group was older than train.max_staleness allows
+    WORKER_LOST = "worker_lost"  # its worker is gone (requeue_worker's default)
+    WORKER_RESTARTED = "worker_restarted"  # its worker said Hello again
+    # its worker was dropped by the controller (controller.counters.worker_dropped's reasons)
+    HEARTBEAT = "heartbeat"
+    UNREACHABLE = "unreachable"
+    STALLED = "stalled"
+    WEIGHT_SYNC_FAILED = "weight_sync_failed"
+    # a failed attempt (PromptLedger.retry): its worker reported a failure, its deadline passed, or the
+    # group its worker sent was refused (controller.admission.GroupRejection's own-output reasons)
+    ROLLOUT_FAILED = "rollout_failed"
+    DEADLINE = "deadline"
+    BAD_GROUP_SAMPLE_COUNT = "bad_group_sample_count"
+    BAD_GROUP_LENGTH = "bad_group_length"
+    BAD_GROUP_MODEL_LEN = "bad_group_model_len"
+    BAD_GROUP_TOKEN_RANGE = "bad_group_token_range"
+    BAD_GROUP_VERSIONS = "bad_group_versions"
+    BAD_GROUP_REWARD = "bad_group_reward"
 
 
 class Issued(NamedTuple):
@@ -90,19 +118,21 @@ class PromptLedger:
         self.counts["issued"] += len(out)
         return out
 
-    def requeue(self, uid: str, reason: str) -> None:
+    def requeue(self, uid: str, reason: Requeue) -> None:
         """Put an outstanding or returned prompt back at the head of the line (attempt + 1)."""
+        key = f"requeued_{Requeue(reason).value}"  # an unknown reason raises before anything moves
         entry = self.outstanding.pop(uid, None)
         p = entry.prompt if entry is not None else self.in_buffer.pop(uid, None)
         if p is None:
             return
         self.requeued.append(Prompt(p.uid, p.token_ids, p.answer, p.task, p.attempt + 1))
-        self.counts[f"requeued_{reason}"] += 1
+        self.counts[key] += 1
 
-    def retry(self, uid: str, reason: str, max_attempts: int) -> bool:
+    def retry(self, uid: str, reason: Requeue, max_attempts: int) -> bool:
         """A failed attempt at outstanding prompt ``uid`` (its rollout failed, or its group was malformed):
         requeued while it has failed fewer than ``max_attempts`` times, else spent and counted ``failed``.
         False when ``uid`` was not outstanding (nothing changed)."""
+        failed = f"failed_{Requeue(reason).value}"
         if uid not in self.outstanding:
             return False
         self.failures[uid] += 1
@@ -111,11 +141,11 @@ class PromptLedger:
             return True
         del self.outstanding[uid], self.failures[uid]
         self.counts["failed"] += 1
-        self.counts[f"failed_{reason}"] += 1
+        self.counts[failed] += 1
         self.failed_uids.append(uid)
         return True
 
-    def requeue_worker(self, worker_id: str, reason: str = "worker_lost") -> int:
+    def requeue_worker(self, worker_id: str, reason: Requeue = Requeue.WORKER_LOST) -> int:
         uids = [u for u, issued in self.outstanding.items() if issued.worker_id == worker_id]
         for u in uids:
             self.requeue(u, reason)

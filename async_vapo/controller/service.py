@@ -27,7 +27,7 @@ import structlog
 import uvloop
 import zmq.asyncio
 
-from async_vapo.buffer import GroupBuffer, PromptLedger, StalenessManager
+from async_vapo.buffer import GroupBuffer, PromptLedger, Requeue, StalenessManager
 from async_vapo.cluster.rendezvous import RunStore, load_store_key
 from async_vapo.config import TrainConfig
 from async_vapo.controller.admission import (
@@ -343,7 +343,7 @@ class Controller:
             if why is not None:
                 self._reject(group, why)
                 if why not in _NOT_THE_ASSIGNEE:  # the assignee's own bad output: a failed attempt
-                    self._failed_attempt(group.prompt.uid, f"bad_group_{why.value}")
+                    self._failed_attempt(group.prompt.uid, Requeue(f"bad_group_{why.value}"))
                 return
             if (w := self.registry.get(group.worker_id)) is not None and issued is not None:
                 w.last_group = time.monotonic()
@@ -363,7 +363,7 @@ class Controller:
         if n & (n - 1) == 0:  # the 1st, 2nd, 4th, ... of each reason: visible, never a flood
             log.warning("group rejected", reason=why.value, uid=group.prompt.uid[:80], count=n)
 
-    def _failed_attempt(self, uid: str, reason: str) -> None:
+    def _failed_attempt(self, uid: str, reason: Requeue) -> None:
         """An issued prompt's attempt failed (caller holds the lock): requeued, or counted failed once it
         has had ``max_attempts``; either way its admission credit comes back."""
         if self.ledger.retry(uid, reason, self.max_attempts):
@@ -455,7 +455,7 @@ class Controller:
                 self.counters[Count.ROLLOUT_FAILED_UNKNOWN] += 1
                 return
             self.counters[Count.ROLLOUT_FAILED] += 1
-            self._failed_attempt(msg.uid, "rollout_failed")
+            self._failed_attempt(msg.uid, Requeue.ROLLOUT_FAILED)
 
     async def _on_hello(self, hello: Hello) -> None:
         if not self.weights.can_serve(hello, self.version.v):
@@ -467,7 +467,7 @@ class Controller:
         w, old = self.registry.add(hello)
         if old is not None:  # a reconnect: its prompts go to others and their credits come back
             with self.ready:
-                n = self.ledger.requeue_worker(hello.worker_id, "worker_restarted")
+                n = self.ledger.requeue_worker(hello.worker_id, Requeue.WORKER_RESTARTED)
                 self.staleness.on_dropped(n)
             log.warning("worker reconnected; its prompts were requeued", worker=hello.worker_id, requeued=n)
         if await self.weights.welcome(w, hello, self.version.v):
@@ -483,7 +483,7 @@ class Controller:
             return
         self._spawn(self.control.send(wid, Control("shutdown", "learner", time.time(), "dropped")))
         with self.ready:
-            n = self.ledger.requeue_worker(wid, reason)
+            n = self.ledger.requeue_worker(wid, Requeue(reason))
             self.staleness.on_dropped(n)
         self.counters[worker_dropped(reason)] += 1
         if self._store is not None:  # a wedged worker cannot be trusted to exit: its launcher kills it
@@ -529,7 +529,7 @@ class Controller:
             overdue = self.ledger.overdue(now - self.prompt_timeout_s)
             for issued in overdue:
                 self.counters[Count.PROMPT_DEADLINE_EXPIRED] += 1
-                self._failed_attempt(issued.prompt.uid, "deadline")
+                self._failed_attempt(issued.prompt.uid, Requeue.DEADLINE)
         stalled = {
             i.worker_id
             for i in overdue
