@@ -20,9 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1])
-)  # a script: the repository root, for studies.runs
+# a script: the repository root on the path, for studies.runs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from studies.runs import launch, rows, summarise, throughput_run
 
 
