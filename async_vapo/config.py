@@ -43,6 +43,10 @@ class ModelConfig(_Section, frozen=True):
     lora_target_modules: list[str] = msgspec.field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    # what the engines get under a policy LoRA: "merged" weights (the model's bytes, through the bucketed
+    # reload every backend supports) or the "adapter" alone (its bytes; the engines serve it with vLLM's
+    # LoRA support, each update replacing it in place: rollout/weights.py receive_adapter)
+    lora_publish: Literal["merged", "adapter"] = "merged"
 
     @property
     def uses_lora(self) -> bool:
@@ -89,7 +93,9 @@ class DataConfig(_Section, frozen=True):
 # what rollout.engine_kwargs cannot change: the weight receiver, the behaviour log-probs, the model
 ENGINE_OWNED_ARGS = frozenset(
     {"model", "tokenizer", "worker_extension_cls", "logprobs_mode", "tensor_parallel_size"}
+    | {"enable_lora", "max_lora_rank", "max_loras"}  # model.lora_publish=adapter's
 )
+MAX_ENGINE_LORA_RANK = 512  # vLLM's largest max_lora_rank
 
 
 class RolloutConfig(_Section, frozen=True):
@@ -367,6 +373,10 @@ class Config(_Section, frozen=True):
             (
                 not self.model.uses_lora or bool(self.model.lora_target_modules),
                 "model.lora_target_modules is empty",
+            ),
+            (
+                self.model.lora_publish == "merged" or 0 < self.model.lora_rank <= MAX_ENGINE_LORA_RANK,
+                f"model.lora_publish=adapter needs a policy LoRA (model.lora_rank in 1..{MAX_ENGINE_LORA_RANK})",
             ),
             (self.train.log_samples_every >= 0, "train.log_samples_every must be >= 0 (0 = never)"),
             (self.train.filter_patience >= 0, "train.filter_patience must be >= 0 (0 = never stop)"),

@@ -106,6 +106,7 @@ class TrainRow(UpdateRow, kw_only=True, tag="train"):
     controller_counters: dict[str, int]
     ledger: dict[str, int]
     weight_sync_s_per_MB: float
+    weight_sync_MB: float  # sent to one engine per update (the model, or a LoRA adapter alone)
     time: float
 
 

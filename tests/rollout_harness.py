@@ -35,6 +35,7 @@ from async_vapo.rollout.engine import EngineConfig
 from async_vapo.rollout.worker import WorkerConfig
 from async_vapo.tasks.arithmetic import AdditionTask
 from async_vapo.tasks.tiny_model import prompt_ids
+from async_vapo.weight_sync.adapter import LoRASpec
 from async_vapo.weight_sync.broadcast import EngineLink, snapshot
 from async_vapo.weight_sync.group import GroupSpec
 
@@ -79,10 +80,11 @@ def start_worker(
     max_model_len: int = 256,
     max_tokens: int = 80,
     dtype: str = "float32",
+    lora: LoRASpec | None = None,
 ):
     """A real rollout worker process (vLLM engine in ``dtype`` with ``tp`` workers and a context of
-    ``max_model_len`` tokens) joined to a weight group of world 1 + tp whose learner end is returned:
-    (side, link, proc)."""
+    ``max_model_len`` tokens; serving an adapter of shape ``lora``, which updates replace, when given)
+    joined to a weight group of world 1 + tp whose learner end is returned: (side, link, proc)."""
     from async_vapo.launch.supervisor import _worker_entry
 
     side = LearnerSide()
@@ -91,7 +93,12 @@ def start_worker(
         data_endpoint=side.data.endpoint,
         control_endpoint=side.control.endpoint,
         engine=EngineConfig(
-            str(model_dir), seed=0, max_model_len=max_model_len, dtype=dtype, tensor_parallel_size=tp
+            str(model_dir),
+            seed=0,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            tensor_parallel_size=tp,
+            lora=lora,
         ),
         rollout=RolloutConfig(n_samples=4, max_tokens=max_tokens, verifier_timeout_s=5.0),
     )
@@ -142,17 +149,30 @@ def make_prompts(tok, n, seed, version_tag):
 
 
 def two_updates_then_compare(
-    side, link, model, tok, atol: float = 2e-3, dtype=torch.float32, held: dict | None = None
+    side,
+    link,
+    model,
+    tok,
+    atol: float = 2e-3,
+    dtype=torch.float32,
+    held: dict | None = None,
+    make_version=None,
+    bucket_bytes: int = 256 * 1024,
 ) -> None:
     """Versions 1 and 2 (random perturbations of ``model``) are broadcast in buckets of ``dtype``; after
     each, the engine's behaviour log-probs are transformers' log-probs (in fp32) on the new weights within
     ``atol``, not the old ones'. ``held`` (when given) is kept naming the ``model`` whose weights the
-    engine holds and its ``version``."""
+    engine holds and its ``version``. ``make_version(version)``, when given, makes each version instead: it
+    returns the named tensors to send and the model (fp32) whose log-probs the engine must then give."""
     previous = model
     for version in (1, 2):
-        new = perturbed(model, 100 + version).to(dtype)
-        snap = snapshot(version, new.named_parameters(), bucket_bytes=256 * 1024)
-        new = new.float()  # the weights the engine holds now (bf16-valued ones), computed in fp32
+        if make_version is None:
+            new = perturbed(model, 100 + version).to(dtype)
+            snap = snapshot(version, new.named_parameters(), bucket_bytes=bucket_bytes)
+            new = new.float()  # the weights the engine holds now (bf16-valued ones), computed in fp32
+        else:
+            named, new = make_version(version)
+            snap = snapshot(version, named, bucket_bytes=bucket_bytes)
         assert len(snap.buckets) > 1  # really bucketed
 
         async def update(snap=snap, version=version):

@@ -1,9 +1,11 @@
 """LoRA (learner/lora.py): the adapted layer against its formula, the merged weights the engines and the
 export get, the PEFT-layout adapter files; then the policy and critic trained with adapters through the
-launcher on CPU (real vLLM and DeepSpeed), the engines sampling from the merged weights."""
+launcher on CPU (real vLLM and DeepSpeed); the engines get the merged weights or, with
+``model.lora_publish=adapter``, the adapter alone (vLLM's LoRA support, each update in place)."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -11,7 +13,18 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from async_vapo.learner.lora import LoRALinear, adapter_count, apply_lora, published, save_adapter
+from async_vapo.cluster.memory import lora_params, model_shape
+from async_vapo.config import ModelConfig
+from async_vapo.learner.lora import (
+    LoRALinear,
+    adapter_count,
+    apply_lora,
+    lora_spec,
+    published,
+    published_adapter,
+    save_adapter,
+)
+from async_vapo.weight_sync.adapter import LoRASpec
 from async_vapo.weight_sync.publish import StreamPlan, stream_publish
 from tests.test_e2e import launch, rows
 
@@ -87,7 +100,6 @@ def test_the_publish_and_the_export_send_merged_weights_under_the_base_names(tmp
 def test_the_memory_plan_counts_the_adapters_a_real_model_gets(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from async_vapo.cluster.memory import lora_params, model_shape
     from async_vapo.config import load_config
 
     targets = load_config().model.lora_target_modules
@@ -101,14 +113,62 @@ def test_no_matching_layer_is_a_clear_error():
         apply_lora(Block(), 2, 4.0, ["c_attn"])
 
 
+def test_the_adapter_publish_sends_the_adapter_matrices_alone_under_peft_names():
+    """model.lora_publish=adapter: what the publisher walks is the adapters (what save_adapter writes)."""
+    _, model = _adapted(2)
+    named = list(published_adapter(model))
+    assert [n for n, _ in named] == [
+        f"base_model.model.{m}.lora_{ab}.weight" for m in ("q_proj", "down_proj") for ab in "AB"
+    ]
+    assert all(p is getattr(getattr(model, n.split(".")[2]), n.split(".")[3]) for n, p in named)
+    assert lora_spec(model) == LoRASpec(2, 4.0, ("down_proj", "q_proj"))
+
+
+@pytest.mark.slow
+def test_adapter_updates_replace_the_engines_adapter_in_place(tiny_model_dir):
+    """A real rollout worker serving the policy's adapter (vLLM's LoRA on the CPU backend): versions 1
+    and 2 send new adapters only, and after each the engine's log-probs are transformers' with the
+    adapter applied (= merged), not the previous version's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.rollout_harness import start_worker, stop_worker, two_updates_then_compare
+
+    spec = LoRASpec(4, 8.0, tuple(ModelConfig().lora_target_modules))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = copy.deepcopy(base)
+    apply_lora(model, spec.rank, spec.alpha, spec.target_modules)
+    model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    sent: list[int] = []
+
+    def make_version(version: int):
+        torch.manual_seed(100 + version)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, LoRALinear):
+                    m.lora_A.normal_(std=0.1)
+                    m.lora_B.normal_(std=0.1)
+        named = [(k, p.detach().clone()) for k, p in published_adapter(model)]
+        sent.append(sum(t.numel() * t.element_size() for _, t in named))
+        return named, copy.deepcopy(model).eval()
+
+    side, link, proc = start_worker(tiny_model_dir, lora=spec)
+    try:
+        two_updates_then_compare(side, link, base, tok, make_version=make_version, bucket_bytes=16 * 1024)
+    finally:
+        stop_worker(side, proc)
+    assert sent[0] == adapter_count(model) * 4 < model_bytes / 5  # the adapter's bytes, not the model's
+
+
 @pytest.mark.slow
 def test_lora_policy_and_critic_train_through_the_launcher(tiny_model_dir, tmp_path):
     out = tmp_path / "lora"
-    # configs/vapo_qwen2.5_7b_lora.yaml's settings: both models adapted, ZeRO-2, the streamed publish
+    # configs/vapo_qwen2.5_7b_lora.yaml's settings (both models adapted, ZeRO-2, the streamed publish), with
+    # the engines sent the adapter alone (the merged weights take the full model's path, tested with it)
     lora = ["model.lora_rank=4", "model.critic_lora_rank=4", "model.lora_alpha=8", "model.dtype=float32",
-            "train.zero_stage=2", "train.publish=stream"]  # fmt: skip
+            "train.zero_stage=2", "train.publish=stream", "model.lora_publish=adapter"]  # fmt: skip
     # on-policy and drained: every trained token was sampled by the weights the learner holds, so the
-    # engines' log-probs (from the merged weights they were sent) must be the learner's (adapters applied)
+    # engines' log-probs (the base model with the adapter they were sent) must be the learner's
     onpolicy = [
         "train.max_staleness=0",
         "rollout.weight_update=drain",
@@ -128,6 +188,12 @@ def test_lora_policy_and_critic_train_through_the_launcher(tiny_model_dir, tmp_p
     train = [x for x in rows(out) if x["phase"] == "train"]
     assert [x["step"] for x in train] == [0, 1, 2]
     assert all(abs(x["behaviour_kl"]) < 1e-8 for x in train), [x["behaviour_kl"] for x in train]  # 1e-12 here
+    # each engine was sent the adapter (fp32 here), not the model
+    adapter_mb = (
+        lora_params(model_shape(str(tiny_model_dir)), 4, ModelConfig().lora_target_modules) * 4 / 2**20
+    )
+    synced = [x["weight_sync_MB"] for x in train if x["weight_syncs"]]
+    assert synced and all(s == pytest.approx(adapter_mb) for s in synced), (synced, adapter_mb)
 
     ckpt = out / "checkpoints" / "step_3"
     before = load_file(str(tiny_model_dir / "model.safetensors"))

@@ -41,6 +41,7 @@ TRAIN = {"phase": "train", "step": 0, "policy_version": 1, "reward_mean": 0.0, "
          "controller_counters": {"group_admitted": 21, "verdict_wrong": 137, "verdict_ok": 28,
                                  "verdict_no_answer": 11, "group_filtered": 23},
          "ledger": {"issued": 47, "trained": 16, "filtered": 23}, "weight_sync_s_per_MB": 0.0,
+         "weight_sync_MB": 0.0,  # added after the rows were typed
          "time": 1796307917.0922341}  # fmt: skip
 KINDS = {"value_pretrain": rows.PretrainRow, "train": rows.TrainRow}
 

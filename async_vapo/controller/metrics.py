@@ -20,6 +20,12 @@ class SyncTotals:
     def seconds_per_mb(self) -> float:
         return self.seconds / max(1e-9, self.nbytes / 2**20)
 
+    @property
+    def mb_per_sync(self) -> float:
+        """What one engine is sent per update: the model's bytes, or a LoRA adapter's
+        (``model.lora_publish=adapter``)."""
+        return self.nbytes / 2**20 / max(1, self.count)
+
 
 @dataclass(frozen=True)
 class ControllerMetrics:

@@ -16,6 +16,7 @@ from async_vapo.controller.admission import rollout_worker_id
 from async_vapo.learner.setup import LearnerArgs
 from async_vapo.rollout.engine import EngineConfig
 from async_vapo.rollout.worker import WorkerConfig
+from async_vapo.weight_sync.adapter import LoRASpec
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,14 @@ def _learners(
     return out
 
 
+def engine_lora(cfg: Config) -> LoRASpec | None:
+    """The adapter the engines serve under ``model.lora_publish=adapter`` (None: they get merged weights)."""
+    m = cfg.model
+    if m.lora_publish != "adapter":
+        return None
+    return LoRASpec(m.lora_rank, m.lora_alpha, tuple(m.lora_target_modules))
+
+
 def _workers(
     cfg: Config, lay: Layout, share: NodeShare, model_path: str, site: Site
 ) -> list[tuple[Child, WorkerConfig]]:
@@ -157,6 +166,7 @@ def _workers(
                 async_scheduling=r.async_scheduling,
                 model_runner=r.model_runner,
                 extra=tuple(sorted(r.engine_kwargs.items())),
+                lora=engine_lora(cfg),
             ),
             rollout=r,
             curve_dir=cfg.curve_dir,

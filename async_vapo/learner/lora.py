@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from async_vapo.weight_sync.adapter import LoRASpec, peft_key
+
 ADAPTER_PARAMS = ("lora_A", "lora_B")
 
 
@@ -104,35 +106,38 @@ def adapter_count(module: nn.Module) -> int:
     return sum(p.numel() for n, p in module.named_parameters() if is_adapter(n))
 
 
+def adapter_matrices(name: str, layer: LoRALinear) -> list[tuple[str, nn.Parameter]]:
+    """The adapted layer ``name``'s two matrices under their PEFT names."""
+    return [(peft_key(name, "lora_A"), layer.lora_A), (peft_key(name, "lora_B"), layer.lora_B)]
+
+
+def published_adapter(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(PEFT name, parameter)`` for every adapter matrix of ``module``: what the engines get under
+    ``model.lora_publish=adapter`` (``learner.publisher``), in module order."""
+    for name, m in module.named_modules():
+        if isinstance(m, LoRALinear):
+            yield from adapter_matrices(name, m)
+
+
+def lora_spec(module: nn.Module) -> LoRASpec | None:
+    """The shape of ``module``'s adapters (None without any)."""
+    layers = [(n, m) for n, m in module.named_modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        return None
+    first = layers[0][1]
+    return LoRASpec(first.rank, first.alpha, tuple(sorted({n.split(".")[-1] for n, _ in layers})))
+
+
 def save_adapter(module: nn.Module, out: Path, base_model: str = "") -> None:
     """The adapters in PEFT's layout (``adapter_model.safetensors`` + ``adapter_config.json``), loadable
     with ``peft.PeftModel.from_pretrained(base, out)`` or as a vLLM LoRA adapter."""
     from safetensors.torch import save_file
 
-    layers = [(n, m) for n, m in module.named_modules() if isinstance(m, LoRALinear)]
-    if not layers:
+    spec = lora_spec(module)
+    if spec is None:
         return
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, m in layers:
-        tensors[f"base_model.model.{name}.lora_A.weight"] = (
-            m.lora_A.detach().to("cpu", copy=True).contiguous()
-        )
-        tensors[f"base_model.model.{name}.lora_B.weight"] = (
-            m.lora_B.detach().to("cpu", copy=True).contiguous()
-        )
+    tensors = {k: p.detach().to("cpu", copy=True).contiguous() for k, p in published_adapter(module)}
     save_file(tensors, str(out / "adapter_model.safetensors"))
-    first = layers[0][1]
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": first.rank,
-        "lora_alpha": first.alpha,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "target_modules": sorted({n.split(".")[-1] for n, _ in layers}),
-        "inference_mode": True,
-    }
+    config = spec.peft_config(base_model)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))

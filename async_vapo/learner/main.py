@@ -79,6 +79,7 @@ class Trainer:
         )
         self.publisher = make_publisher(
             t.streams_publish,
+            self.cfg.model.lora_publish == "adapter",
             self.policy.module,
             int(t.bucket_mb * 2**20),
             self.controller,
@@ -381,6 +382,7 @@ def _controller_fields(cm: ControllerMetrics) -> dict[str, Any]:
         "controller_counters": cm.counters,
         "ledger": cm.ledger,
         "weight_sync_s_per_MB": cm.syncs.seconds_per_mb,
+        "weight_sync_MB": cm.syncs.mb_per_sync,
     }
 
 

@@ -7,8 +7,10 @@
   each bucket to the engines it owns (``weight_sync.fanout``); nothing is kept, so engines that join get
   the next publish, which rank 0 asks for as soon as one is behind (``engines_behind``).
 
-Both are collective (every rank calls ``publish``): ZeRO-3's gathers are. Under LoRA both send the merged
-weights under the base model's names (``learner.lora.published``).
+Both are collective (every rank calls ``publish``): ZeRO-3's gathers are. Under LoRA both send either the
+merged weights under the base model's names (``learner.lora.published``) or, with
+``model.lora_publish=adapter``, the adapter's matrices alone under their PEFT names
+(``learner.lora.published_adapter``; the engines load them into vLLM's LoRA slot).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-from async_vapo.learner.lora import published
+from async_vapo.learner.lora import published, published_adapter
 from async_vapo.weight_sync.broadcast import Snapshot
 from async_vapo.weight_sync.fanout import RankLinks, gather_status, share_plan
 from async_vapo.weight_sync.publish import StreamPlan, stream_publish
@@ -30,6 +32,7 @@ class Publisher:
 
     def __init__(
         self,
+        adapter: bool,
         policy: torch.nn.Module,
         bucket_bytes: int,
         controller: Any | None,
@@ -37,14 +40,20 @@ class Publisher:
         world: int,
         device: torch.device,
     ) -> None:
-        self.policy, self.bucket_bytes, self.controller = policy, bucket_bytes, controller
+        self.adapter, self.policy, self.bucket_bytes, self.controller = (
+            adapter,
+            policy,
+            bucket_bytes,
+            controller,
+        )
         self.rank, self.world, self.device = rank, world, device
         self._plan: StreamPlan | None = None
 
     @property
     def plan(self) -> StreamPlan:
         if self._plan is None:
-            self._plan = StreamPlan.of(published(self.policy), self.bucket_bytes)
+            named = published_adapter(self.policy) if self.adapter else published(self.policy)
+            self._plan = StreamPlan.of(named, self.bucket_bytes)
         return self._plan
 
     def publish(self, version: int) -> None:
@@ -94,6 +103,7 @@ class StreamedPublisher(Publisher):
 
 def make_publisher(
     streamed: bool,
+    adapter: bool,
     policy: torch.nn.Module,
     bucket_bytes: int,
     controller: Any | None,
@@ -101,6 +111,7 @@ def make_publisher(
     world: int,
     device: torch.device,
 ) -> Publisher:
-    """``train.publish``'s publisher (``streamed``: ``TrainConfig.streams_publish``)."""
+    """``train.publish``'s publisher (``streamed``: ``TrainConfig.streams_publish``) of the policy's
+    weights, or of its LoRA adapter alone (``adapter``: ``model.lora_publish=adapter``)."""
     cls = StreamedPublisher if streamed else SnapshotPublisher
-    return cls(policy, bucket_bytes, controller, rank, world, device)
+    return cls(adapter, policy, bucket_bytes, controller, rank, world, device)

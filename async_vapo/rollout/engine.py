@@ -16,14 +16,21 @@ import asyncio
 import gc
 import itertools
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from async_vapo.config import ENGINE_OWNED_ARGS as OWNED
+from async_vapo.weight_sync.adapter import LoRASpec
 from async_vapo.weight_sync.buckets import BucketMeta
 from async_vapo.weight_sync.group import GroupSpec
 
 EXTENSION = "async_vapo.rollout.weights.WeightReceiver"
+
+
+UpdateMode = Literal["drain", "keep"]
+ADAPTER_NAME, ADAPTER_ID = "policy", 1  # the one LoRA slot an adapter-mode engine serves
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,9 @@ class EngineConfig:
     # ("auto": V2 on CUDA in vLLM 0.32)
     model_runner: str = "v1"
     extra: tuple[tuple[str, Any], ...] = ()  # rollout.engine_kwargs: more AsyncEngineArgs fields
+    # model.lora_publish=adapter: the engine serves the policy's adapter on its base model, each update
+    # replacing the adapter in place (rollout.weights.WeightReceiver.receive_adapter)
+    lora: LoRASpec | None = None
 
     def engine_args(self) -> dict[str, Any]:
         """AsyncEngineArgs' fields. ``extra`` may not replace what the weight sync and the behaviour
@@ -48,24 +58,25 @@ class EngineConfig:
         extra = dict(self.extra)
         if clash := sorted(OWNED & extra.keys()):
             raise ValueError(f"rollout.engine_kwargs may not set {clash}: the engine depends on them")
-        return {
-            "model": self.model,
-            "tokenizer": self.model,
-            "seed": self.seed,
-            "dtype": self.dtype,
-            "max_model_len": self.max_model_len,
-            "tensor_parallel_size": self.tensor_parallel_size,
-            "gpu_memory_utilization": self.gpu_memory_utilization,
-            "max_num_seqs": self.max_num_seqs,
-            "enforce_eager": self.enforce_eager,
-            "async_scheduling": self.async_scheduling,
-            "worker_extension_cls": EXTENSION,
-            "enable_prefix_caching": True,
-            "logprobs_mode": "processed_logprobs",
-        } | extra
-
-
-UpdateMode = Literal["drain", "keep"]
+        return (
+            {
+                "model": self.model,
+                "tokenizer": self.model,
+                "seed": self.seed,
+                "dtype": self.dtype,
+                "max_model_len": self.max_model_len,
+                "tensor_parallel_size": self.tensor_parallel_size,
+                "gpu_memory_utilization": self.gpu_memory_utilization,
+                "max_num_seqs": self.max_num_seqs,
+                "enforce_eager": self.enforce_eager,
+                "async_scheduling": self.async_scheduling,
+                "worker_extension_cls": EXTENSION,
+                "enable_prefix_caching": True,
+                "logprobs_mode": "processed_logprobs",
+            }
+            | (self.lora.vllm_args() if self.lora else {})
+            | extra
+        )
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,10 @@ class RolloutEngine:
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**cfg.engine_args()))
         self._ids = itertools.count()
+        self.lora = cfg.lora
+        # the adapter requests carry once the engine holds one (before: the base model = fresh adapters)
+        self._adapter: Any = None
+        self._adapter_dir: str | None = None  # where the engine's workers write the adapter they load
 
     async def sample(
         self,
@@ -118,7 +133,10 @@ class RolloutEngine:
         )
         final: Any = None
         async for out in self.llm.generate(
-            TokensPrompt(prompt_token_ids=prompt_ids), params, f"r{next(self._ids)}"
+            TokensPrompt(prompt_token_ids=prompt_ids),
+            params,
+            f"r{next(self._ids)}",
+            lora_request=self._adapter,
         ):
             final = out
         if final is None or len(final.outputs) != n:
@@ -171,13 +189,31 @@ class RolloutEngine:
         if keep:
             await self.llm.pause_generation(mode="keep", clear_cache=False)
         try:
-            seconds = await self.llm.collective_rpc("receive_weights", args=(buckets,))
+            if self.lora is None:
+                seconds = await self.llm.collective_rpc("receive_weights", args=(buckets,))
+            else:
+                seconds = await self._load_adapter(buckets)
             await self.llm.reset_prefix_cache(reset_running_requests=keep)
             await self.set_version(version)
         finally:
             if keep:
                 await self.llm.resume_generation()
         return float(max(seconds))
+
+    async def _load_adapter(self, buckets: list[BucketMeta]) -> list[float]:
+        """Every worker of the engine receives the adapter and puts it in LoRA slot ``ADAPTER_ID`` in
+        place of the one it held; requests sent from now on (and, in ``keep`` mode, those in flight: the
+        slot's tensors are what changed) sample from it."""
+        from vllm.lora.request import LoRARequest
+
+        assert self.lora is not None
+        if self._adapter_dir is None:
+            self._adapter_dir = tempfile.mkdtemp(prefix="async_vapo-adapter-")
+        args = (buckets, self.lora.peft_config(), self._adapter_dir, ADAPTER_NAME, ADAPTER_ID)
+        replies = await self.llm.collective_rpc("receive_adapter", args=args)
+        path = replies[0][1]  # what vLLM reloads from if it ever drops the slot's adapter
+        self._adapter = LoRARequest(ADAPTER_NAME, ADAPTER_ID, path)
+        return [seconds for seconds, _ in replies]
 
     @property
     def dead(self) -> bool:
@@ -186,6 +222,8 @@ class RolloutEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+        if self._adapter_dir is not None:
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
         # AsyncLLM.__del__ shuts down once more: left to interpreter exit, it runs after vLLM's module globals
         # are cleared and prints a traceback at the end of every run; dropped now, it is a quiet no-op
         del self.llm

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from async_vapo.weight_sync.buckets import BucketMeta, FlatPool, bucket_nbytes, empty_flat, unpack
@@ -88,20 +89,7 @@ class WeightReceiver:
         if self._weight_pg is None:
             raise RuntimeError("init_weight_group was not called on this worker")
         t0 = time.perf_counter()
-        device = self._device()
-        if getattr(self, "_flat_pool", None) is None:
-            self._flat_pool = FlatPool()
-        pooled = sum(bucket_nbytes(b) for b in buckets) <= POOL_MAX_BYTES
-        if not pooled:
-            self._flat_pool.clear()
-
-        def stream():
-            for i, bucket in enumerate(buckets):
-                flat = self._flat_pool.get(i, bucket, device) if pooled else empty_flat(bucket, device)
-                broadcast(self._weight_pg, flat, root=0)
-                yield from unpack(bucket, flat)
-
-        received = stream()
+        received = self._stream(buckets)
         self.model_runner.reload_weights(weights_iterator=received, is_checkpoint_format=True)  # type: ignore[attr-defined]
         for _ in received:  # every rank of the group must take part in every bucket's broadcast
             pass
@@ -114,6 +102,53 @@ class WeightReceiver:
                 if quant is not None and hasattr(quant, "process_weights_after_loading"):
                     quant.process_weights_after_loading(module)
         return time.perf_counter() - t0
+
+    def receive_adapter(
+        self, buckets: list[BucketMeta], peft_config: dict[str, Any], directory: str, name: str, lora_id: int
+    ) -> tuple[float, str]:
+        """Receive the policy's LoRA adapter (``model.lora_publish=adapter``: PEFT-named matrices, see
+        ``weight_sync.adapter``) and put it in vLLM's LoRA slot ``lora_id`` in place of the one there;
+        returns the seconds spent and the adapter's directory.
+
+        The base weights never change. vLLM loads adapters from a directory, so the tensors are written
+        to ``directory/tp<rank>`` (``adapter_model.safetensors`` + ``adapter_config.json``, replaced
+        atomically: vLLM reloads from there should it ever drop the slot) and loaded with
+        ``load_inplace``: the slot's tensors are replaced, so requests in flight (``keep`` mode) continue
+        under the new adapter as they do under new weights.
+        """
+        import json
+        import os
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        if self._weight_pg is None:
+            raise RuntimeError("init_weight_group was not called on this worker")
+        t0 = time.perf_counter()
+        tensors = {key: t.to("cpu").contiguous() for key, t in self._stream(buckets)}
+        out = Path(directory) / f"tp{int(getattr(self, 'rank', 0))}"
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / "adapter_model.safetensors.tmp"))
+        os.replace(out / "adapter_model.safetensors.tmp", out / "adapter_model.safetensors")
+        (out / "adapter_config.json.tmp").write_text(json.dumps(peft_config))
+        os.replace(out / "adapter_config.json.tmp", out / "adapter_config.json")
+        self.model_runner.add_lora(LoRARequest(name, lora_id, str(out), load_inplace=True))  # type: ignore[attr-defined]
+        return time.perf_counter() - t0, str(out)
+
+    def _stream(self, buckets: list[BucketMeta]) -> Iterator[tuple[str, Any]]:
+        """``(name, tensor)`` of every bucket in turn, each bucket received (a broadcast from the learner)
+        when its first tensor is asked for."""
+        device = self._device()
+        if getattr(self, "_flat_pool", None) is None:
+            self._flat_pool = FlatPool()
+        pooled = sum(bucket_nbytes(b) for b in buckets) <= POOL_MAX_BYTES
+        if not pooled:
+            self._flat_pool.clear()
+        for i, bucket in enumerate(buckets):
+            flat = self._flat_pool.get(i, bucket, device) if pooled else empty_flat(bucket, device)
+            broadcast(self._weight_pg, flat, root=0)
+            yield from unpack(bucket, flat)
 
     def _quiet_expected_warnings(self, tied_layers: set[str]) -> None:
         logger = logging.getLogger(_RELOAD_LOGGER)
