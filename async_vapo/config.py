@@ -34,8 +34,8 @@ class ModelConfig(_Section, frozen=True):
     # (packed rows through a dense block-diagonal mask: tokens^2 bytes, and attention over the whole pack)
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     # LoRA (learner/lora.py): > 0 trains rank-r adapters on the policy's lora_target_modules instead of
-    # its weights (the engines get the merged weights; checkpoints also hold the adapters in PEFT's
-    # layout); critic_lora_rank likewise for the critic's backbone, whose value head is always trained.
+    # its weights (the engines get the merged weights or the adapter: lora_publish; checkpoints also hold
+    # the adapters in PEFT's layout); critic_lora_rank likewise for the critic's backbone, whose value head is always trained.
     # Needs train.zero_stage <= 2
     lora_rank: int = 0
     critic_lora_rank: int = 0

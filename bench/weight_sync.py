@@ -12,10 +12,11 @@ For two state dicts, the tiny model and a synthetic transformer of at least 500 
 - ``flat``: one broadcast of one preallocated flat buffer of the same size: the ceiling,
 each from the sender's first byte to the receiver's acknowledgement that it holds every byte. Then, with ``--engine`` (default on), the real thing: the tiny model broadcast into a live vLLM CPU
 engine through ``RolloutEngine.load_weights``, whose duration is the time the engine is paused for a
-weight update (after in-flight requests drained). Prints one JSON object on its last line.
+weight update (after in-flight requests drained); and under a policy LoRA, the merged weights against
+the adapter alone into one live engine (``lora_sync.py``). Prints one JSON object on its last line.
 
     .venv/bin/python bench/weight_sync.py [--reps 3] [--synthetic-mb 512] [--bucket-mb 64] [--no-engine]
-        [--no-zero3] [--zero3-layers 18] [--no-fanout]
+        [--no-zero3] [--zero3-layers 18] [--no-fanout] [--no-lora] [--lora-rank 32]
 """
 
 from __future__ import annotations
@@ -178,6 +179,10 @@ def main() -> None:
     ap.add_argument("--no-zero3", action="store_true", help="skip the 2-rank ZeRO-3 publish-memory case")
     ap.add_argument("--zero3-layers", type=int, default=18, help="synthetic model: 18 layers = 339 M params")
     ap.add_argument("--no-fanout", action="store_true", help="skip the 1/2/4-engine fan-out case")
+    ap.add_argument("--no-lora", action="store_true", help="skip the merged vs adapter-only LoRA case")
+    ap.add_argument("--lora-hidden", type=int, default=1024)
+    ap.add_argument("--lora-layers", type=int, default=8)
+    ap.add_argument("--lora-rank", type=int, default=32)
     args = ap.parse_args()
     torch.set_num_threads(1)
     states = {"tiny": tiny(), f"synthetic_{args.synthetic_mb}mb": synthetic(args.synthetic_mb)}
@@ -210,6 +215,19 @@ def main() -> None:
         )
     if not args.no_engine:
         report["engine_tiny"] = engine_pause(args.bucket_mb, args.reps)
+    if not args.no_lora:
+        from lora_sync import lora_sync
+
+        lo = report["lora"] = lora_sync(
+            args.lora_hidden, args.lora_layers, args.lora_rank, args.bucket_mb, args.reps
+        )
+        print(
+            f"LoRA rank {lo['rank']} on a {lo['model']} model: merged update {lo['merged_mb']} MB, "
+            f"{lo['merged_s_median']:.3f} s; adapter update {lo['adapter_mb']} MB, {lo['adapter_s_median']:.3f} s "
+            f"({lo['paused_ratio_merged_vs_adapter']}x shorter pause, {lo['bytes_ratio']}x fewer bytes); decode "
+            f"{lo['base_tokens_per_s']} tok/s without the adapter, {lo['adapter_tokens_per_s']} with it",
+            file=sys.stderr,
+        )
     if not args.no_zero3:
         from zero3_publish import zero3_publish
 

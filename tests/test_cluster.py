@@ -170,3 +170,21 @@ def test_memory_plan_is_within_a_trace_of_the_learners_own_pass(checkpointing):
     assert 1.0 <= now["plan_over_trace"] <= 1.2, now
     before = trace_policy_pass(shape, 2048, 1800, 256, checkpointing, scoring_head=False)
     assert before["trace_gib"] > 1.3 * now["trace_gib"], (before, now)
+
+
+def test_memory_plan_of_an_adapter_publish_counts_the_adapter_not_the_model():
+    """configs/vapo_qwen2.5_7b_lora.yaml's policy LoRA on Qwen2.5-7B: a snapshot publish of the merged
+    weights holds a copy of the model (14 GiB) on learner rank 0; with ``model.lora_publish=adapter`` it
+    holds the rank-32 adapter (0.15 GiB), and the engine's receive is the adapter's, not a bucket."""
+    from async_vapo.cluster.memory import lora_params
+
+    shape = model_shape("/models/Qwen2.5-7B")
+    lora = ["model.lora_rank=32", "model.critic_lora_rank=32", "train.zero_stage=2", "train.publish=snapshot"]
+    merged = estimate_memory(shape, load_config(None, lora), 2, 80.0)
+    adapter = estimate_memory(shape, load_config(None, [*lora, "model.lora_publish=adapter"]), 2, 80.0)
+    adapter_bytes = 2.0 * lora_params(shape, 32, load_config().model.lora_target_modules)
+    assert merged.learner["publish"] == pytest.approx(2.0 * shape.params / 2**30)
+    assert adapter.learner["publish"] == pytest.approx(adapter_bytes / 2**30)
+    assert 0.1 < adapter.learner["publish"] < 0.2 < 13 < merged.learner["publish"]
+    assert adapter.engine["weight_receive"] == pytest.approx(3 * adapter_bytes / 2**30)
+    assert adapter.engine["weight_receive"] < merged.engine["weight_receive"]

@@ -65,6 +65,15 @@ def test_lora_needs_zero_2_at_most():
     with pytest.raises(ConfigError, match=r"model.lora_target_modules is empty"):
         load_config(None, ["model.lora_rank=8", "model.lora_target_modules=[]"])
     assert load_config(None, ["model.critic_lora_rank=8", "train.zero_stage=2"]).model.uses_lora
+    with pytest.raises(ConfigError, match=r"model.lora_publish=adapter needs a policy LoRA"):
+        load_config(None, ["model.critic_lora_rank=8", "model.lora_publish=adapter"])
+    with pytest.raises(
+        ConfigError, match=r"model.lora_publish=adapter needs a policy LoRA \(model.lora_rank in 1..512\)"
+    ):
+        load_config(None, ["model.lora_rank=1024", "model.lora_publish=adapter"])
+    assert (
+        load_config(None, ["model.lora_rank=8", "model.lora_publish=adapter"]).model.lora_publish == "adapter"
+    )
 
 
 def test_offload_needs_zero():

@@ -275,6 +275,27 @@ def test_gpu_engines_get_cuda_graphs_v1_runner_and_passed_through_kwargs():
         EngineConfig("/m", extra=(("logprobs_mode", "raw_logprobs"),)).engine_args()
 
 
+def test_an_adapter_publish_makes_engines_that_serve_one_adapter_of_the_policys_shape():
+    """model.lora_publish=adapter: the engines get vLLM's LoRA support for one adapter of the policy's
+    rank (rounded up to a rank vLLM accepts), alpha and targets; merged: no LoRA in the engine."""
+    from async_vapo.rollout.engine import EngineConfig
+    from async_vapo.weight_sync.adapter import LoRASpec
+
+    lora = ["model.lora_rank=4", "model.lora_alpha=8", "model.lora_target_modules=[q_proj, v_proj]"]
+    _, _, merged = _plan(1, 0, 1, 1, *lora)
+    assert merged.workers[0][1].engine.lora is None
+    assert "enable_lora" not in merged.workers[0][1].engine.engine_args()
+    _, _, adapter = _plan(1, 0, 1, 1, *lora, "model.lora_publish=adapter")
+    engine = adapter.workers[0][1].engine
+    assert engine.lora == LoRASpec(4, 8.0, ("q_proj", "v_proj"))
+    args = engine.engine_args()
+    assert args["enable_lora"] and args["max_lora_rank"] == 8 and args["max_loras"] == 1
+    cfg = engine.lora.peft_config("base")
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0 and cfg["target_modules"] == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match="may not set"):
+        EngineConfig("/m", extra=(("max_lora_rank", 64),), lora=engine.lora).engine_args()
+
+
 def test_restart_budget_is_per_worker_and_per_window():
     """main counted every restart of every worker over the whole run against one limit of 5: a week-long
     run with occasional crashes ran out of restarts. The budget is per worker and per window."""

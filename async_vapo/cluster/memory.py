@@ -27,7 +27,9 @@ vLLM engine: bf16 weights / TP, the rest of ``gpu_memory_utilization`` is KV cac
 Publishing new weights (learner rank 0): a streamed publish holds one flat bucket and one gathered
 parameter, or the largest tensor (the embedding) sent as it is; a snapshot holds a full copy of
 the bf16 weights (and, under ZeRO-3, the whole gathered model while it copies). The engine's workers
-receive a streamed update bucket by bucket (models up to 1 GiB keep their receive buffers).
+receive a streamed update bucket by bucket (models up to 1 GiB keep their receive buffers). With
+``model.lora_publish=adapter`` what is published is the policy's adapter: the snapshot or the bucket is
+the adapter's size at most, and the engine holds the adapter twice more (vLLM's LoRA slot and its copy).
 """
 
 from __future__ import annotations
@@ -243,7 +245,9 @@ def _learner_gib(shape: ModelShape, cfg: Config, learner_world: int, activations
         learner["reduce_bucket"] = 2.0 * ZERO_REDUCE_BUCKET / GiB
     if t.zero_stage >= 3:  # parameters gathered at once (prefetch included), at most a few layers'
         learner["zero3_gathered"] = 2.0 * min(ZERO3_MAX_LIVE_PARAMETERS, p) / GiB
-    if t.streams_publish:  # one flat bucket + one gathered parameter, or the embedding sent as it is
+    if m.lora_publish == "adapter":  # the adapter alone: a copy of it at most
+        learner["publish"] = 2.0 * trained[0] / GiB
+    elif t.streams_publish:  # one flat bucket + one gathered parameter, or the embedding sent as it is
         largest_in_layer = 2.0 * shape.intermediate * shape.hidden
         learner["publish"] = (
             max(t.bucket_mb * 2**20 + largest_in_layer, 2.0 * shape.vocab * shape.hidden) / GiB
@@ -261,6 +265,9 @@ def _engine_gib(
     budget = cfg.rollout.gpu_memory_utilization * card_gib * GiB
     bucket = max(cfg.train.bucket_mb * 2**20, 2.0 * shape.vocab * shape.hidden)
     receive = 2.0 * p if 2.0 * p <= GiB else 2 * bucket  # see WeightReceiver.receive_weights
+    m = cfg.model
+    if m.lora_publish == "adapter":  # received whole, then vLLM's LoRA slot and its own copy (per TP rank)
+        receive = 3.0 * 2.0 * lora_params(shape, m.lora_rank, m.lora_target_modules)
     kv_bytes = max(0.0, budget - weights - 2 * GiB - receive)  # ~2 GiB activations / CUDA graphs
     if kv_cache_gib is not None:
         kv_bytes = kv_cache_gib * GiB

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import logging
 import os
 import shutil
 import tempfile
@@ -98,6 +99,8 @@ class RolloutEngine:
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**cfg.engine_args()))
         self._ids = itertools.count()
         self.lora = cfg.lora
+        if cfg.lora is not None:  # the adapter has the base model's tokenizer: vLLM's note on LoRA
+            logging.getLogger("vllm.v1.engine.input_processor").addFilter(_NoLoRATokenizerNote())
         # the adapter requests carry once the engine holds one (before: the base model = fresh adapters)
         self._adapter: Any = None
         self._adapter_dir: str | None = None  # where the engine's workers write the adapter they load
@@ -228,6 +231,14 @@ class RolloutEngine:
         # are cleared and prints a traceback at the end of every run; dropped now, it is a quiet no-op
         del self.llm
         gc.collect()
+
+
+class _NoLoRATokenizerNote(logging.Filter):
+    """Drops vLLM's warning, printed on the first request with an adapter, that LoRA adapters with their
+    own tokenizers are deprecated: the policy's adapter has none."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "different tokenizers for different LoRAs" not in str(record.msg)
 
 
 def token_versions(spans: Any, n_tokens: int, fallback: int) -> list[int]:
