@@ -24,6 +24,7 @@ from async_vapo.protocol import (
     Hello,
     JoinGroup,
     Prompt,
+    Sampling,
     WeightAck,
     WeightUpdate,
     pack_i32,
@@ -158,14 +159,15 @@ def two_updates_then_compare(
     held: dict | None = None,
     make_version=None,
     bucket_bytes: int = 256 * 1024,
+    versions: tuple[int, int] = (1, 2),
 ) -> None:
-    """Versions 1 and 2 (random perturbations of ``model``) are broadcast in buckets of ``dtype``; after
+    """``versions`` (random perturbations of ``model``) are broadcast in buckets of ``dtype``; after
     each, the engine's behaviour log-probs are transformers' log-probs (in fp32) on the new weights within
     ``atol``, not the old ones'. ``held`` (when given) is kept naming the ``model`` whose weights the
     engine holds and its ``version``. ``make_version(version)``, when given, makes each version instead: it
     returns the named tensors to send and the model (fp32) whose log-probs the engine must then give."""
     previous = model
-    for version in (1, 2):
+    for version in versions:
         if make_version is None:
             new = perturbed(model, 100 + version).to(dtype)
             snap = snapshot(version, new.named_parameters(), bucket_bytes=bucket_bytes)
@@ -243,3 +245,38 @@ def reference_logprobs(model, prompt: list[int], response: list[int], chunk: int
             logits.append(out.logits)
     all_logits = torch.cat(logits, 1)[:, len(prompt) - 1 : -1]
     return token_logprobs(all_logits, torch.tensor([response]))[0]
+
+
+def update_while_sampling(side, link, tok, snap, old, new, prompts: int = 64) -> int:
+    """Sends ``snap`` (version = the engine's + 1) while ``prompts`` x 8 responses are being sampled and
+    checks what keep mode promises: every response's version tags switch once from the old version to
+    the new one, each token's behaviour log-prob is that of the model its tag names (``old`` / ``new``,
+    given the whole prefix: the KV cache is recomputed after the load). Returns how many responses span
+    both versions."""
+    v_new = snap.version
+    batch = make_prompts(tok, prompts, seed=31, version_tag=f"keep{v_new}")  # 64 x 8 = 512 > max_num_seqs
+
+    async def go():
+        await side.control.send("w0", Assign(batch, Sampling(8, 1.0, 1.0, 80)))
+        groups = [await asyncio.wait_for(side.data.recv(), 120)]  # sampling is under way
+        await side.control.send("w0", WeightUpdate(v_new, snap.buckets))
+        await asyncio.to_thread(link.send, snap)
+        ack = await side.next_of(WeightAck)
+        groups += [await asyncio.wait_for(side.data.recv(), 120) for _ in range(len(batch) - 1)]
+        return ack, groups
+
+    ack, groups = side.call(go(), 400)
+    assert ack.ok and ack.version == v_new
+    spanning = 0
+    for g in groups:
+        prompt = unpack_i32(g.prompt.token_ids).tolist()
+        for r in g.responses:
+            ids = unpack_i32(r.token_ids).tolist()
+            versions = unpack_i32(r.versions).tolist()
+            k = versions.count(v_new - 1)  # old-version tokens first, then new ones
+            assert versions == [v_new - 1] * k + [v_new] * (len(ids) - k), versions
+            spanning += 0 < k < len(ids)
+            got = torch.from_numpy(unpack_f32(r.logprobs).copy())
+            torch.testing.assert_close(got[:k], hf_logprobs(old, prompt, ids)[:k], atol=2e-3, rtol=0)
+            torch.testing.assert_close(got[k:], hf_logprobs(new, prompt, ids)[k:], atol=2e-3, rtol=0)
+    return spanning

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -126,12 +127,19 @@ def test_the_adapter_publish_sends_the_adapter_matrices_alone_under_peft_names()
 
 @pytest.mark.slow
 def test_adapter_updates_replace_the_engines_adapter_in_place(tiny_model_dir):
-    """A real rollout worker serving the policy's adapter (vLLM's LoRA on the CPU backend): versions 1
-    and 2 send new adapters only, and after each the engine's log-probs are transformers' with the
-    adapter applied (= merged), not the previous version's."""
+    """A real rollout worker serving the policy's adapter (vLLM's LoRA on the CPU backend), every update
+    the adapter alone: after each the engine's log-probs are transformers' with the adapter applied
+    (= merged), not the previous version's; a later update replaces the adapter under requests in flight
+    (keep mode), which continue on it; the first one drains them (they carry no adapter)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.rollout_harness import start_worker, stop_worker, two_updates_then_compare
+    from async_vapo.weight_sync.broadcast import snapshot
+    from tests.rollout_harness import (
+        start_worker,
+        stop_worker,
+        two_updates_then_compare,
+        update_while_sampling,
+    )
 
     spec = LoRASpec(4, 8.0, tuple(ModelConfig().lora_target_modules))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -152,9 +160,22 @@ def test_adapter_updates_replace_the_engines_adapter_in_place(tiny_model_dir):
         sent.append(sum(t.numel() * t.element_size() for _, t in named))
         return named, copy.deepcopy(model).eval()
 
+    def while_sampling(version: int, old) -> tuple[int, Any]:
+        named, new = make_version(version)
+        return update_while_sampling(side, link, tok, snapshot(version, named, 16 * 1024), old, new), new
+
     side, link, proc = start_worker(tiny_model_dir, lora=spec)
     try:
-        two_updates_then_compare(side, link, base, tok, make_version=make_version, bucket_bytes=16 * 1024)
+        # the first adapter lands while 512 responses are sampled on the base model: they carry no adapter,
+        # so the update waits for them (drained) instead of letting them go on without it
+        spanning, v1 = while_sampling(1, base)
+        assert spanning == 0
+        two_updates_then_compare(
+            side, link, v1, tok, make_version=make_version, bucket_bytes=16 * 1024, versions=(2, 3)
+        )
+        # version 4 lands under requests in flight (keep mode): they go on under the new adapter
+        spanning, _ = while_sampling(4, copy.deepcopy(model).eval())
+        assert spanning > 0
     finally:
         stop_worker(side, proc)
     assert sent[0] == adapter_count(model) * 4 < model_bytes / 5  # the adapter's bytes, not the model's

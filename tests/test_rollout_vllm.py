@@ -14,8 +14,6 @@ from async_vapo.protocol import (
     RolloutFailed,
     Sampling,
     TrajectoryGroup,
-    WeightAck,
-    WeightUpdate,
     pack_i32,
     unpack_f32,
     unpack_i32,
@@ -29,6 +27,7 @@ from tests.rollout_harness import (
     start_worker,
     stop_worker,
     two_updates_then_compare,
+    update_while_sampling,
 )
 
 pytestmark = pytest.mark.slow
@@ -86,32 +85,8 @@ def test_keep_mode_update_continues_requests_under_the_new_weights(rollout):
     v_old = ENGINE_WEIGHTS["version"]
     new = perturbed(old, 300)
     snap = snapshot(v_old + 1, new.named_parameters(), bucket_bytes=256 * 1024)
-    prompts = make_prompts(tok, 64, seed=31, version_tag="keep")  # 64 x 8 = 512 > max_num_seqs (256)
-
-    async def go():
-        await side.control.send("w0", Assign(prompts, Sampling(8, 1.0, 1.0, 80)))
-        groups = [await asyncio.wait_for(side.data.recv(), 120)]  # sampling is under way
-        await side.control.send("w0", WeightUpdate(v_old + 1, snap.buckets))
-        await asyncio.to_thread(link.send, snap)
-        ack = await side.next_of(WeightAck)
-        groups += [await asyncio.wait_for(side.data.recv(), 120) for _ in range(len(prompts) - 1)]
-        return ack, groups
-
-    ack, groups = side.call(go(), 400)
-    assert ack.ok and ack.version == v_old + 1
+    spanning = update_while_sampling(side, link, tok, snap, old, new)
     ENGINE_WEIGHTS.update(model=new, version=v_old + 1)
-    spanning = 0
-    for g in groups:
-        prompt = unpack_i32(g.prompt.token_ids).tolist()
-        for r in g.responses:
-            ids = unpack_i32(r.token_ids).tolist()
-            versions = unpack_i32(r.versions).tolist()
-            k = versions.count(v_old)  # old-version tokens first, then new ones
-            assert versions == [v_old] * k + [v_old + 1] * (len(ids) - k), versions
-            spanning += 0 < k < len(ids)
-            got = torch.from_numpy(unpack_f32(r.logprobs).copy())
-            torch.testing.assert_close(got[:k], hf_logprobs(old, prompt, ids)[:k], atol=2e-3, rtol=0)
-            torch.testing.assert_close(got[k:], hf_logprobs(new, prompt, ids)[k:], atol=2e-3, rtol=0)
     assert spanning > 0  # requests in flight were continued, not drained before the load
 
 

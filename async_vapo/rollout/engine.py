@@ -219,6 +219,12 @@ class RolloutEngine:
         return [seconds for seconds, _ in replies]
 
     @property
+    def keeps_requests_across_updates(self) -> bool:
+        """Whether an update may land under requests in flight (``keep``). Not the first adapter update:
+        requests sent before it carry no adapter (the base model) and would go on without one."""
+        return self.lora is None or self._adapter is not None
+
+    @property
     def dead(self) -> bool:
         """vLLM's engine core is gone (``AsyncLLM.errored``): nothing it is asked from now on can succeed."""
         return bool(getattr(self.llm, "errored", False))

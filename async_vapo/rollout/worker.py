@@ -274,6 +274,8 @@ class RolloutWorker:
 
     async def _load(self, msg: WeightUpdate) -> WeightAck:
         mode = self.cfg.rollout.weight_update
+        if not self.engine.keeps_requests_across_updates:
+            mode = "drain"
         if mode == "drain":
             self._gate.clear()
             await self._idle.wait()
