@@ -127,8 +127,8 @@ def test_the_adapter_publish_sends_the_adapter_matrices_alone_under_peft_names()
 
 @pytest.mark.slow
 def test_adapter_updates_replace_the_engines_adapter_in_place(tiny_model_dir):
-    """A real rollout worker serving the policy's adapter (vLLM's LoRA on the CPU backend), every update
-    the adapter alone: after each the engine's log-probs are transformers' with the adapter applied
+    """A real rollout worker serving the policy's adapter (vLLM's LoRA on the CPU backend, TP 2: each
+    worker loads the whole adapter and keeps its shard), every update the adapter alone: after each the engine's log-probs are transformers' with the adapter applied
     (= merged), not the previous version's; a later update replaces the adapter under requests in flight
     (keep mode), which continue on it; the first one drains them (they carry no adapter)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -164,7 +164,7 @@ def test_adapter_updates_replace_the_engines_adapter_in_place(tiny_model_dir):
         named, new = make_version(version)
         return update_while_sampling(side, link, tok, snapshot(version, named, 16 * 1024), old, new), new
 
-    side, link, proc = start_worker(tiny_model_dir, lora=spec)
+    side, link, proc = start_worker(tiny_model_dir, tp=2, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, lora=spec)
     try:
         # the first adapter lands while 512 responses are sampled on the base model: they carry no adapter,
         # so the update waits for them (drained) instead of letting them go on without it

@@ -8,10 +8,13 @@ else from the policy's backbone with a zero-initialised head.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 from typing import Any
 
+import structlog
 import torch
 from torch import nn
 
@@ -263,5 +266,10 @@ def make_engine(model: nn.Module, lr: float, train: TrainConfig, bf16: bool, mic
     warm = max(1, train.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     config = ds_config(train, bf16, micro_batch_size)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
+    # DeepSpeed's bf16 optimizer prints 25 lines of memory figures to stdout as it starts (print, not its
+    # logger): they go to the learner's log at debug level instead of every run's console
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
+    if text := printed.getvalue().strip():
+        structlog.get_logger(__name__).debug("deepspeed printed", text=text)
     return engine
