@@ -51,6 +51,17 @@ def _stop_group(pid: int | None, sig: int) -> None:
         os.killpg(pid, sig)
 
 
+def _group_alive(pid: int | None) -> bool:
+    """Whether a process of ``pid``'s group (a child and what it spawned) still exists."""
+    if pid is None or not hasattr(os, "killpg"):
+        return False
+    try:
+        os.killpg(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 def _learner_entry(env: dict[str, str], largs: Any) -> None:
     _own_group()
     os.environ.update(env)
@@ -392,6 +403,15 @@ class Supervisor:
             if p.is_alive() and p.pid:
                 os.kill(p.pid, signal.SIGTERM)
 
+    def _sweep_groups(self) -> None:
+        """Kill whatever is left in each child's process group (after a moment, when anything is)."""
+        children = self.learners + self.workers
+        if any(_group_alive(p.pid) for p in children):
+            time.sleep(1.0)  # a moment for what SIGTERM reached in the groups
+        for p in children:
+            _stop_group(p.pid, signal.SIGKILL)
+            p.join(5)
+
     def _shutdown(self, graceful: bool) -> None:
         self.stopping = True
         deadline = time.monotonic() + (120 if graceful else 10)
@@ -408,10 +428,7 @@ class Supervisor:
             if p.is_alive():
                 _stop_group(p.pid, signal.SIGTERM)
                 p.join(10)
-        time.sleep(1.0)
-        for p in self.learners + self.workers:  # sweep whatever is left in each child's group
-            _stop_group(p.pid, signal.SIGKILL)
-            p.join(5)
+        self._sweep_groups()
         if self.node.node_rank == 0 and self.site.files is not None:  # this run's file stores
             for f in self.site.files.all():
                 shutil.rmtree(f, ignore_errors=True) if f.is_dir() else f.unlink(missing_ok=True)

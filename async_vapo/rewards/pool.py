@@ -217,9 +217,11 @@ class VerifierPool:
             self._threads.shutdown()
         with self._lock:
             workers, self._idle = self._idle, []
-        for w in workers:
+        for w in workers:  # all told first: they exit (and tear down sympy & co.) side by side
             with contextlib.suppress(OSError):
                 w.conn.send(None)
-            w.proc.join(2)
+        deadline = time.monotonic() + 2.0
+        for w in workers:
+            w.proc.join(max(0.0, deadline - time.monotonic()))
             if w.proc.is_alive():
                 w.kill()
