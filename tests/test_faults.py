@@ -19,7 +19,7 @@ resume, and the books checked at the end:
    on its own with the same step numbering; the prompt ledger shows every prompt of the data order up to
    the cursor trained exactly once or still pending: none lost, none skipped, none trained twice. Nothing
    is left behind. (A resume by hand, ``--resume``, is ``tests/test_e2e.py``'s.)
-6. The final checkpoint is made slower (20 s, ``ASYNC_VAPO_FAULT_SLOW_SAVE``) than the worker and
+6. The final checkpoint is made slower (15 s, ``ASYNC_VAPO_FAULT_SLOW_SAVE``) than the worker and
    weight-sync timeouts (8 s, 12 s): the controller keeps serving while it is written, so no worker is
    dropped.
 """
@@ -151,7 +151,7 @@ def _seconds(event: dict) -> float:
 
 def test_faults_during_a_run_then_the_learner_restarts(tiny_model_dir, tmp_path):
     out, log = tmp_path / "faults", tmp_path / "launcher.log"
-    slow = {"ASYNC_VAPO_FAULT_SLOW_SAVE": f"{STEPS}:20"}
+    slow = {"ASYNC_VAPO_FAULT_SLOW_SAVE": f"{STEPS}:15"}
     proc = _launch(out, log, f"train.total_steps={STEPS}", "train.checkpoint_every=4", env_extra=slow)
     try:
         _wait(lambda: _train_rows(out), proc, log, "the first training step")

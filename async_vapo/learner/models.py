@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,16 +191,17 @@ def init_distributed(backend: str, file_store: str = "", timeout_s: float = 1800
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
-    if file_store:
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            init_method=f"file://{Path(file_store).resolve()}",  # file://runs/x would name a host "runs"
-            rank=int(os.environ["RANK"]),
-            world_size=int(os.environ["WORLD_SIZE"]),
-            timeout=timedelta(seconds=timeout_s),
-        )
-    else:
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    with printed_to_log():
+        if file_store:
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                init_method=f"file://{Path(file_store).resolve()}",  # file://runs/x would name a host "runs"
+                rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]),
+                timeout=timedelta(seconds=timeout_s),
+            )
+        else:
+            deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
 def zero_config(stage: int, offload_optimizer: bool = False, offload_params: bool = False) -> dict[str, Any]:
@@ -266,10 +268,17 @@ def make_engine(model: nn.Module, lr: float, train: TrainConfig, bf16: bool, mic
     warm = max(1, train.warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     config = ds_config(train, bf16, micro_batch_size)
-    # DeepSpeed's bf16 optimizer prints 25 lines of memory figures to stdout as it starts (print, not its
-    # logger): they go to the learner's log at debug level instead of every run's console
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
+    with printed_to_log():  # the bf16 optimizer's 25 lines of memory figures
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
+    return engine
+
+
+@contextlib.contextmanager
+def printed_to_log() -> Iterator[None]:
+    """What DeepSpeed prints to stdout in the block (``print``, not its logger: its bf16 optimizer's memory
+    figures, "shm_comm_op built successfully") goes to the learner's log at debug level, not to every
+    run's console."""
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        yield
     if text := printed.getvalue().strip():
         structlog.get_logger(__name__).debug("deepspeed printed", text=text)
-    return engine
