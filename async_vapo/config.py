@@ -16,6 +16,8 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from async_vapo.weight_sync.adapter import VLLM_LORA_RANKS
+
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     pass
@@ -35,8 +37,8 @@ class ModelConfig(_Section, frozen=True):
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     # LoRA (learner/lora.py): > 0 trains rank-r adapters on the policy's lora_target_modules instead of
     # its weights (the engines get the merged weights or the adapter: lora_publish; checkpoints also hold
-    # the adapters in PEFT's layout); critic_lora_rank likewise for the critic's backbone, whose value head is always trained.
-    # Needs train.zero_stage <= 2
+    # the adapters in PEFT's layout); critic_lora_rank likewise for the critic's backbone, whose value
+    # head is always trained. Needs train.zero_stage <= 2
     lora_rank: int = 0
     critic_lora_rank: int = 0
     lora_alpha: float = 32.0  # adapters scaled by lora_alpha / rank
@@ -95,7 +97,7 @@ ENGINE_OWNED_ARGS = frozenset(
     {"model", "tokenizer", "worker_extension_cls", "logprobs_mode", "tensor_parallel_size"}
     | {"enable_lora", "max_lora_rank", "max_loras"}  # model.lora_publish=adapter's
 )
-MAX_ENGINE_LORA_RANK = 512  # vLLM's largest max_lora_rank
+MAX_ENGINE_LORA_RANK = max(VLLM_LORA_RANKS)
 
 
 class RolloutConfig(_Section, frozen=True):

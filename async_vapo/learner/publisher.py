@@ -40,12 +40,8 @@ class Publisher:
         world: int,
         device: torch.device,
     ) -> None:
-        self.adapter, self.policy, self.bucket_bytes, self.controller = (
-            adapter,
-            policy,
-            bucket_bytes,
-            controller,
-        )
+        self.adapter = adapter  # publish the policy's LoRA adapter alone
+        self.policy, self.bucket_bytes, self.controller = policy, bucket_bytes, controller
         self.rank, self.world, self.device = rank, world, device
         self._plan: StreamPlan | None = None
 
