@@ -310,6 +310,20 @@ def test_restart_budget_is_per_worker_and_per_window():
     assert b.total == 3 + 1 + 1 + 50
 
 
+def test_a_workers_exit_code_names_why_it_left():
+    """The launcher records each restarted worker's cause (``run/node<k>.json``, ``worker_exits``)."""
+    from async_vapo.rollout import exits
+
+    assert exits.cause(exits.DROPPED) == "dropped by the controller"
+    assert exits.cause(exits.ENGINE_DEAD) == "its vLLM engine died"
+    assert exits.cause(exits.REJOIN_FAILED) == "could not rejoin a restarted learner"
+    assert exits.cause(-9) == "killed by SIGKILL"
+    assert exits.cause(-9, killed_on_drop=True) == "killed: the controller dropped it"
+    assert exits.cause(-200) == "killed by signal 200"
+    assert exits.cause(1) == "crashed (exit code 1)"
+    assert len({exits.FINISHED, exits.DROPPED, exits.ENGINE_DEAD, exits.REJOIN_FAILED}) == 4
+
+
 def test_hostile_store_values_are_counted_as_forged_never_raised(tmp_path):
     """A deeply nested JSON value raised RecursionError in the launcher, which read it as "node 0 is
     gone" (rollout-only nodes then killed their workers): values are parsed into a typed struct."""

@@ -236,6 +236,13 @@ def test_faults_during_a_run_then_the_learner_restarts(tiny_model_dir, tmp_path)
         st = _wait(
             lambda: (s := _state(out)).get("worker_restarts") == restarts0 + 1 and s, proc, log, "restart"
         )
+        assert st["worker_exits"][-1] | {"at": 0} == {
+            "worker": "rollout-0",
+            "pid": old_pid,
+            "exitcode": -signal.SIGKILL,
+            "cause": "killed by SIGKILL",
+            "at": 0,
+        }
         step_at_kill = _train_rows(out)[-1]["step"]
         _wait(lambda: _train_rows(out)[-1]["step"] > step_at_kill + 1, proc, log, "training after restart")
         restart_s = time.monotonic() - t_kill
@@ -252,6 +259,8 @@ def test_faults_during_a_run_then_the_learner_restarts(tiny_model_dir, tmp_path)
             120,
         )
         drop_s = time.monotonic() - t_stop
+        # it could not hear the controller's "dropped": its launcher killed it on the signed drop notice
+        assert _state(out)["worker_exits"][-1]["cause"] == "killed: the controller dropped it"
         assert drop_s < 8 + 12 + 10  # worker_timeout_s or weight_sync_timeout_s, plus polling slack
         step_at_stop = _train_rows(out)[-1]["step"]
 

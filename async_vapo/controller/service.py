@@ -481,6 +481,7 @@ class Controller:
         w = self.registry.remove(wid)
         if w is None:
             return
+        log.warning("worker dropped", worker=wid, reason=reason)
         self._spawn(self.control.send(wid, Control("shutdown", "learner", time.time(), "dropped")))
         with self.ready:
             n = self.ledger.requeue_worker(wid, Requeue(reason))

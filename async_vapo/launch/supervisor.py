@@ -33,6 +33,7 @@ from async_vapo.cluster.rendezvous import ensure_store_key, load_store_key
 from async_vapo.config import Config
 from async_vapo.controller.admission import rollout_worker_id
 from async_vapo.launch.plan import Child, RunFiles, Site, plan_node
+from async_vapo.rollout import exits
 
 log = structlog.get_logger("async_vapo.launch")
 
@@ -220,6 +221,9 @@ class Supervisor:
         self.workers: list[Any] = []
         self.finished: set[int] = set()  # workers that exited 0 (the run is over for them)
         self.restarts = RestartBudget()
+        self.killed_on_drop: set[int] = set()  # pids of workers this launcher killed on a drop notice
+        # the latest rollout worker exits that were not the run's end: why each one left (for operators)
+        self.worker_exits: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
         self.stopping = False
         self.state_file = Path(self.cfg.output_dir) / "run" / f"node{node.node_rank}.json"
 
@@ -247,6 +251,7 @@ class Supervisor:
                 w.worker_id: p.pid for (_, w), p in zip(self.plan.workers, self.workers, strict=True)
             },
             "worker_restarts": self.restarts.total,
+            "worker_exits": list(self.worker_exits),
         }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
@@ -348,24 +353,32 @@ class Supervisor:
         for i, p in enumerate(self.workers):
             if p.exitcode is None or self.stopping or i in self.finished:
                 continue
-            if p.exitcode == 0:
+            if p.exitcode == exits.FINISHED:
                 self.finished.add(i)  # told by the learner that the run is over
                 continue
+            wid = self.plan.workers[i][1].worker_id
+            why = exits.cause(p.exitcode, p.pid in self.killed_on_drop)
+            self.worker_exits.append(
+                {"worker": wid, "pid": p.pid, "exitcode": p.exitcode, "cause": why, "at": time.time()}
+            )
             if not self.restarts.allow(i, time.monotonic()):
                 log.error(
                     "rollout worker keeps dying; giving up",
-                    worker=i,
+                    worker=wid,
                     exitcode=p.exitcode,
+                    cause=why,
                     restarts_in_window=self.restarts.limit,
                     window_s=self.restarts.window_s,
                 )
+                self._write_state()
                 self._on_signal()
                 continue
             _stop_group(p.pid, signal.SIGKILL)  # its engine core and verifier processes too
             log.warning(
                 "rollout worker exited; restarting it",
-                worker=i,
+                worker=wid,
                 exitcode=p.exitcode,
+                cause=why,
                 restarts=self.restarts.total,
             )
             self.workers[i] = self._start_worker(i)
@@ -381,6 +394,7 @@ class Supervisor:
                 return  # store gone: node 0 is shutting down
             if pid is not None and pid == p.pid and p.exitcode is None:
                 log.warning("the controller dropped this worker; killing it", worker=wcfg.worker_id, pid=pid)
+                self.killed_on_drop.add(pid)
                 _stop_group(p.pid, signal.SIGKILL)
                 _stop_group(p.pid, signal.SIGCONT)
 

@@ -52,6 +52,7 @@ from async_vapo.protocol import (
 from async_vapo.protocol.keys import client_security
 from async_vapo.protocol.transport import ControlClient, GroupSender
 from async_vapo.rewards import VerifierPool, reward_of
+from async_vapo.rollout import exits
 from async_vapo.rollout.engine import EngineConfig, RolloutEngine
 from async_vapo.weight_sync.group import GroupSpec
 
@@ -70,9 +71,6 @@ class WorkerConfig:
     curve_dir: str = ""  # CURVE keys when the learner is beyond loopback
     heartbeat_s: float = 2.0
     initial_version: int = 0
-
-
-EXIT_DROPPED = 75  # told to exit by the controller: the launcher restarts the worker
 
 
 class RolloutWorker:
@@ -94,7 +92,7 @@ class RolloutWorker:
         security = client_security(cfg.curve_dir, cfg.worker_id) if cfg.curve_dir else None
         self.control = ControlClient(self.ctx, cfg.control_endpoint, cfg.worker_id, security)
         self.sender = GroupSender(self.ctx, cfg.data_endpoint, security=security)
-        self.exit_code = 0
+        self.exit_code = exits.FINISHED
         self._gate = asyncio.Event()
         self._gate.set()
         self._updating = asyncio.Lock()
@@ -131,10 +129,10 @@ class RolloutWorker:
                     self._spawn(self._update(msg))
                 elif isinstance(msg, Control) and msg.kind == "rejoin":
                     if not await self._rejoin():
-                        self.exit_code = EXIT_DROPPED
+                        self.exit_code = exits.REJOIN_FAILED
                         break
                 elif isinstance(msg, Control) and msg.kind == "shutdown":
-                    self.exit_code = EXIT_DROPPED if msg.reason == "dropped" else 0
+                    self.exit_code = exits.DROPPED if msg.reason == "dropped" else exits.FINISHED
                     log.info("shutting down", worker=self.cfg.worker_id, reason=msg.reason)
                     break
         finally:
@@ -214,7 +212,7 @@ class RolloutWorker:
             )
             if self.engine.dead and self._run is not None and not self._run.done():
                 log.error("the vLLM engine is dead; exiting to be restarted", worker=self.cfg.worker_id)
-                self.exit_code = EXIT_DROPPED
+                self.exit_code = exits.ENGINE_DEAD
                 self._run.cancel()
             return
         await self.sender.send(group)
@@ -335,7 +333,7 @@ def worker_main(cfg: WorkerConfig) -> None:
         try:
             await run
         except asyncio.CancelledError:
-            if worker.exit_code != EXIT_DROPPED:
+            if worker.exit_code == exits.FINISHED:
                 log.info("stopped by SIGTERM", worker=cfg.worker_id)
         return worker.exit_code
 

@@ -1,0 +1,34 @@
+"""Why a rollout worker exited: its exit code says it, its launcher records it (``run/node<k>.json``,
+``worker_exits``) and restarts the worker on anything but :data:`FINISHED`. Kept apart from the worker so
+that the launcher reads these without importing vLLM."""
+
+from __future__ import annotations
+
+import signal
+
+FINISHED = 0  # the learner said the run is over (or the launcher's SIGTERM stopped it)
+DROPPED = 75  # the controller gave up on it and told it so
+ENGINE_DEAD = 76  # its vLLM engine died
+REJOIN_FAILED = 77  # a restarted learner world asked it back and it could not come (engine state unknown)
+
+_CAUSES = {
+    FINISHED: "finished",
+    DROPPED: "dropped by the controller",
+    ENGINE_DEAD: "its vLLM engine died",
+    REJOIN_FAILED: "could not rejoin a restarted learner",
+}
+
+
+def cause(exitcode: int, killed_on_drop: bool = False) -> str:
+    """A worker's exit in words; ``killed_on_drop``: its launcher killed it on the controller's (signed)
+    drop notice, which is what a wedged worker that could not hear the controller exits of."""
+    if killed_on_drop:
+        return "killed: the controller dropped it"
+    if exitcode in _CAUSES:
+        return _CAUSES[exitcode]
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"crashed (exit code {exitcode})"
