@@ -321,7 +321,11 @@ def test_a_workers_exit_code_names_why_it_left():
     assert exits.cause(-9, killed_on_drop=True) == "killed: the controller dropped it"
     assert exits.cause(-200) == "killed by signal 200"
     assert exits.cause(1) == "crashed (exit code 1)"
-    assert len({exits.FINISHED, exits.DROPPED, exits.ENGINE_DEAD, exits.REJOIN_FAILED}) == 4
+    assert exits.cause(exits.CONFIG) == "its engine cannot serve the config"
+    codes = [exits.FINISHED, exits.DROPPED, exits.ENGINE_DEAD, exits.REJOIN_FAILED, exits.CONFIG]
+    assert len(set(codes)) == 5
+    # restarted: all but the run's end and a config that cannot work (it would fail the same way again)
+    assert [exits.restartable(c) for c in [*codes, 1, -9]] == [False, True, True, True, False, True, True]
 
 
 def test_hostile_store_values_are_counted_as_forged_never_raised(tmp_path):

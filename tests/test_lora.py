@@ -181,6 +181,46 @@ def test_adapter_updates_replace_the_engines_adapter_in_place(tiny_model_dir):
     assert sent[0] == adapter_count(model) * 4 < model_bytes / 5  # the adapter's bytes, not the model's
 
 
+def test_the_adapted_layers_are_found_as_the_learner_finds_them(tiny_model_dir):
+    """What the engine checks vLLM can adapt: the model's linear layers the targets name (built on the meta
+    device), not the targets as written (a name that matches no layer is adapted nowhere)."""
+    from async_vapo.weight_sync.adapter import adapted_layers
+
+    targets = ("q_proj", "lm_head", "c_attn")
+    assert adapted_layers(str(tiny_model_dir), targets) == ["lm_head", "q_proj"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    apply_lora(model, 2, 4.0, targets)
+    assert lora_spec(model) == LoRASpec(2, 4.0, ("lm_head", "q_proj"))
+
+
+@pytest.mark.slow
+def test_an_adapter_on_a_layer_vllm_cannot_adapt_stops_the_worker_once(tiny_model_dir, capfd):
+    """``lm_head`` is a linear layer the learner adapts but vLLM's LoRA does not: every update would fail
+    in vLLM's loader and the worker be restarted until its budget ran out. The worker checks at start and
+    exits with ``exits.CONFIG`` (its launcher then stops the run instead of restarting it), saying why."""
+    import multiprocessing as mp
+
+    from async_vapo.launch.supervisor import _worker_entry
+    from async_vapo.rollout import exits
+    from async_vapo.rollout.engine import EngineConfig
+    from async_vapo.rollout.worker import WorkerConfig
+
+    lora = LoRASpec(4, 8.0, ("q_proj", "lm_head"))
+    cfg = WorkerConfig(
+        "w0", "tcp://127.0.0.1:9", "tcp://127.0.0.1:9", EngineConfig(str(tiny_model_dir), lora=lora)
+    )
+    proc = mp.get_context("spawn").Process(target=_worker_entry, args=({}, [], cfg))
+    proc.start()
+    proc.join(240)
+    assert proc.exitcode == exits.CONFIG and not exits.restartable(proc.exitcode)
+    err = capfd.readouterr().err
+    assert (
+        "this engine cannot serve the run's config" in err and "['lm_head']" in err and "lora_publish" in err
+    )
+
+
 @pytest.mark.slow
 def test_lora_policy_and_critic_train_through_the_launcher(tiny_model_dir, tmp_path):
     out = tmp_path / "lora"

@@ -225,6 +225,7 @@ class Supervisor:
         # the latest rollout worker exits that were not the run's end: why each one left (for operators)
         self.worker_exits: collections.deque[dict[str, Any]] = collections.deque(maxlen=100)
         self.stopping = False
+        self.failed = False  # a worker could not run (or kept dying): the run stopped short, exit 1
         self.state_file = Path(self.cfg.output_dir) / "run" / f"node{node.node_rank}.json"
 
     def _start_worker(self, i: int) -> Any:
@@ -287,7 +288,7 @@ class Supervisor:
                 self._kill_dropped()
             self._tend_workers()
         self._shutdown(graceful=code == 0)
-        return code
+        return code or int(self.failed)
 
     def _learners_done(self) -> int | None:
         """None while the learner ranks run; their exit code once one failed or all finished."""
@@ -361,6 +362,12 @@ class Supervisor:
             self.worker_exits.append(
                 {"worker": wid, "pid": p.pid, "exitcode": p.exitcode, "cause": why, "at": time.time()}
             )
+            if not exits.restartable(p.exitcode):
+                log.error("a rollout worker cannot run; stopping the run", worker=wid, cause=why)
+                self.failed = True
+                self._write_state()
+                self._on_signal()
+                continue
             if not self.restarts.allow(i, time.monotonic()):
                 log.error(
                     "rollout worker keeps dying; giving up",
@@ -370,6 +377,7 @@ class Supervisor:
                     restarts_in_window=self.restarts.limit,
                     window_s=self.restarts.window_s,
                 )
+                self.failed = True
                 self._write_state()
                 self._on_signal()
                 continue

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from async_vapo.weight_sync.adapter import LoRASpec, peft_key
+from async_vapo.weight_sync.adapter import LoRASpec, linear_layer_names, peft_key
 
 ADAPTER_PARAMS = ("lora_A", "lora_B")
 
@@ -68,7 +68,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str] | t
         if isinstance(m, nn.Linear) and name.split(".")[-1] in wanted
     ]
     if not found:
-        names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        names = sorted(linear_layer_names(model))
         raise ValueError(
             f"model.lora_target_modules {sorted(wanted)} match no linear layer; this model has {names}"
         )

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from async_vapo.config import ENGINE_OWNED_ARGS as OWNED
-from async_vapo.weight_sync.adapter import LoRASpec
+from async_vapo.weight_sync.adapter import LoRASpec, adapted_layers
 from async_vapo.weight_sync.buckets import BucketMeta
 from async_vapo.weight_sync.group import GroupSpec
 
@@ -78,6 +78,10 @@ class EngineConfig:
             | (self.lora.vllm_args() if self.lora else {})
             | extra
         )
+
+
+class EngineConfigError(ValueError):
+    """The engine cannot serve what the run's config asks: restarting it cannot help."""
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,20 @@ class RolloutEngine:
         path = replies[0][1]  # what vLLM reloads from if it ever drops the slot's adapter
         self._adapter = LoRARequest(ADAPTER_NAME, ADAPTER_ID, path)
         return [seconds for seconds, _ in replies]
+
+    async def check_adapter_targets(self, model: str) -> None:
+        """An engine serving the policy's adapter: every layer the learner adapts (``model`` built from its
+        config, ``model.lora_target_modules`` matched as the learner matches them) must be one vLLM can
+        adapt, or every update would fail in vLLM's loader. Raises ``EngineConfigError`` naming them."""
+        if self.lora is None:
+            return
+        adapted = await asyncio.to_thread(adapted_layers, model, self.lora.target_modules)
+        adaptable = (await self.llm.collective_rpc("adaptable_modules"))[0]
+        if refused := sorted(set(adapted) - set(adaptable)):
+            raise EngineConfigError(
+                f"model.lora_target_modules {refused} cannot be served as an adapter: vLLM's LoRA adapts "
+                f"{adaptable} of this model. Drop them, or publish merged weights (model.lora_publish=merged)"
+            )
 
     @property
     def keeps_requests_across_updates(self) -> bool:

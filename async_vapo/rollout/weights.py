@@ -136,6 +136,17 @@ class WeightReceiver:
         self.model_runner.add_lora(LoRARequest(name, lora_id, str(out), load_inplace=True))  # type: ignore[attr-defined]
         return time.perf_counter() - t0, str(out)
 
+    def adaptable_modules(self) -> list[str]:
+        """The layer names (last name: ``q_proj``, ...) an adapter for this engine's model may target:
+        the names vLLM's LoRA loader accepts (a packed layer, ``qkv_proj``, by the names it packs). An
+        adapter with any other target fails in vLLM's loader at every update."""
+        manager = self.model_runner.lora_manager._adapter_manager  # type: ignore[attr-defined]
+        packed = manager.packed_modules_mapping
+        names: set[str] = set()
+        for module in manager.supported_lora_modules:
+            names.update(packed.get(module, [module]))
+        return sorted(names)
+
     def _stream(self, buckets: list[BucketMeta]) -> Iterator[tuple[str, Any]]:
         """``(name, tensor)`` of every bucket in turn, each bucket received (a broadcast from the learner)
         when its first tensor is asked for."""

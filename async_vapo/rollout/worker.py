@@ -53,7 +53,7 @@ from async_vapo.protocol.keys import client_security
 from async_vapo.protocol.transport import ControlClient, GroupSender
 from async_vapo.rewards import VerifierPool, reward_of
 from async_vapo.rollout import exits
-from async_vapo.rollout.engine import EngineConfig, RolloutEngine
+from async_vapo.rollout.engine import EngineConfig, EngineConfigError, RolloutEngine
 from async_vapo.weight_sync.group import GroupSpec
 
 log = structlog.get_logger(__name__)
@@ -327,6 +327,12 @@ def worker_main(cfg: WorkerConfig) -> None:
 
     async def main() -> int:
         worker = RolloutWorker(cfg)
+        try:
+            await worker.engine.check_adapter_targets(cfg.engine.model)
+        except EngineConfigError as exc:
+            log.error("this engine cannot serve the run's config", worker=cfg.worker_id, error=str(exc))
+            worker.close()
+            return exits.CONFIG
         run = worker._run = asyncio.ensure_future(worker.run())
         # SIGTERM (the launcher stopping the run): leave the loop as on a shutdown message, closing vLLM
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, run.cancel)

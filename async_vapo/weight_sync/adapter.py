@@ -14,6 +14,25 @@ from typing import Any
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
+def linear_layer_names(model: Any) -> set[str]:
+    """The last names of ``model``'s ``nn.Linear`` layers (``q_proj``, ``lm_head``, ...): what
+    ``model.lora_target_modules`` is matched against (``learner.lora.apply_lora``)."""
+    from torch import nn
+
+    return {name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def adapted_layers(model_path: str, targets: tuple[str, ...] | list[str]) -> list[str]:
+    """The layers of the model at ``model_path`` an adapter on ``targets`` adapts, by last name: the
+    model is built on the meta device from its config (no weights read; seconds at 32B)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return sorted(linear_layer_names(model) & set(targets))
+
+
 def peft_key(module: str, matrix: str) -> str:
     """The name of adapted layer ``module``'s ``matrix`` ("lora_A" [r, in] or "lora_B" [out, r])."""
     return f"base_model.model.{module}.{matrix}.weight"
