@@ -195,6 +195,29 @@ def test_the_adapted_layers_are_found_as_the_learner_finds_them(tiny_model_dir):
     assert lora_spec(model) == LoRASpec(2, 4.0, ("lm_head", "q_proj"))
 
 
+def test_adapter_directories_of_dead_engines_are_swept(tmp_path):
+    """A SIGKILLed worker never removes the adapter its engine wrote; the next adapter engine on the machine
+    removes those whose process is gone, and nothing else."""
+    import os
+    import subprocess
+    import sys
+
+    from async_vapo.rollout.engine import ADAPTER_DIR_PREFIX, remove_orphaned_adapter_dirs
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    names = [
+        f"{ADAPTER_DIR_PREFIX}{int(dead.stdout)}-ab",
+        f"{ADAPTER_DIR_PREFIX}{os.getpid()}-cd",
+        "other-1-ef",
+    ]
+    for n in names:
+        (tmp_path / n / "tp0").mkdir(parents=True)
+    assert remove_orphaned_adapter_dirs(str(tmp_path)) == [str(tmp_path / names[0])]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+
+
 @pytest.mark.slow
 def test_an_adapter_on_a_layer_vllm_cannot_adapt_stops_the_worker_once(tiny_model_dir, capfd):
     """``lm_head`` is a linear layer the learner adapts but vLLM's LoRA does not: every update would fail

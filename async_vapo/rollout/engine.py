@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from async_vapo.config import ENGINE_OWNED_ARGS as OWNED
@@ -215,7 +216,8 @@ class RolloutEngine:
 
         assert self.lora is not None
         if self._adapter_dir is None:
-            self._adapter_dir = tempfile.mkdtemp(prefix="async_vapo-adapter-")
+            remove_orphaned_adapter_dirs(tempfile.gettempdir())
+            self._adapter_dir = tempfile.mkdtemp(prefix=f"{ADAPTER_DIR_PREFIX}{os.getpid()}-")
         args = (buckets, self.lora.peft_config(), self._adapter_dir, ADAPTER_NAME, ADAPTER_ID)
         replies = await self.llm.collective_rpc("receive_adapter", args=args)
         path = replies[0][1]  # what vLLM reloads from if it ever drops the slot's adapter
@@ -263,6 +265,31 @@ class _NoLoRATokenizerNote(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "different tokenizers for different LoRAs" not in str(record.msg)
+
+
+ADAPTER_DIR_PREFIX = "async_vapo-adapter-"  # + the engine's pid + "-": what a later engine may sweep
+
+
+def remove_orphaned_adapter_dirs(parent: str) -> list[str]:
+    """Remove the adapter directories under ``parent`` whose engine's process is gone (a worker killed with
+    SIGKILL never ran its shutdown: one adapter left, 154 MB at 7B rank 32); returns what was removed."""
+    removed = []
+    for d in Path(parent).glob(f"{ADAPTER_DIR_PREFIX}*-*"):
+        pid = d.name[len(ADAPTER_DIR_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def token_versions(spans: Any, n_tokens: int, fallback: int) -> list[int]:
