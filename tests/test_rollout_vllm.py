@@ -126,3 +126,31 @@ def test_a_prompt_the_engine_refuses_is_reported_and_the_worker_goes_on(rollout)
     assert (failed.worker_id, failed.uid, failed.ticket) == ("w0", "too-long@0", "tk") and failed.error
     (group,) = assign_and_collect(side, [good])  # the worker still serves
     assert group.prompt == good and len(group.responses) == 4
+
+
+def test_a_dead_engine_ends_the_worker_with_its_cause(rollout):
+    """(Last: it kills the module's engine.) vLLM's engine core SIGKILLed under a live worker: the prompt
+    sent next is reported (``RolloutFailed``, so the controller hands it to another worker) and the worker
+    exits with ``exits.ENGINE_DEAD``, which its launcher records and restarts, instead of failing every later
+    prompt."""
+    import os
+    import signal
+
+    from async_vapo.rollout import exits
+    from tests.chaos import _title
+    from tests.helpers import process_tree
+
+    side, _, _, tok, proc = rollout
+    (core,) = [k for k in process_tree(proc.pid) - {proc.pid} if "EngineCore" in _title(k)]
+    os.kill(core, signal.SIGKILL)
+    (prompt,) = make_prompts(tok, 1, seed=6, version_tag="d")
+
+    async def go():
+        await side.control.send("w0", Assign([prompt]))
+        return await side.next_of(RolloutFailed, timeout=60)
+
+    failed = side.call(go(), timeout=90)
+    assert (failed.uid, failed.ticket) == (prompt.uid, prompt.ticket)
+    proc.join(60)
+    assert proc.exitcode == exits.ENGINE_DEAD and exits.restartable(proc.exitcode)
+    assert exits.cause(proc.exitcode) == "its vLLM engine died"

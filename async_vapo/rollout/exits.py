@@ -1,7 +1,7 @@
 """Why a rollout worker exited: its exit code says it, its launcher records it (``run/node<k>.json``,
 ``worker_exits``) and restarts the worker unless the run is over for it or its config cannot work
-(:func:`restartable`). Kept apart from the worker so
-that the launcher reads these without importing vLLM."""
+(:func:`restartable`). Kept apart from the worker so that the launcher reads these without importing
+vLLM."""
 
 from __future__ import annotations
 
